@@ -1,0 +1,5 @@
+import sys
+
+from distspec.cli import main
+
+sys.exit(main())

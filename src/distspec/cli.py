@@ -1,0 +1,151 @@
+"""Command line: `distspec generate | bench`. The only module that parses flags."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+
+from distspec import __version__
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage dump
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate text from a prompt")
+    p.add_argument("--prompt", required=True, help="user message (chat template applied)")
+    p.add_argument("--raw", action="store_true", help="feed --prompt as is, no chat template")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--mode", choices=["ar", "sd"], default="sd")
+    p.add_argument("--drafter", default="ngram", help="ngram | demo | PATH (HF dir or .gguf)")
+    p.add_argument("--gamma", type=int, default=4, help="draft tokens per round")
+    p.add_argument("--target", default="demo", help="demo | PATH (HF dir or .gguf)")
+    p.add_argument("--max-len", type=int, default=4096, help="KV cache length (context)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    p.set_defaults(func=_generate)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from distspec.engine import Engine, EngineConfig
+    from distspec.spec.sampling import SamplingParams
+
+    if not args.prompt.strip():
+        raise ValueError("the prompt is empty")
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
+    config = EngineConfig(
+        target=args.target,
+        mode=args.mode,
+        drafter=args.drafter,
+        gamma=args.gamma,
+        max_len=args.max_len,
+        threads=args.threads,
+    )
+    engine = Engine(config)
+    prompt_ids = engine.encode(args.prompt, raw=args.raw)
+    token_ids: list[int] = []
+    text = ""
+    for delta, step in engine.stream_text(prompt_ids, params):
+        token_ids += step.token_ids
+        text += delta
+        if not args.json:
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+    if args.json:
+        result = {
+            "text": engine.tokenizer.decode(token_ids),
+            "token_ids": token_ids,
+            "finish_reason": step.finish_reason,
+            "mode": args.mode,
+            "drafter": args.drafter if args.mode == "sd" else None,
+            "stats": step.stats.to_dict(),
+        }
+        print(json.dumps(result))
+    else:
+        sys.stdout.write("\n")
+    return 0
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="benchmark distspec against transformers (one process)")
+    p.add_argument("--target", default="demo")
+    p.add_argument("--contenders", default="hf-ar,hf-lookup,ar,sd-ngram",
+                   help="comma list of: hf-ar, hf-lookup, ar, sd-ngram, sd-demo, sd:PATH")
+    p.add_argument("--prompts", default=None, help="JSON file of prompts (default: built-in set)")
+    p.add_argument("--num-prompts", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--gamma", type=int, default=4)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default="bench-results", help="directory for JSON and PNG")
+    p.set_defaults(func=_bench)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from distspec.bench.runner import BenchConfig, run_bench
+
+    config = BenchConfig(
+        target=args.target,
+        contenders=[c.strip() for c in args.contenders.split(",") if c.strip()],
+        prompts_file=args.prompts,
+        num_prompts=args.num_prompts,
+        max_new_tokens=args.max_new_tokens,
+        repeats=args.repeats,
+        gamma=args.gamma,
+        temperature=args.temperature,
+        seed=args.seed,
+        threads=args.threads,
+        out_dir=args.out,
+    )
+    run_bench(config)
+    return 0
+
+
+COMMANDS: list[Callable] = [_add_generate, _add_bench]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="distspec", description="distributed speculative decoding")
+    parser.add_argument("--version", action="version", version=f"distspec {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, KeyError, OSError, RuntimeError) as e:
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"distspec: error: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""A local engine: load a target (and a drafter) once, then generate from text or token ids."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from distspec.models.loader import LoadedModel, load_model
+from distspec.models.tokenizer import ChatMessage, StreamDecoder
+from distspec.spec.decoding import SpeculativeDecoder, StepOutput
+from distspec.spec.drafter import Drafter
+from distspec.spec.drafters import ModelDrafter, NgramDrafter
+from distspec.spec.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+MODES = ("ar", "sd")
+
+
+class DrafterUnavailableError(ValueError):
+    pass
+
+
+@dataclass
+class EngineConfig:
+    target: str = "demo"
+    mode: str = "sd"
+    drafter: str = "ngram"
+    gamma: int = 4
+    max_len: int = 4096
+    device: str = "cpu"
+    dtype: str = "float32"
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.gamma < 1:
+            raise ValueError(f"gamma must be >= 1, got {self.gamma}")
+
+
+class Engine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        dtype = getattr(torch, config.dtype)
+        self.target = _load(config.target, config, dtype)
+        self.tokenizer = self.target.tokenizer
+        self.drafter = self._build_drafter(dtype) if config.mode == "sd" else None
+        self.decoder = SpeculativeDecoder(
+            self.target.model, self.drafter, config.gamma, self.tokenizer.eos_token_ids
+        )
+
+    def _build_drafter(self, dtype: torch.dtype) -> Drafter:
+        name = self.config.drafter
+        if name == "ngram":
+            return NgramDrafter()
+        if name == "demo":
+            raise DrafterUnavailableError(
+                "the demo drafter is not shipped yet; use --drafter ngram or --drafter PATH"
+            )
+        loaded = _load(name, self.config, dtype)
+        check_same_vocab(self.target, loaded)
+        return ModelDrafter(loaded.model)
+
+    def encode(self, prompt: str, raw: bool) -> list[int]:
+        if not prompt.strip():
+            raise ValueError("the prompt is empty")
+        if raw:
+            return self.tokenizer.encode(prompt)
+        return self.tokenizer.encode_chat([ChatMessage("user", prompt)])
+
+    def stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[StepOutput]:
+        return self.decoder.stream(prompt_ids, params)
+
+    def stream_text(
+        self, prompt_ids: list[int], params: SamplingParams
+    ) -> Iterator[tuple[str, StepOutput]]:
+        decoder = StreamDecoder(self.tokenizer)
+        for step in self.stream(prompt_ids, params):
+            yield decoder.push(step.token_ids), step
+
+
+def _load(name: str, config: EngineConfig, dtype: torch.dtype) -> LoadedModel:
+    from distspec.models.llama import pack_for_cpu
+
+    loaded = load_model(name, device=config.device, dtype=dtype, max_len=config.max_len)
+    if config.device == "cpu":
+        pack_for_cpu(loaded.model)
+    return loaded
+
+
+def check_same_vocab(target: LoadedModel, drafter: LoadedModel) -> None:
+    tv, dv = target.model.config.vocab_size, drafter.model.config.vocab_size
+    same = tv == dv and target.tokenizer.backend.get_vocab() == drafter.tokenizer.backend.get_vocab()
+    if not same:
+        raise ValueError(
+            f"the drafter's vocabulary ({dv} tokens, {drafter.path}) differs from the target's "
+            f"({tv} tokens): a drafter must share the target's tokenizer"
+        )

@@ -1,0 +1,1 @@
+"""Model engine: Llama-family decoder, loaders, tokenizer, tensor parallelism."""

@@ -1,0 +1,127 @@
+"""Convert a GGUF file (llama architecture) into a Hugging Face-style model directory.
+
+Tensors are dequantized to float32 and renamed; llama.cpp's Q/K row permutation (its rotary
+layout) is undone so the weights match Hugging Face's "rotate_half" layout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from distspec.models.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+
+def _field(reader, key: str, default=None):
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def gguf_config(reader) -> ModelConfig:
+    arch = _field(reader, "general.architecture")
+    if arch not in ("llama", "qwen2"):
+        raise ValueError(f"unsupported GGUF architecture {arch!r} (supported: llama, qwen2)")
+    a = lambda k, d=None: _field(reader, f"{arch}.{k}", d)  # noqa: E731
+    names = {t.name for t in reader.tensors}
+    n_heads = a("attention.head_count")
+    hidden = a("embedding_length")
+    tokens = reader.fields["tokenizer.ggml.tokens"]
+    eos = _field(reader, "tokenizer.ggml.eos_token_id")
+    return ModelConfig(
+        vocab_size=a("vocab_size") or len(tokens.data),
+        hidden_size=hidden,
+        intermediate_size=a("feed_forward_length"),
+        num_hidden_layers=a("block_count"),
+        num_attention_heads=n_heads,
+        num_key_value_heads=a("attention.head_count_kv", n_heads),
+        head_dim=a("attention.key_length") or hidden // n_heads,
+        max_position_embeddings=a("context_length", 4096),
+        rms_norm_eps=float(a("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(a("rope.freq_base", 10000.0)),
+        attention_bias="blk.0.attn_q.bias" in names,
+        tie_word_embeddings="output.weight" not in names,
+        model_type="qwen2" if arch == "qwen2" else "llama",
+        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_ids=[] if eos is None else [int(eos)],
+    )
+
+
+def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's per-head interleaving of rotary halves in Q/K rows."""
+    half = w.shape[0] // n_heads // 2
+    return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_state_dict(reader, config: ModelConfig) -> dict[str, torch.Tensor]:
+    from gguf.quants import dequantize
+
+    out: dict[str, torch.Tensor] = {}
+    for t in tqdm(reader.tensors, desc="dequantizing GGUF", unit="tensor", leave=False):
+        parts = t.name.split(".")
+        if parts[0] == "blk":
+            layer, base, kind = parts[1], parts[2], parts[3]
+            if base not in _LAYER_NAMES:
+                continue
+            name = f"model.layers.{layer}.{_LAYER_NAMES[base]}.{kind}"
+        elif parts[0] in _TOP_NAMES:
+            name = f"{_TOP_NAMES[parts[0]]}.{parts[1]}"
+        else:
+            continue
+        w = dequantize(t.data, t.tensor_type).astype(np.float32)
+        if config.model_type == "llama" and parts[0] == "blk" and parts[2] in ("attn_q", "attn_k"):
+            heads = config.num_attention_heads if parts[2] == "attn_q" else config.num_key_value_heads
+            w = _unpermute(w, heads)
+        out[name] = torch.from_numpy(np.ascontiguousarray(w))
+    return out
+
+
+def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
+    """Write config.json, model.safetensors and tokenizer files for gguf_path into out_dir."""
+    from gguf import GGUFReader
+
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    log.info("converting %s -> %s (once; later loads use the cache)", gguf_path, out_dir)
+    reader = GGUFReader(str(gguf_path))
+    config = gguf_config(reader)
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file(gguf_state_dict(reader, config), str(tmp / "model.safetensors"))
+    (tmp / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2))
+    _convert_tokenizer(gguf_path, reader, tmp)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def _convert_tokenizer(gguf_path: Path, reader, out_dir: Path) -> None:
+    # transformers' GGUF tokenizer converter builds the exact fast tokenizer; used once here.
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    tok.backend_tokenizer.save(str(out_dir / "tokenizer.json"))
+    cfg = {
+        "bos_token": tok.bos_token,
+        "eos_token": tok.eos_token,
+        "chat_template": _field(reader, "tokenizer.chat_template"),
+    }
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))

@@ -1,0 +1,285 @@
+"""A Llama-family decoder in plain PyTorch (gpt-fast style).
+
+- Static KV cache with one row ("slot") per sequence, indexed by absolute position: rolling a
+  sequence back is just reusing smaller positions; stale entries are never attended to because
+  a query at position p only sees keys at positions <= p.
+- `forward` takes a batch of sequences, each with its own slot and positions, and any number of
+  new tokens (prefill, one decode step, or a verification chunk of k tokens).
+- Tensor parallelism: each rank holds a slice of the attention heads and MLP columns; the
+  output projections are row-parallel and followed by one all-reduce.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distspec.models.config import ModelConfig
+from distspec.models.rope import apply_rope, rope_tables
+from distspec.models.tensor_parallel import TPContext, split_range
+
+
+class KVCache(nn.Module):
+    def __init__(self, num_slots: int, n_kv_heads: int, max_len: int, head_dim: int, dtype):
+        super().__init__()
+        shape = (num_slots, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
+
+    def update(
+        self, slots: torch.Tensor, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k/v ([B, H, T, D]) at (slots, pos) and return the first kv_len keys/values."""
+        if slots.numel() == 1:
+            # Fast path: one sequence, contiguous positions -> plain slicing, views only.
+            s, start, t = int(slots[0]), int(pos[0, 0]), k.shape[2]
+            self.k[s, :, start : start + t] = k[0]
+            self.v[s, :, start : start + t] = v[0]
+            return self.k[s : s + 1, :, :kv_len], self.v[s : s + 1, :, :kv_len]
+        idx = slots[:, None]
+        self.k[idx, :, pos] = k.transpose(1, 2)
+        self.v[idx, :, pos] = v.transpose(1, 2)
+        return self.k[slots, :, :kv_len], self.v[slots, :, :kv_len]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, tp: TPContext):
+        super().__init__()
+        self.config, self.tp = config, tp
+        self.kv_start, kv_end = split_range(config.num_key_value_heads, tp.world_size, tp.rank)
+        self.n_kv_heads = kv_end - self.kv_start
+        self.q_per_kv = config.num_attention_heads // config.num_key_value_heads
+        self.n_heads = self.n_kv_heads * self.q_per_kv
+        hd = config.head_dim
+        qkv_out = (self.n_heads + 2 * self.n_kv_heads) * hd
+        self.wqkv = nn.Linear(config.hidden_size, qkv_out, bias=config.attention_bias)
+        self.wo = nn.Linear(self.n_heads * hd, config.hidden_size, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, slots, pos, kv_len, mask):
+        bsz, t, _ = x.shape
+        hd = self.config.head_dim
+        qkv = self.wqkv(x)
+        q, k, v = qkv.split(
+            [self.n_heads * hd, self.n_kv_heads * hd, self.n_kv_heads * hd], dim=-1
+        )
+        q = apply_rope(q.view(bsz, t, self.n_heads, hd), cos, sin).transpose(1, 2)
+        k = apply_rope(k.view(bsz, t, self.n_kv_heads, hd), cos, sin).transpose(1, 2)
+        v = v.view(bsz, t, self.n_kv_heads, hd).transpose(1, 2)
+        k, v = self.kv_cache.update(slots, pos, k, v, kv_len)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, enable_gqa=self.q_per_kv > 1
+        )
+        y = y.transpose(1, 2).reshape(bsz, t, self.n_heads * hd)
+        return self.tp.all_reduce(self.wo(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig, tp: TPContext):
+        super().__init__()
+        start, end = split_range(config.intermediate_size, tp.world_size, tp.rank)
+        self.inter = end - start
+        self.tp = tp
+        self.w_gate_up = nn.Linear(config.hidden_size, 2 * self.inter, bias=config.mlp_bias)
+        self.w_down = nn.Linear(self.inter, config.hidden_size, bias=config.mlp_bias)
+
+    def forward(self, x):
+        gate, up = self.w_gate_up(x).split(self.inter, dim=-1)
+        return self.tp.all_reduce(self.w_down(F.silu(gate) * up))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, tp: TPContext):
+        super().__init__()
+        self.eps = config.rms_norm_eps
+        self.attn_norm = nn.Parameter(torch.ones(config.hidden_size))
+        self.mlp_norm = nn.Parameter(torch.ones(config.hidden_size))
+        self.attn = Attention(config, tp)
+        self.mlp = MLP(config, tp)
+
+    def forward(self, x, cos, sin, slots, pos, kv_len, mask):
+        h = x + self.attn(
+            rms_norm(x, self.attn_norm, self.eps), cos, sin, slots, pos, kv_len, mask
+        )
+        return h + self.mlp(rms_norm(h, self.mlp_norm, self.eps))
+
+
+class PackedLinear(nn.Module):
+    """A linear layer whose weight is pre-packed in oneDNN's blocked layout (CPU only).
+
+    Same fp32 arithmetic as nn.Linear, but oneDNN's small-batch kernels stream the weight at
+    close to memory bandwidth, where the default BLAS path reaches about half of it and gets
+    2-3x slower from 1 to 4 rows -- exactly the shapes of decoding and verification.
+    """
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.out_features = linear.out_features
+        self.weight = linear.weight.detach().to_mkldnn()
+        self.bias = None if linear.bias is None else linear.bias.detach().clone()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch._C._nn.mkldnn_linear(x.reshape(-1, shape[-1]).to_mkldnn(), self.weight, self.bias)
+        return y.to_dense().view(*shape[:-1], self.out_features)
+
+
+def pack_for_cpu(model: nn.Module) -> None:
+    """Swap every nn.Linear of a CPU fp32/bf16 model for a PackedLinear (in place)."""
+    if not torch.backends.mkldnn.is_available():
+        return
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear) and child.weight.device.type == "cpu":
+                setattr(parent, name, PackedLinear(child))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.rms_norm(x, weight.shape, weight, eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig, tp: TPContext | None = None):
+        super().__init__()
+        self.config = config
+        self.tp = tp or TPContext()
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, self.tp) for _ in range(config.num_hidden_layers))
+        self.norm = nn.Parameter(torch.ones(config.hidden_size))
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.max_len = 0
+        self.num_slots = 0
+
+    @classmethod
+    def empty(cls, config: ModelConfig, tp: TPContext | None = None, device="cpu", dtype=None):
+        """Build without initialising weights (they are loaded right after)."""
+        with torch.device("meta"):
+            model = cls(config, tp)
+        model = model.to_empty(device=device)
+        if dtype is not None:
+            model = model.to(dtype)
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.embed.weight
+        return model.eval()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    def setup_cache(self, num_slots: int, max_len: int) -> None:
+        """Allocate the static KV cache: num_slots sequences of up to max_len positions."""
+        max_len = min(max_len, self.config.max_position_embeddings)
+        for layer in self.layers:
+            layer.attn.kv_cache = KVCache(
+                num_slots, layer.attn.n_kv_heads, max_len, self.config.head_dim, self.dtype
+            ).to(self.device)
+        cos, sin = rope_tables(self.config, max_len)
+        self.register_buffer("rope_cos", cos.to(self.device, self.dtype), persistent=False)
+        self.register_buffer("rope_sin", sin.to(self.device, self.dtype), persistent=False)
+        self.max_len, self.num_slots = max_len, num_slots
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        pos: torch.Tensor,
+        slots: torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """tokens, pos: [B, T] int64; slots: [B] cache rows (default 0..B-1).
+
+        Returns logits [B, T, V] (or [B, 1, V] with last_only). Rows of a ragged batch are
+        right-padded; padding must use positions past the row's real ones (see `pad_positions`).
+        """
+        if self.max_len == 0:
+            raise RuntimeError("call setup_cache() before forward()")
+        bsz, t = tokens.shape
+        if slots is None:
+            slots = torch.arange(bsz, device=tokens.device)
+        kv_len = int(pos.max()) + 1
+        if kv_len > self.max_len:
+            raise ValueError(f"position {kv_len - 1} is past the KV cache length {self.max_len}")
+        cos = self.rope_cos[pos].unsqueeze(2)
+        sin = self.rope_sin[pos].unsqueeze(2)
+        mask = self._mask(pos, kv_len) if t > 1 or bsz > 1 else None
+        x = self.embed(tokens)
+        for layer in self.layers:
+            x = layer(x, cos, sin, slots, pos, kv_len, mask)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(rms_norm(x, self.norm, self.config.rms_norm_eps))
+
+    def _mask(self, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
+        key_pos = torch.arange(kv_len, device=pos.device)
+        q = pos[:, None, :, None]
+        mask = key_pos <= q
+        if self.config.sliding_window:
+            mask &= key_pos > q - self.config.sliding_window
+        return mask
+
+    def load_hf_state_dict(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """Load weights named as in Hugging Face checkpoints, fusing and sharding them."""
+        load_hf_weights(self, weights)
+
+
+def pad_positions(starts: list[int], width: int) -> torch.Tensor:
+    """Positions [B, width] for a right-padded batch whose row i starts at starts[i]: padding
+    continues past the real positions, so real queries never attend to padded keys."""
+    base = torch.tensor(starts)[:, None]
+    return base + torch.arange(width)[None, :]
+
+
+def load_hf_weights(model: Transformer, weights: Mapping[str, torch.Tensor]) -> None:
+    cfg, tp = model.config, model.tp
+    hd = cfg.head_dim
+
+    def get(name: str) -> torch.Tensor:
+        if name not in weights:
+            raise KeyError(f"checkpoint is missing tensor {name!r}")
+        return weights[name]
+
+    def copy(dst: torch.Tensor, src: torch.Tensor) -> None:
+        if dst.shape != src.shape:
+            raise ValueError(f"shape mismatch: expected {tuple(dst.shape)}, got {tuple(src.shape)}")
+        with torch.no_grad():
+            dst.copy_(src.to(dst.dtype))
+
+    copy(model.embed.weight, get("model.embed_tokens.weight"))
+    copy(model.norm, get("model.norm.weight"))
+    if not cfg.tie_word_embeddings:
+        copy(model.lm_head.weight, get("lm_head.weight"))
+    for i, layer in enumerate(model.layers):
+        p = f"model.layers.{i}."
+        attn = layer.attn
+        kv0, kv1 = attn.kv_start, attn.kv_start + attn.n_kv_heads
+        q0, q1 = kv0 * attn.q_per_kv, kv1 * attn.q_per_kv
+        for kind in ("weight", "bias") if cfg.attention_bias else ("weight",):
+            q = get(f"{p}self_attn.q_proj.{kind}")[q0 * hd : q1 * hd]
+            k = get(f"{p}self_attn.k_proj.{kind}")[kv0 * hd : kv1 * hd]
+            v = get(f"{p}self_attn.v_proj.{kind}")[kv0 * hd : kv1 * hd]
+            copy(getattr(attn.wqkv, kind), torch.cat([q, k, v]))
+        copy(attn.wo.weight, get(f"{p}self_attn.o_proj.weight")[:, q0 * hd : q1 * hd])
+        mlp = layer.mlp
+        m0, m1 = split_range(cfg.intermediate_size, tp.world_size, tp.rank)
+        gate = get(f"{p}mlp.gate_proj.weight")[m0:m1]
+        up = get(f"{p}mlp.up_proj.weight")[m0:m1]
+        copy(mlp.w_gate_up.weight, torch.cat([gate, up]))
+        copy(mlp.w_down.weight, get(f"{p}mlp.down_proj.weight")[:, m0:m1])
+        if cfg.mlp_bias:
+            gb = get(f"{p}mlp.gate_proj.bias")[m0:m1]
+            ub = get(f"{p}mlp.up_proj.bias")[m0:m1]
+            copy(mlp.w_gate_up.bias, torch.cat([gb, ub]))
+            # Row-parallel bias is added once, on rank 0, before the all-reduce.
+            down_b = get(f"{p}mlp.down_proj.bias")
+            copy(mlp.w_down.bias, down_b if tp.rank == 0 else torch.zeros_like(down_b))
+        copy(layer.attn_norm, get(f"{p}input_layernorm.weight"))
+        copy(layer.mlp_norm, get(f"{p}post_attention_layernorm.weight"))

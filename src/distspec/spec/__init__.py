@@ -1,0 +1,1 @@
+"""Speculative decoding algorithms: drafters, the verifier, the decoding loop."""

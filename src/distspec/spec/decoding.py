@@ -1,0 +1,157 @@
+"""Draft-then-verify decoding of one request on a local target model.
+
+Plain autoregressive decoding is the same loop with no drafter (every draft is empty), so
+both modes share one code path and one verifier.
+
+Invariant: the target's KV cache holds every token of the sequence but the newest, which is
+fed first in the next verification chunk; a rejection therefore needs no cache operation.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from distspec.models.llama import Transformer
+from distspec.spec.drafter import EMPTY_DRAFT, Drafter
+from distspec.spec.sampling import SamplingParams
+from distspec.spec.verify import verify
+
+
+@dataclass
+class GenerationStats:
+    new_tokens: int = 0
+    prompt_tokens: int = 0
+    wall_s: float = 0.0
+    time_to_first_token_s: float = 0.0
+    target_forwards: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def tokens_per_target_forward(self) -> float:
+        return self.new_tokens / self.target_forwards if self.target_forwards else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(
+            tokens_per_s=self.tokens_per_s,
+            tokens_per_target_forward=self.tokens_per_target_forward,
+            acceptance_rate=self.acceptance_rate,
+        )
+        return d
+
+
+@dataclass
+class StepOutput:
+    token_ids: list[int]  # new tokens of this step
+    finish_reason: str | None = None  # "stop" (EOS/stop token) | "length" once finished
+    stats: GenerationStats | None = None  # set on the last step
+
+
+class SpeculativeDecoder:
+    def __init__(
+        self,
+        target: Transformer,
+        drafter: Drafter | None = None,
+        gamma: int = 4,
+        eos_token_ids: list[int] | None = None,
+        slot: int = 0,
+    ):
+        if gamma < 1:
+            raise ValueError(f"gamma must be >= 1, got {gamma}")
+        self.target, self.drafter, self.gamma = target, drafter, gamma
+        self.eos_token_ids = list(eos_token_ids or [])
+        self.slot = torch.tensor([slot])
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams) -> tuple[list[int], StepOutput]:
+        """Run to completion: (new token ids, last step with finish reason and stats)."""
+        out: list[int] = []
+        for step in self.stream(prompt_ids, params):
+            out.extend(step.token_ids)
+        return out, step
+
+    def stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[StepOutput]:
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        if len(prompt_ids) >= self.target.max_len:
+            raise ValueError(
+                f"prompt has {len(prompt_ids)} tokens; the context holds {self.target.max_len}"
+            )
+        stops = set(self.eos_token_ids) | set(params.stop_token_ids)
+        generator = params.generator(stream=0)
+        stats = GenerationStats(prompt_tokens=len(prompt_ids))
+        t0 = time.perf_counter()
+        tokens = list(prompt_ids)
+        if self.drafter is not None:
+            self.drafter.start(tokens, params)
+        try:
+            # Prefill: the prompt's last logits give the first token.
+            logits = self._target_forward(tokens, 0, stats, last_only=True)
+            verdict = verify(logits, EMPTY_DRAFT, params, generator)
+            new = [verdict.next_token]
+            stats.time_to_first_token_s = time.perf_counter() - t0
+            while True:
+                new, finish = self._clip(new, stats.new_tokens, params, stops, len(tokens))
+                tokens += new
+                stats.new_tokens += len(new)
+                if finish:
+                    stats.wall_s = time.perf_counter() - t0
+                    yield StepOutput(new, finish, stats)
+                    return
+                yield StepOutput(new)
+                new = self._round(tokens, params, generator, stats)
+        finally:
+            if self.drafter is not None:
+                self.drafter.finish()
+
+    def _round(self, tokens, params, generator, stats) -> list[int]:
+        remaining = params.max_new_tokens - stats.new_tokens
+        k = min(self.gamma, remaining - 1, self.target.max_len - len(tokens))
+        draft = EMPTY_DRAFT
+        if self.drafter is not None and k > 0:
+            t = time.perf_counter()
+            draft = self.drafter.propose(tokens, k)
+            stats.draft_s += time.perf_counter() - t
+        chunk = [tokens[-1], *draft.tokens]
+        logits = self._target_forward(chunk, len(tokens) - 1, stats)
+        verdict = verify(logits, draft, params, generator)
+        if draft.tokens:
+            stats.draft_tokens += len(draft)
+            stats.accepted_tokens += verdict.num_accepted
+            per_pos = stats.accepted_per_position
+            per_pos.extend([0] * (len(draft) - len(per_pos)))
+            for i in range(verdict.num_accepted):
+                per_pos[i] += 1
+        return verdict.tokens(draft)
+
+    def _target_forward(self, chunk, start, stats, last_only=False) -> torch.Tensor:
+        t = time.perf_counter()
+        pos = torch.arange(start, start + len(chunk))[None]
+        logits = self.target(torch.tensor([chunk]), pos, self.slot, last_only=last_only)[0]
+        stats.verify_s += time.perf_counter() - t
+        stats.target_forwards += 1
+        return logits
+
+    def _clip(self, new, produced, params, stops, length) -> tuple[list[int], str | None]:
+        """Cut new tokens at max_new_tokens / the context, then at the first stop token (kept)."""
+        room = min(params.max_new_tokens - produced, self.target.max_len - length)
+        new = new[:room]
+        for i, tok in enumerate(new):
+            if tok in stops:
+                return new[: i + 1], "stop"
+        return new, ("length" if len(new) == room else None)
