@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from tiny import make_tiny_model_dir
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama (4 heads, 2 KV heads, 2 layers) with a byte tokenizer."""
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny") / "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_drafter_dir(tmp_path_factory) -> Path:
+    """Another tiny random Llama with the same tokenizer: a drafter for tiny_dir."""
+    return make_tiny_model_dir(
+        tmp_path_factory.mktemp("tiny") / "drafter", num_layers=1, hidden_size=32, seed=1
+    )
+
+
+@pytest.fixture(scope="session")
+def demo_hf():
+    """(transformers model, tokenizer) loaded straight from the demo GGUF by transformers."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distspec.models.loader import demo_gguf_path
+
+    gguf = demo_gguf_path()
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    ).eval()
+    return model, tok
+
+
+@pytest.fixture(scope="session")
+def demo_loaded():
+    """distspec's own demo model (packed for CPU, as the engine runs it)."""
+    from distspec.models.llama import pack_for_cpu
+    from distspec.models.loader import load_model
+
+    loaded = load_model("demo", max_len=2048)
+    pack_for_cpu(loaded.model)
+    return loaded
