@@ -84,8 +84,11 @@ def _generate(args: argparse.Namespace) -> int:
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="benchmark distspec against transformers (one process)")
     p.add_argument("--target", default="demo")
-    p.add_argument("--contenders", default="hf-ar,hf-lookup,ar,sd-ngram",
-                   help="comma list of: hf-ar, hf-lookup, ar, sd-ngram, sd-demo, sd:PATH")
+    p.add_argument(
+        "--contenders",
+        default="hf-ar,hf-lookup,ar,sd-ngram",
+        help="comma list of: hf-ar, hf-lookup, ar, sd-ngram, sd-demo, sd:PATH",
+    )
     p.add_argument("--prompts", default=None, help="JSON file of prompts (default: built-in set)")
     p.add_argument("--num-prompts", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=128)

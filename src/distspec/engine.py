@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from distspec.models.llama import pack_for_cpu
 from distspec.models.loader import LoadedModel, load_model
 from distspec.models.tokenizer import ChatMessage, StreamDecoder
 from distspec.spec.decoding import SpeculativeDecoder, StepOutput
@@ -48,24 +49,16 @@ class Engine:
         if config.threads:
             torch.set_num_threads(config.threads)
         dtype = getattr(torch, config.dtype)
-        self.target = _load(config.target, config, dtype)
+        self.target = load_for_inference(config.target, config.device, dtype, config.max_len)
         self.tokenizer = self.target.tokenizer
-        self.drafter = self._build_drafter(dtype) if config.mode == "sd" else None
+        self.drafter = (
+            build_drafter(config.drafter, self.target, config.device, dtype, config.max_len)
+            if config.mode == "sd"
+            else None
+        )
         self.decoder = SpeculativeDecoder(
             self.target.model, self.drafter, config.gamma, self.tokenizer.eos_token_ids
         )
-
-    def _build_drafter(self, dtype: torch.dtype) -> Drafter:
-        name = self.config.drafter
-        if name == "ngram":
-            return NgramDrafter()
-        if name == "demo":
-            raise DrafterUnavailableError(
-                "the demo drafter is not shipped yet; use --drafter ngram or --drafter PATH"
-            )
-        loaded = _load(name, self.config, dtype)
-        check_same_vocab(self.target, loaded)
-        return ModelDrafter(loaded.model)
 
     def encode(self, prompt: str, raw: bool) -> list[int]:
         if not prompt.strip():
@@ -85,18 +78,39 @@ class Engine:
             yield decoder.push(step.token_ids), step
 
 
-def _load(name: str, config: EngineConfig, dtype: torch.dtype) -> LoadedModel:
-    from distspec.models.llama import pack_for_cpu
-
-    loaded = load_model(name, device=config.device, dtype=dtype, max_len=config.max_len)
-    if config.device == "cpu":
+def load_for_inference(
+    name: str, device: str = "cpu", dtype: torch.dtype = torch.float32, max_len: int = 4096
+) -> LoadedModel:
+    """load_model, then pack weights for the CPU's fast small-batch kernels."""
+    loaded = load_model(name, device=device, dtype=dtype, max_len=max_len)
+    if torch.device(device).type == "cpu":
         pack_for_cpu(loaded.model)
     return loaded
 
 
+def build_drafter(
+    name: str,
+    target: LoadedModel,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    max_len: int = 4096,
+) -> Drafter:
+    """ngram | demo | a model path (HF directory or .gguf) sharing the target's tokenizer."""
+    if name == "ngram":
+        return NgramDrafter()
+    if name == "demo":
+        raise DrafterUnavailableError(
+            "the demo drafter is not shipped yet; use --drafter ngram or --drafter PATH"
+        )
+    loaded = load_for_inference(name, device, dtype, max_len)
+    check_same_vocab(target, loaded)
+    return ModelDrafter(loaded.model)
+
+
 def check_same_vocab(target: LoadedModel, drafter: LoadedModel) -> None:
     tv, dv = target.model.config.vocab_size, drafter.model.config.vocab_size
-    same = tv == dv and target.tokenizer.backend.get_vocab() == drafter.tokenizer.backend.get_vocab()
+    vocab = target.tokenizer.backend.get_vocab()
+    same = tv == dv and vocab == drafter.tokenizer.backend.get_vocab()
     if not same:
         raise ValueError(
             f"the drafter's vocabulary ({dv} tokens, {drafter.path}) differs from the target's "

@@ -7,7 +7,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+}
+SUPPORTED_MODEL_TYPES = tuple(_ARCHITECTURES)
 
 
 @dataclass
@@ -35,9 +40,8 @@ class ModelConfig:
     def from_hf_dict(cls, d: dict[str, Any]) -> ModelConfig:
         model_type = d.get("model_type", "llama")
         if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(
-                f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-            )
+            supported = ", ".join(SUPPORTED_MODEL_TYPES)
+            raise ValueError(f"unsupported model_type {model_type!r}; supported: {supported}")
         n_heads = d["num_attention_heads"]
         rope = d.get("rope_parameters") or {}
         rope_scaling = d.get("rope_scaling") or None
@@ -76,11 +80,7 @@ class ModelConfig:
         d = asdict(self)
         eos = d.pop("eos_token_ids")
         d["eos_token_id"] = eos[0] if len(eos) == 1 else eos
-        d["architectures"] = [
-            {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}[
-                self.model_type
-            ]
-        ]
+        d["architectures"] = [_ARCHITECTURES[self.model_type]]
         if d["sliding_window"] is None:
             d.pop("sliding_window")
         if d["rope_scaling"] is None:

@@ -89,9 +89,11 @@ def gguf_state_dict(reader, config: ModelConfig) -> dict[str, torch.Tensor]:
         else:
             continue
         w = dequantize(t.data, t.tensor_type).astype(np.float32)
-        if config.model_type == "llama" and parts[0] == "blk" and parts[2] in ("attn_q", "attn_k"):
-            heads = config.num_attention_heads if parts[2] == "attn_q" else config.num_key_value_heads
-            w = _unpermute(w, heads)
+        if config.model_type == "llama" and parts[0] == "blk":
+            if parts[2] == "attn_q":
+                w = _unpermute(w, config.num_attention_heads)
+            elif parts[2] == "attn_k":
+                w = _unpermute(w, config.num_key_value_heads)
         out[name] = torch.from_numpy(np.ascontiguousarray(w))
     return out
 

@@ -63,16 +63,12 @@ class Attention(nn.Module):
         bsz, t, _ = x.shape
         hd = self.config.head_dim
         qkv = self.wqkv(x)
-        q, k, v = qkv.split(
-            [self.n_heads * hd, self.n_kv_heads * hd, self.n_kv_heads * hd], dim=-1
-        )
+        q, k, v = qkv.split([self.n_heads * hd, self.n_kv_heads * hd, self.n_kv_heads * hd], dim=-1)
         q = apply_rope(q.view(bsz, t, self.n_heads, hd), cos, sin).transpose(1, 2)
         k = apply_rope(k.view(bsz, t, self.n_kv_heads, hd), cos, sin).transpose(1, 2)
         v = v.view(bsz, t, self.n_kv_heads, hd).transpose(1, 2)
         k, v = self.kv_cache.update(slots, pos, k, v, kv_len)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, enable_gqa=self.q_per_kv > 1
-        )
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.q_per_kv > 1)
         y = y.transpose(1, 2).reshape(bsz, t, self.n_heads * hd)
         return self.tp.all_reduce(self.wo(y))
 
@@ -101,9 +97,7 @@ class Block(nn.Module):
         self.mlp = MLP(config, tp)
 
     def forward(self, x, cos, sin, slots, pos, kv_len, mask):
-        h = x + self.attn(
-            rms_norm(x, self.attn_norm, self.eps), cos, sin, slots, pos, kv_len, mask
-        )
+        h = x + self.attn(rms_norm(x, self.attn_norm, self.eps), cos, sin, slots, pos, kv_len, mask)
         return h + self.mlp(rms_norm(h, self.mlp_norm, self.eps))
 
 

@@ -90,7 +90,7 @@ class SafetensorsWeights(Mapping[str, torch.Tensor]):
         if not files:
             raise ModelNotFoundError(f"no .safetensors weights in {model_dir}")
         self._handles = [safe_open(str(model_dir / f), framework="pt") for f in files]
-        self._where = {k: h for h in self._handles for k in h.keys()}
+        self._where = {k: h for h in self._handles for k in h.keys()}  # noqa: SIM118
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self._where[name].get_tensor(name)

@@ -78,7 +78,9 @@ class SpeculativeDecoder:
         self.eos_token_ids = list(eos_token_ids or [])
         self.slot = torch.tensor([slot])
 
-    def generate(self, prompt_ids: list[int], params: SamplingParams) -> tuple[list[int], StepOutput]:
+    def generate(
+        self, prompt_ids: list[int], params: SamplingParams
+    ) -> tuple[list[int], StepOutput]:
         """Run to completion: (new token ids, last step with finish reason and stats)."""
         out: list[int] = []
         for step in self.stream(prompt_ids, params):

@@ -43,3 +43,4 @@ class Drafter(ABC):
 
     def finish(self) -> None:
         """End the request (free per-request resources)."""
+        return None

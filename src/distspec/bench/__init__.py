@@ -1,0 +1,1 @@
+"""Benchmark harness: contenders run alternately in one process; JSON + PNG out."""

@@ -1,0 +1,89 @@
+"""The things a benchmark compares: each turns (prompt ids, sampling) into generated ids."""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from distspec.models.loader import LoadedModel, demo_gguf_path, resolve_model_dir
+from distspec.spec.decoding import SpeculativeDecoder
+from distspec.spec.sampling import SamplingParams
+
+
+@dataclass
+class RunResult:
+    token_ids: list[int]
+    wall_s: float
+    target_forwards: int | None = None
+    draft_tokens: int | None = None
+    accepted_tokens: int | None = None
+
+
+class Contender(ABC):
+    name: str
+
+    @abstractmethod
+    def run(self, prompt_ids: list[int], params: SamplingParams) -> RunResult: ...
+
+
+class DistspecContender(Contender):
+    def __init__(self, name: str, decoder: SpeculativeDecoder):
+        self.name, self.decoder = name, decoder
+
+    def run(self, prompt_ids, params):
+        ids, last = self.decoder.generate(prompt_ids, params)
+        s = last.stats
+        return RunResult(ids, s.wall_s, s.target_forwards, s.draft_tokens, s.accepted_tokens)
+
+
+class HFContender(Contender):
+    """transformers' generate: plain autoregressive, or prompt lookup (lookup_tokens > 0)."""
+
+    def __init__(self, name: str, model, eos_token_ids: list[int], lookup_tokens: int = 0):
+        self.name, self.model, self.lookup = name, model, lookup_tokens
+        self.eos = eos_token_ids
+
+    def run(self, prompt_ids, params):
+        ids = torch.tensor([prompt_ids])
+        kwargs = dict(
+            max_new_tokens=params.max_new_tokens,
+            eos_token_id=self.eos,
+            pad_token_id=self.eos[0] if self.eos else None,
+            attention_mask=torch.ones_like(ids),
+        )
+        if params.greedy:
+            kwargs["do_sample"] = False
+        else:
+            kwargs.update(
+                do_sample=True,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                top_k=params.top_k or None,
+            )
+            torch.manual_seed(params.seed or 0)
+        if self.lookup:
+            kwargs["prompt_lookup_num_tokens"] = self.lookup
+        t = time.perf_counter()
+        with torch.inference_mode():
+            out = self.model.generate(ids, **kwargs)
+        wall = time.perf_counter() - t
+        return RunResult(out[0, len(prompt_ids) :].tolist(), wall)
+
+
+def load_hf_model(target: str):
+    """The target in transformers, loaded the way its users would (GGUF or HF directory)."""
+    from transformers import AutoModelForCausalLM
+
+    if target == "demo":
+        gguf = demo_gguf_path()
+        src, kw = str(gguf.parent), {"gguf_file": gguf.name}
+    else:
+        src, kw = str(resolve_model_dir(target)), {}
+    return AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, **kw).eval()
+
+
+def distspec_decoder(target: LoadedModel, drafter, gamma: int) -> SpeculativeDecoder:
+    return SpeculativeDecoder(target.model, drafter, gamma, target.tokenizer.eos_token_ids)

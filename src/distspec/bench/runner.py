@@ -1,0 +1,211 @@
+"""`distspec bench`: contenders alternated over prompts and repetitions, in one process.
+
+Each repetition runs every prompt through every contender, rotating the contender order per
+prompt so slow drifts of a shared machine hit all contenders alike. Reported figures are
+medians over repetitions of aggregate throughput (tokens / seconds over the prompt set).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from distspec.bench.contenders import (
+    Contender,
+    DistspecContender,
+    HFContender,
+    distspec_decoder,
+    load_hf_model,
+)
+from distspec.bench.plot import plot_bench
+from distspec.engine import build_drafter, load_for_inference
+from distspec.models.tokenizer import ChatMessage
+from distspec.spec.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+KNOWN = ("hf-ar", "hf-lookup", "ar", "sd-ngram", "sd-demo")
+
+
+@dataclass
+class BenchConfig:
+    target: str = "demo"
+    contenders: list[str] = field(default_factory=lambda: ["hf-ar", "hf-lookup", "ar", "sd-ngram"])
+    prompts_file: str | None = None
+    num_prompts: int | None = None
+    max_new_tokens: int = 128
+    repeats: int = 3
+    gamma: int = 4
+    lookup_tokens: int = 5
+    temperature: float = 0.0
+    seed: int = 0
+    threads: int | None = None
+    out_dir: str = "bench-results"
+
+    def __post_init__(self) -> None:
+        for c in self.contenders:
+            if c not in KNOWN and not c.startswith("sd:"):
+                raise ValueError(f"unknown contender {c!r}; known: {', '.join(KNOWN)}, sd:PATH")
+        if not self.contenders:
+            raise ValueError("no contenders given")
+        if self.repeats < 1:
+            raise ValueError(f"repeats must be >= 1, got {self.repeats}")
+
+
+def load_prompts(path: str | None, limit: int | None) -> list[str]:
+    if path:
+        data = json.loads(Path(path).read_text())
+    else:
+        data = json.loads(resources.files("distspec.bench").joinpath("prompts.json").read_text())
+    prompts = data["prompts"] if isinstance(data, dict) else data
+    if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise ValueError("the prompt file must hold a non-empty list of non-empty strings")
+    return prompts[:limit] if limit else prompts
+
+
+def build_contenders(config: BenchConfig, target) -> list[Contender]:
+    out: list[Contender] = []
+    hf_model = None
+    eos = target.tokenizer.eos_token_ids
+    for name in config.contenders:
+        if name.startswith("hf-"):
+            hf_model = hf_model or load_hf_model(config.target)
+            lookup = config.lookup_tokens if name == "hf-lookup" else 0
+            out.append(HFContender(name, hf_model, eos, lookup))
+        elif name == "ar":
+            out.append(DistspecContender(name, distspec_decoder(target, None, config.gamma)))
+        else:
+            drafter_name = name.split(":", 1)[1] if name.startswith("sd:") else name[3:]
+            drafter = build_drafter(drafter_name, target, max_len=target.model.max_len)
+            out.append(DistspecContender(name, distspec_decoder(target, drafter, config.gamma)))
+    return out
+
+
+def run_bench(config: BenchConfig) -> dict:
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    prompts = load_prompts(config.prompts_file, config.num_prompts)
+    target = load_for_inference(config.target)
+    prompt_ids = [target.tokenizer.encode_chat([ChatMessage("user", p)]) for p in prompts]
+    contenders = build_contenders(config, target)
+
+    def params(i: int) -> SamplingParams:
+        return SamplingParams(
+            max_new_tokens=config.max_new_tokens,
+            temperature=config.temperature,
+            seed=config.seed + i,
+        )
+
+    for c in contenders:  # warm-up: first calls pay allocator and kernel set-up costs
+        c.run(
+            prompt_ids[0], SamplingParams(max_new_tokens=8, temperature=config.temperature, seed=0)
+        )
+    records: list[dict] = []
+    total = config.repeats * len(prompts) * len(contenders)
+    with tqdm(total=total, desc="bench", unit="run") as bar:
+        for rep in range(config.repeats):
+            for i, ids in enumerate(prompt_ids):
+                k = (rep * len(prompts) + i) % len(contenders)
+                for c in contenders[k:] + contenders[:k]:
+                    bar.set_postfix_str(f"{c.name} prompt {i}")
+                    r = c.run(ids, params(i))
+                    records.append({"contender": c.name, "repeat": rep, "prompt": i, **asdict(r)})
+                    bar.update()
+    summary = summarize(records, [c.name for c in contenders], config.temperature == 0)
+    result = {
+        "config": asdict(config),
+        "machine": machine_info(),
+        "num_prompts": len(prompts),
+        "summary": summary,
+        "records": records,
+    }
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(result, indent=1))
+    plot_bench(summary, out / "bench.png", title=bench_title(config, len(prompts)))
+    print(format_table(summary))
+    print(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")
+    return result
+
+
+def summarize(records: list[dict], names: list[str], greedy: bool) -> dict[str, dict]:
+    summary: dict[str, dict] = {}
+    reference = _outputs(records, names[0])
+    for name in names:
+        rows = [r for r in records if r["contender"] == name]
+        reps = sorted({r["repeat"] for r in rows})
+        tps = []
+        for rep in reps:
+            rr = [r for r in rows if r["repeat"] == rep]
+            tps.append(sum(len(r["token_ids"]) for r in rr) / sum(r["wall_s"] for r in rr))
+        s: dict = {
+            "tokens_per_s": statistics.median(tps),
+            "tokens_per_s_runs": tps,
+            "new_tokens": sum(len(r["token_ids"]) for r in rows) / len(reps),
+        }
+        if rows[0]["target_forwards"] is not None:
+            fwd = sum(r["target_forwards"] for r in rows)
+            drafted = sum(r["draft_tokens"] for r in rows)
+            s["tokens_per_target_forward"] = sum(len(r["token_ids"]) for r in rows) / fwd
+            s["acceptance_rate"] = (
+                sum(r["accepted_tokens"] for r in rows) / drafted if drafted else None
+            )
+        if greedy:
+            s["same_output_as_" + names[0]] = _outputs(records, name) == reference
+        summary[name] = s
+    base = summary[names[0]]["tokens_per_s"]
+    for s in summary.values():
+        s["speedup_vs_" + names[0]] = s["tokens_per_s"] / base
+    return summary
+
+
+def _outputs(records: list[dict], name: str) -> dict:
+    return {(r["repeat"], r["prompt"]): r["token_ids"] for r in records if r["contender"] == name}
+
+
+def format_table(summary: dict[str, dict]) -> str:
+    base = next(iter(summary))
+    lines = [
+        f"| contender | tokens/s (median) | speedup vs {base} | tau | acceptance | same output |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, s in summary.items():
+        tau = s.get("tokens_per_target_forward")
+        acc = s.get("acceptance_rate")
+        same = s.get("same_output_as_" + base)
+        lines.append(
+            f"| {name} | {s['tokens_per_s']:.1f} | {s['speedup_vs_' + base]:.2f}x | "
+            f"{'-' if tau is None else f'{tau:.2f}'} | {'-' if acc is None else f'{acc:.2f}'} | "
+            f"{'-' if same is None else ('yes' if same else 'NO')} |"
+        )
+    return "\n".join(lines)
+
+
+def machine_info() -> dict:
+    import os
+
+    return {
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+def bench_title(config: BenchConfig, n: int) -> str:
+    mode = "greedy" if config.temperature == 0 else f"T={config.temperature}"
+    return (
+        f"{config.target}: {n} prompts x {config.max_new_tokens} new tokens, {mode}, "
+        f"median of {config.repeats}"
+    )
