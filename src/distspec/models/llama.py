@@ -116,9 +116,8 @@ class PackedLinear(nn.Module):
         self.bias = None if linear.bias is None else linear.bias.detach().clone()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        y = torch._C._nn.mkldnn_linear(x.reshape(-1, shape[-1]).to_mkldnn(), self.weight, self.bias)
-        return y.to_dense().view(*shape[:-1], self.out_features)
+        # The op inductor emits for packed CPU linears: dense in, dense out, no layout copies.
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
 
 def pack_for_cpu(model: nn.Module) -> None:
