@@ -102,5 +102,24 @@ def make_tiny_model_dir(
     return path
 
 
+def perturb_weights(model_dir: Path, seed: int = 0) -> None:
+    """Random norm weights and biases (transformers initialises them to 1 / 0), in place, so
+    that a dropped, misplaced or wrongly sharded norm or bias shows in the logits."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(seed)
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            metadata = h.metadata()
+            tensors = {k: h.get_tensor(k) for k in h.keys()}  # noqa: SIM118
+        for k, t in tensors.items():
+            if k.endswith("norm.weight"):
+                tensors[k] = 1.0 + 0.3 * torch.randn(t.shape, generator=gen)
+            elif k.endswith(".bias"):
+                tensors[k] = 0.5 * torch.randn(t.shape, generator=gen)
+        save_file(tensors, str(f), metadata=metadata)
+
+
 def _param_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())

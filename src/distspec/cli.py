@@ -13,7 +13,7 @@ from distspec import __version__
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, no usage dump
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(2, f"distspec: error: {message}\n")
 
 
 def _add_generate(sub) -> None:

@@ -203,7 +203,9 @@ class Transformer(nn.Module):
             raise ValueError(f"position {kv_len - 1} is past the KV cache length {self.max_len}")
         cos = self.rope_cos[pos].unsqueeze(2)
         sin = self.rope_sin[pos].unsqueeze(2)
-        mask = self._mask(pos, kv_len) if t > 1 or bsz > 1 else None
+        window = self.config.sliding_window
+        need_mask = t > 1 or bsz > 1 or (window is not None and kv_len > window)
+        mask = self._mask(pos, kv_len) if need_mask else None
         x = self.embed(tokens)
         for layer in self.layers:
             x = layer(x, cos, sin, slots, pos, kv_len, mask)

@@ -62,6 +62,8 @@ def resolve_model_dir(name: str) -> Path:
     if path.is_file() and path.suffix == ".gguf":
         return _converted(path)
     if path.is_dir() and (path / "config.json").exists():
+        if not (path / "tokenizer.json").exists():
+            raise ModelNotFoundError(f"{name} has no tokenizer.json (a fast tokenizer is needed)")
         return path
     raise ModelNotFoundError(
         f"not a model: {name} (expected 'demo', a .gguf file, or a directory with config.json)"

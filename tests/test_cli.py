@@ -1,0 +1,262 @@
+"""The command line: one-line errors, the --json contract, greedy exactness on the demo model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from distspec.cli import main
+from distspec.models.loader import load_model
+from distspec.spec.decoding import SpeculativeDecoder
+from distspec.spec.sampling import SamplingParams
+from tiny import make_tiny_model_dir
+
+LONG_PROMPT = "x" * 40
+STATS_KEYS = {
+    "new_tokens",
+    "wall_s",
+    "tokens_per_s",
+    "target_forwards",
+    "tokens_per_target_forward",
+    "draft_tokens",
+    "accepted_tokens",
+    "acceptance_rate",
+}
+
+
+@pytest.fixture(scope="module")
+def other_vocab_dir(tmp_path_factory) -> Path:
+    """A tiny model with the same byte tokenizer but a 300-token vocabulary in its config."""
+    return make_tiny_model_dir(tmp_path_factory.mktemp("vocab300") / "m", vocab_size=300)
+
+
+def assert_one_line_error(rc: int, err: str) -> str:
+    assert rc != 0
+    assert "Traceback" not in err
+    assert err.endswith("\n") and err.count("\n") == 1, repr(err)
+    assert err.startswith("distspec: error: "), repr(err)
+    return err
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    rc = main(["generate", *args])
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+# ---------------------------------------------------------------------------------------------
+# errors
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--prompt", ""], "prompt is empty"),
+        (["--prompt", "   \n "], "prompt is empty"),
+        (["--prompt", "hi", "--temperature", "-0.5"], "temperature"),
+        (["--prompt", "hi", "--temperature", "nan"], "temperature"),
+        (["--prompt", "hi", "--top-p", "0"], "top_p"),
+        (["--prompt", "hi", "--top-p", "1.5"], "top_p"),
+        (["--prompt", "hi", "--top-k", "-2"], "top_k"),
+        (["--prompt", "hi", "--max-new-tokens", "0"], "max_new_tokens"),
+        (["--prompt", "hi", "--gamma", "0"], "gamma"),
+        (["--prompt", "hi", "--drafter", "demo"], "demo drafter is not shipped"),
+        (["--prompt", "hi", "--drafter", "/no/such/drafter"], "not found"),
+        (["--prompt", LONG_PROMPT, "--raw", "--max-len", "16"], "context"),
+        (["--prompt", LONG_PROMPT, "--raw", "--max-len", "16", "--mode", "ar"], "context"),
+    ],
+)
+def test_bad_input_is_one_line_error(capsys, tiny_dir, args, fragment):
+    rc, out, err = run_cli(capsys, "--target", str(tiny_dir), *args)
+    assert_one_line_error(rc, err)
+    assert fragment in err
+    assert out == ""
+
+
+def test_unknown_model_path(capsys, tmp_path):
+    rc, _, err = run_cli(capsys, "--target", str(tmp_path / "missing"), "--prompt", "hi")
+    assert_one_line_error(rc, err)
+    assert "not found" in err
+    # an existing directory that is not a model
+    rc, _, err = run_cli(capsys, "--target", str(tmp_path), "--prompt", "hi")
+    assert_one_line_error(rc, err)
+    assert "not a model" in err
+
+
+def test_drafter_with_other_vocabulary_is_rejected(capsys, tiny_dir, other_vocab_dir):
+    rc, out, err = run_cli(
+        capsys, "--target", str(tiny_dir), "--drafter", str(other_vocab_dir), "--prompt", "hi"
+    )
+    assert_one_line_error(rc, err)
+    assert "vocabulary" in err and "300" in err
+    assert out == ""
+
+
+def test_ar_mode_ignores_the_drafter(capsys, tiny_dir, other_vocab_dir):
+    rc, out, _ = run_cli(
+        capsys,
+        *("--target", str(tiny_dir), "--drafter", str(other_vocab_dir), "--mode", "ar"),
+        *("--prompt", "hi", "--max-new-tokens", "3", "--json"),
+    )
+    assert rc == 0
+    assert json.loads(out)["drafter"] is None
+
+
+def test_argparse_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--prompt", "hi", "--temperature", "abc"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("distspec") and "error:" in err
+    assert "--temperature" in err and "usage" not in err
+    with pytest.raises(SystemExit) as exc:
+        main([])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("distspec: error:")
+
+
+def _subprocess(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(args, capture_output=True, text=True, timeout=300)
+
+
+def test_subprocess_console_script_error(tiny_dir):
+    script = Path(sys.executable).parent / "distspec"
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "distspec"]
+    proc = _subprocess(
+        *cmd, "generate", "--target", str(tiny_dir), "--prompt", "hi", "--top-p", "0"
+    )
+    assert_one_line_error(proc.returncode, proc.stderr)
+    assert proc.returncode == 1
+    assert "top_p" in proc.stderr
+    assert proc.stdout == ""
+
+
+def test_subprocess_module_error_after_loading(tiny_dir, other_vocab_dir):
+    proc = _subprocess(
+        *(sys.executable, "-m", "distspec", "generate", "--target", str(tiny_dir)),
+        *("--drafter", str(other_vocab_dir), "--prompt", "hello"),
+    )
+    assert_one_line_error(proc.returncode, proc.stderr)
+    assert "vocabulary" in proc.stderr
+    assert proc.stdout == ""
+
+
+# ---------------------------------------------------------------------------------------------
+# output
+
+
+@pytest.mark.parametrize(
+    "mode_args",
+    [["--mode", "ar"], ["--mode", "sd", "--drafter", "ngram"], ["--mode", "sd", "--gamma", "3"]],
+)
+def test_json_contract(capsys, tiny_dir, tiny_drafter_dir, mode_args):
+    if mode_args[-1] == "3":
+        mode_args = [*mode_args, "--drafter", str(tiny_drafter_dir)]
+    rc, out, err = run_cli(
+        capsys,
+        *("--target", str(tiny_dir), "--prompt", "abcabcabc", "--raw", "--json"),
+        *("--max-new-tokens", "12", *mode_args),
+    )
+    assert rc == 0, err
+    assert out.count("\n") == 1  # exactly one JSON object, nothing streamed before it
+    result = json.loads(out)
+    assert {"text", "token_ids", "finish_reason", "stats"} <= set(result)
+    stats = result["stats"]
+    assert set(stats) >= STATS_KEYS
+    assert len(result["token_ids"]) == stats["new_tokens"]
+    assert 1 <= stats["new_tokens"] <= 12
+    assert result["finish_reason"] in ("stop", "length")
+    if result["finish_reason"] == "length":
+        assert stats["new_tokens"] == 12
+    assert isinstance(result["text"], str)
+    assert all(isinstance(t, int) for t in result["token_ids"])
+    assert stats["tokens_per_target_forward"] == pytest.approx(
+        stats["new_tokens"] / stats["target_forwards"]
+    )
+    assert 0.0 <= stats["acceptance_rate"] <= 1.0
+    assert stats["accepted_tokens"] <= stats["draft_tokens"]
+    if mode_args[1] == "ar":
+        assert result["drafter"] is None
+        assert stats["draft_tokens"] == 0
+        assert stats["tokens_per_target_forward"] == 1.0
+    # greedy: the same tokens as the decoder run directly on the same model
+    loaded = load_model(str(tiny_dir), max_len=4096)
+    dec = SpeculativeDecoder(loaded.model, None, eos_token_ids=loaded.tokenizer.eos_token_ids)
+    ids = loaded.tokenizer.encode("abcabcabc")
+    assert stats["prompt_tokens"] == len(ids)
+    expected, _ = dec.generate(ids, SamplingParams(max_new_tokens=12))
+    assert result["token_ids"] == expected
+    assert result["text"] == loaded.tokenizer.decode(expected)
+
+
+def test_plain_output_streams_text(capsys, tiny_dir):
+    rc, out, _ = run_cli(
+        capsys,
+        *("--target", str(tiny_dir), "--prompt", "Hi there", "--max-new-tokens", "8"),
+        *("--temperature", "0.8", "--seed", "3"),
+    )
+    assert rc == 0
+    assert out.endswith("\n")
+    rc2, out2, _ = run_cli(
+        capsys,
+        *("--target", str(tiny_dir), "--prompt", "Hi there", "--max-new-tokens", "8"),
+        *("--temperature", "0.8", "--seed", "3", "--json"),
+    )
+    assert rc2 == 0
+    assert out == json.loads(out2)["text"] + "\n"  # same seed, same text
+
+
+# ---------------------------------------------------------------------------------------------
+# the demo model against transformers (slow)
+
+DEMO_MAX_NEW = 48
+RAW_PROMPT = "The three primary colors are"
+CHAT_PROMPT = "What is the capital of France? Answer in one sentence."
+
+
+def _hf_greedy(demo_hf, chat: bool, prompt: str) -> tuple[list[int], list[int]]:
+    model, tok = demo_hf
+    if chat:
+        enc = tok.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_dict=True
+        )
+        ids = list(enc["input_ids"])
+    else:
+        ids = tok(prompt)["input_ids"]
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=DEMO_MAX_NEW,
+            do_sample=False,
+        )
+    return ids, out[0, len(ids) :].tolist()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("chat", [False, True], ids=["raw", "chat"])
+def test_demo_greedy_matches_transformers(capsys, demo_hf, chat):
+    ids, ref = _hf_greedy(demo_hf, chat, CHAT_PROMPT if chat else RAW_PROMPT)
+    eos = demo_hf[1].eos_token_id
+    if chat:
+        assert ref[-1] == eos and len(ref) < DEMO_MAX_NEW  # exercises stopping on EOS
+    for mode in (["--mode", "ar"], ["--mode", "sd", "--drafter", "ngram", "--gamma", "4"]):
+        args = ["--target", "demo", "--prompt", CHAT_PROMPT if chat else RAW_PROMPT]
+        args += ["--max-new-tokens", str(DEMO_MAX_NEW), "--json", *mode]
+        if not chat:
+            args.append("--raw")
+        rc, out, err = run_cli(capsys, *args)
+        assert rc == 0, err
+        result = json.loads(out)
+        assert result["stats"]["prompt_tokens"] == len(ids)
+        assert result["token_ids"] == ref, mode
+        stopped = len(ref) < DEMO_MAX_NEW
+        assert result["finish_reason"] == ("stop" if stopped else "length")
+        if mode[1] == "sd":
+            assert result["stats"]["draft_tokens"] > 0

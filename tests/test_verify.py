@@ -1,0 +1,435 @@
+"""The verifier and the sampling distribution: unit tests and statistical losslessness."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from distspec.spec.drafter import EMPTY_DRAFT, Draft
+from distspec.spec.sampling import SamplingParams, probs_from_logits, sample
+from distspec.spec.verify import Verdict, verify
+
+GREEDY = SamplingParams()
+ALPHA = 1e-3  # significance level of every chi-square test (seeds are fixed)
+
+
+def _logits(rows: int, vocab: int = 11, seed: int = 0) -> torch.Tensor:
+    return torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------------------------------------
+# greedy verification
+
+
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_greedy_all_accepted_gives_bonus_from_last_row(k):
+    logits = _logits(k + 1, seed=k)
+    best = logits.argmax(-1).tolist()
+    draft = Draft(best[:k])
+    verdict = verify(logits, draft, GREEDY, torch.Generator())
+    assert verdict == Verdict(k, best[k])
+    assert verdict.tokens(draft) == best
+
+
+@pytest.mark.parametrize("k", [1, 2, 5])
+def test_greedy_first_mismatch_gives_correction(k):
+    logits = _logits(k + 1, seed=10 + k)
+    best = logits.argmax(-1).tolist()
+    for i in range(k):
+        tokens = list(best[:k])
+        tokens[i] = (best[i] + 1) % logits.shape[1]  # wrong at i
+        # everything after the mismatch is irrelevant, even if it matches the target
+        verdict = verify(logits, Draft(tokens), GREEDY, torch.Generator())
+        assert verdict.num_accepted == i
+        assert verdict.next_token == best[i]
+        assert verdict.tokens(Draft(tokens)) == best[:i] + [best[i]]
+
+
+def test_greedy_empty_draft_is_argmax_of_row_0():
+    logits = _logits(1, seed=3)
+    verdict = verify(logits, EMPTY_DRAFT, GREEDY, torch.Generator())
+    assert verdict == Verdict(0, int(logits[0].argmax()))
+    assert verdict.tokens(EMPTY_DRAFT) == [int(logits[0].argmax())]
+
+
+def test_greedy_ignores_draft_probs_and_generator():
+    logits = _logits(4, seed=5)
+    best = logits.argmax(-1).tolist()
+    tokens = [best[0], best[1], (best[2] + 3) % 11]
+    q = torch.full((3, 11), 1 / 11)
+    a = verify(logits, Draft(tokens), GREEDY, torch.Generator().manual_seed(1))
+    b = verify(logits, Draft(tokens, q), GREEDY, torch.Generator().manual_seed(2))
+    assert a == b == Verdict(2, best[2])
+
+
+@pytest.mark.parametrize("params", [GREEDY, SamplingParams(temperature=1.0)])
+@pytest.mark.parametrize("k, rows", [(0, 2), (2, 2), (2, 4), (3, 1)])
+def test_wrong_number_of_logit_rows_raises(params, k, rows):
+    draft = Draft(list(range(k)))
+    with pytest.raises(ValueError, match="logit rows"):
+        verify(_logits(rows), draft, params, torch.Generator())
+
+
+# ---------------------------------------------------------------------------------------------
+# the target distribution: temperature, top-k, top-p
+
+
+def test_temperature_scales_logits():
+    logits = torch.tensor([[1.0, 2.0, 0.5, -1.0]])
+    for t in (0.5, 1.0, 2.0, 7.0):
+        got = probs_from_logits(logits, SamplingParams(temperature=t))
+        torch.testing.assert_close(got, torch.softmax(logits / t, -1))
+    # temperature -> 0 concentrates on the argmax
+    cold = probs_from_logits(logits, SamplingParams(temperature=1e-3))
+    assert cold[0, 1] > 0.999999
+
+
+def test_probs_are_float32_and_normalised_for_half_logits():
+    logits = _logits(3).half()
+    probs = probs_from_logits(logits, SamplingParams(temperature=1.0, top_p=0.9, top_k=5))
+    assert probs.dtype == torch.float32
+    torch.testing.assert_close(probs.sum(-1), torch.ones(3))
+
+
+@pytest.mark.parametrize("k", [1, 2, 5, 10])
+def test_top_k_keeps_exactly_k(k):
+    logits = _logits(4, vocab=10, seed=7)  # no ties (continuous random values)
+    probs = probs_from_logits(logits, SamplingParams(temperature=1.0, top_k=k))
+    kept = probs > 0
+    assert kept.sum(-1).tolist() == [k] * 4
+    top = torch.topk(logits, k, dim=-1).indices
+    assert kept.gather(-1, top).all()
+    # the kept tokens keep their relative weights
+    ref = torch.softmax(logits.masked_fill(~kept, float("-inf")), -1)
+    torch.testing.assert_close(probs, ref)
+
+
+def test_top_k_zero_or_larger_than_vocab_keeps_all():
+    logits = _logits(2, vocab=6)
+    for k in (0, 6, 100):
+        probs = probs_from_logits(logits, SamplingParams(temperature=1.0, top_k=k))
+        torch.testing.assert_close(probs, torch.softmax(logits, -1))
+
+
+def test_top_k_keeps_ties():
+    logits = torch.tensor([[3.0, 1.0, 3.0, 0.0, 1.0]])
+    probs = probs_from_logits(logits, SamplingParams(temperature=1.0, top_k=1))
+    assert (probs > 0).tolist() == [[True, False, True, False, False]]
+
+
+# p = [0.1, 0.4, 0.2, 0.3]: sorted 0.4, 0.3, 0.2, 0.1; cumulative 0.4, 0.7, 0.9, 1.0
+HAND_P = torch.tensor([[0.1, 0.4, 0.2, 0.3]])
+
+
+@pytest.mark.parametrize(
+    "top_p, kept",
+    [
+        (1e-6, [1]),
+        (0.35, [1]),
+        (0.4 - 1e-4, [1]),
+        (0.5, [1, 3]),
+        (0.65, [1, 3]),
+        (0.75, [1, 3, 2]),
+        (0.95, [1, 3, 2, 0]),
+        (1.0, [1, 3, 2, 0]),
+    ],
+)
+def test_top_p_keeps_smallest_prefix_reaching_p(top_p, kept):
+    probs = probs_from_logits(HAND_P.log(), SamplingParams(temperature=1.0, top_p=top_p))
+    expected = torch.zeros_like(HAND_P)
+    expected[0, kept] = HAND_P[0, kept] / HAND_P[0, kept].sum()
+    torch.testing.assert_close(probs, expected)
+
+
+def test_top_p_is_per_row():
+    p = torch.tensor([[0.1, 0.4, 0.2, 0.3], [0.7, 0.1, 0.1, 0.1]])
+    probs = probs_from_logits(p.log(), SamplingParams(temperature=1.0, top_p=0.6))
+    assert (probs > 0).tolist() == [[False, True, False, True], [True, False, False, False]]
+
+
+def test_top_k_then_top_p():
+    # top-k 3 of HAND_P: 0.4, 0.3, 0.2 -> renormalised 4/9, 3/9, 2/9 (cum 0.44, 0.78, 1)
+    probs = probs_from_logits(HAND_P.log(), SamplingParams(temperature=1.0, top_k=3, top_p=0.7))
+    torch.testing.assert_close(probs, torch.tensor([[0.0, 4 / 7, 0.0, 3 / 7]]))
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=1.0, top_p=1e-9),
+        SamplingParams(temperature=1.0, top_k=1),
+        SamplingParams(temperature=1.0, top_k=1, top_p=1e-9),
+        SamplingParams(temperature=1e-4, top_p=0.01),
+    ],
+)
+def test_always_keeps_at_least_one_token(params):
+    logits = _logits(5, vocab=50, seed=1) * 30  # very peaked rows
+    probs = probs_from_logits(logits, params)
+    assert ((probs > 0).sum(-1) >= 1).all()
+    torch.testing.assert_close(probs.sum(-1), torch.ones(5))
+    assert probs.argmax(-1).tolist() == logits.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"temperature": -0.1}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_p": -0.5}, "top_p"),
+        ({"top_p": float("nan")}, "top_p"),
+        ({"top_k": -1}, "top_k"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"max_new_tokens": -3}, "max_new_tokens"),
+    ],
+)
+def test_sampling_params_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**kwargs)
+
+
+def test_sampling_params_greedy_flag():
+    assert SamplingParams().greedy
+    assert SamplingParams(temperature=0.0, top_k=3).greedy
+    assert not SamplingParams(temperature=0.1).greedy
+
+
+# ---------------------------------------------------------------------------------------------
+# statistical losslessness of the verifier
+
+V = 6
+P = np.array([0.30, 0.25, 0.20, 0.15, 0.07, 0.03])  # target
+P_NEXT = P[::-1].copy()  # the target's row after the draft token (bonus row)
+Q = np.array([0.05, 0.10, 0.15, 0.20, 0.25, 0.25])  # a drafter quite unlike the target
+TRIALS = 20_000
+
+
+def reference_target(p: np.ndarray, params: SamplingParams) -> np.ndarray:
+    """Independent reference: temperature, then top-k, then top-p (smallest prefix >= p)."""
+    t = p ** (1.0 / params.temperature)
+    t = t / t.sum()
+    order = np.argsort(-t, kind="stable")
+    keep = np.ones_like(t, dtype=bool)
+    if 0 < params.top_k < len(t):
+        keep[order[params.top_k :]] = False
+    t = np.where(keep, t, 0.0)
+    t = t / t.sum()
+    if params.top_p < 1:
+        cum = np.cumsum(t[order])
+        n = int(np.searchsorted(cum, params.top_p - 1e-12)) + 1  # first index reaching top_p
+        drop = order[n:]
+        t[drop] = 0.0
+        t = t / t.sum()
+    return t
+
+
+def _wrong_always_accept(logits, draft, params, generator):
+    """Negative control: emits every draft token (no rejection at all)."""
+    p = probs_from_logits(logits, params)
+    return Verdict(len(draft), sample(p[len(draft)], generator))
+
+
+def _wrong_residual(logits, draft, params, generator):
+    """Negative control: right acceptance test, but corrections drawn from p, not (p - q)+."""
+    p = probs_from_logits(logits, params)
+    d = draft.tokens[0]
+    q_d = 1.0 if draft.probs is None else float(draft.probs[0, d])
+    if float(torch.rand(1, generator=generator)) < float(p[0, d]) / q_d:
+        return Verdict(1, sample(p[1], generator))
+    return Verdict(0, sample(p[0], generator))
+
+
+def emitted_counts(
+    params: SamplingParams,
+    *,
+    fixed: int | None = None,
+    verifier=verify,
+    trials: int = TRIALS,
+    seed: int = 0,
+    position: int = 0,
+) -> np.ndarray:
+    """Counts of the emitted token at `position` over `trials` verifications of a one-token
+    draft: d ~ Q (dense q) or d = fixed (point mass)."""
+    logits = torch.tensor(np.log(np.stack([P, P_NEXT])), dtype=torch.float32)
+    q = torch.tensor(Q, dtype=torch.float32)
+    g = torch.Generator().manual_seed(seed)
+    if fixed is None:
+        gd = torch.Generator().manual_seed(seed + 12345)
+        drafts = torch.multinomial(q, trials, replacement=True, generator=gd).tolist()
+    else:
+        drafts = [fixed] * trials
+    counts = np.zeros(V, dtype=np.int64)
+    for d in drafts:
+        draft = Draft([d], q[None]) if fixed is None else Draft([d])
+        out = verifier(logits, draft, params, g).tokens(draft)
+        if len(out) > position:
+            counts[out[position]] += 1
+    return counts
+
+
+def chisquare_pvalue(counts: np.ndarray, expected_probs: np.ndarray) -> float:
+    """Chi-square goodness of fit; zero-probability cells must be empty and are left out."""
+    zero = expected_probs == 0
+    assert counts[zero].sum() == 0, f"tokens with probability 0 were emitted: {counts}"
+    n = counts.sum()
+    exp = expected_probs[~zero] / expected_probs[~zero].sum() * n
+    return float(chisquare(counts[~zero], exp).pvalue)
+
+
+SAMPLED_CASES = {
+    "t1": SamplingParams(temperature=1.0),
+    "t0.5": SamplingParams(temperature=0.5),
+    "t2": SamplingParams(temperature=2.0),
+    "top_k3": SamplingParams(temperature=1.0, top_k=3),
+    "top_p0.8": SamplingParams(temperature=1.0, top_p=0.8),
+    "t1.5_k5_p0.9": SamplingParams(temperature=1.5, top_k=5, top_p=0.9),
+}
+
+
+def test_reference_target_matches_probs_from_logits():
+    for params in SAMPLED_CASES.values():
+        got = probs_from_logits(torch.tensor(np.log(P))[None], params)[0].double().numpy()
+        np.testing.assert_allclose(got, reference_target(P, params), atol=1e-6)
+    # hand check of one case: top-p 0.8 of P keeps 0.30 + 0.25 + 0.20 + 0.15 = 0.9
+    np.testing.assert_allclose(
+        reference_target(P, SAMPLED_CASES["top_p0.8"]), [*(P[:4] / 0.9), 0, 0], atol=1e-12
+    )
+
+
+@pytest.mark.parametrize("case", list(SAMPLED_CASES))
+def test_verifier_is_lossless_with_sampled_draft(case):
+    params = SAMPLED_CASES[case]
+    counts = emitted_counts(params)
+    pvalue = chisquare_pvalue(counts, reference_target(P, params))
+    print(f"verify dense q {case}: chi-square p = {pvalue:.4g}")
+    assert pvalue > ALPHA, (counts, reference_target(P, params))
+
+
+@pytest.mark.parametrize(
+    "case, d",
+    [("t1", 0), ("t1", 4), ("t0.5", 2), ("top_k3", 5), ("top_p0.8", 1), ("t1.5_k5_p0.9", 3)],
+)
+def test_verifier_is_lossless_with_point_mass_draft(case, d):
+    params = SAMPLED_CASES[case]
+    counts = emitted_counts(params, fixed=d)
+    pvalue = chisquare_pvalue(counts, reference_target(P, params))
+    print(f"verify point mass d={d} {case}: chi-square p = {pvalue:.4g}")
+    assert pvalue > ALPHA, (counts, reference_target(P, params))
+
+
+@pytest.mark.parametrize("fixed", [None, 1])
+def test_second_position_follows_next_row(fixed):
+    """Given the draft token was accepted, the token after it is the target's next row."""
+    params = SAMPLED_CASES["t1"]
+    counts = emitted_counts(params, fixed=fixed, position=1)
+    assert counts.sum() > 2000  # enough accepted drafts to test
+    pvalue = chisquare_pvalue(counts, P_NEXT)
+    print(f"verify second position fixed={fixed}: chi-square p = {pvalue:.4g}")
+    assert pvalue > ALPHA
+
+
+@pytest.mark.parametrize(
+    "verifier, fixed",
+    [(_wrong_always_accept, None), (_wrong_residual, None), (_wrong_residual, 0)],
+)
+def test_chi_square_detects_a_wrong_verifier(verifier, fixed):
+    """Negative control: the same test, fed a broken verifier, rejects it."""
+    params = SAMPLED_CASES["t1"]
+    counts = emitted_counts(params, fixed=fixed, verifier=verifier, trials=TRIALS // 2)
+    pvalue = chisquare_pvalue(counts, P)
+    print(f"negative control {verifier.__name__} fixed={fixed}: chi-square p = {pvalue:.3g}")
+    assert pvalue < 1e-6
+
+
+def test_draft_equal_to_target_is_always_accepted():
+    logits = _logits(4, vocab=9, seed=2)
+    params = SamplingParams(temperature=1.0)
+    q = probs_from_logits(logits[:3], params)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        tokens = [sample(q[i], g) for i in range(3)]
+        verdict = verify(logits, Draft(tokens, q), params, g)
+        assert verdict.num_accepted == 3
+
+
+def test_point_mass_on_impossible_token_is_always_rejected():
+    p = torch.tensor([0.5, 0.3, 0.2, 0.0, 0.0])
+    logits = torch.stack([p.log(), p.log()])
+    params = SamplingParams(temperature=1.0)
+    g = torch.Generator().manual_seed(0)
+    for d in (3, 4):
+        for _ in range(200):
+            verdict = verify(logits, Draft([d]), params, g)
+            assert verdict.num_accepted == 0
+            assert verdict.next_token in (0, 1, 2)
+
+
+def test_dense_draft_rejected_token_never_corrected_to_itself():
+    """A dense-q rejection implies p(d) < q(d): the residual has no mass on d."""
+    params = SamplingParams(temperature=1.0)
+    logits = torch.tensor(np.log(np.stack([P, P_NEXT])), dtype=torch.float32)
+    q = torch.tensor(Q, dtype=torch.float32)[None]
+    g = torch.Generator().manual_seed(3)
+    rejections = 0
+    for d in (3, 4, 5):  # q(d) > p(d)
+        for _ in range(300):
+            verdict = verify(logits, Draft([d], q), params, g)
+            if verdict.num_accepted == 0:
+                rejections += 1
+                assert verdict.next_token != d
+                assert P[verdict.next_token] > Q[verdict.next_token]
+    assert rejections > 300
+
+
+# ---------------------------------------------------------------------------------------------
+# seeding
+
+
+def _verdicts(seed: int | None, n: int = 200) -> list[Verdict]:
+    params = SamplingParams(temperature=1.0, top_p=0.95, seed=seed)
+    g = params.generator(0)
+    logits = _logits(4, vocab=7, seed=11)
+    q = probs_from_logits(_logits(3, vocab=7, seed=12), params)
+    out = []
+    gd = torch.Generator().manual_seed(99)
+    for _ in range(n):
+        tokens = [sample(q[i], gd) for i in range(3)]
+        out.append(verify(logits, Draft(tokens, q), params, g))
+    return out
+
+
+def test_same_seed_same_verdicts():
+    assert _verdicts(5) == _verdicts(5)
+    assert _verdicts(5) != _verdicts(6)
+
+
+def test_generator_streams_differ_and_are_reproducible():
+    params = SamplingParams(temperature=1.0, seed=7)
+    a0 = torch.rand(16, generator=params.generator(0))
+    a1 = torch.rand(16, generator=params.generator(1))
+    assert not torch.equal(a0, a1)
+    assert torch.equal(a0, torch.rand(16, generator=params.generator(0)))
+    assert torch.equal(a1, torch.rand(16, generator=SamplingParams(seed=7).generator(1)))
+    # neighbouring seeds do not share streams (seed s stream 1 vs seed s + 1 stream 0)
+    b0 = torch.rand(16, generator=SamplingParams(seed=8).generator(0))
+    assert not torch.equal(a1, b0)
+    assert not torch.equal(a0, b0)
+
+
+def test_unseeded_generators_differ():
+    a = torch.rand(16, generator=SamplingParams().generator(0))
+    b = torch.rand(16, generator=SamplingParams().generator(0))
+    assert not torch.equal(a, b)
+
+
+def test_sample_follows_probs():
+    g = torch.Generator().manual_seed(0)
+    probs = torch.tensor([0.0, 0.7, 0.0, 0.3])
+    draws = [sample(probs, g) for _ in range(2000)]
+    assert set(draws) <= {1, 3}
+    assert math.isclose(draws.count(1) / len(draws), 0.7, abs_tol=0.05)
