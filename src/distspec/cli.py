@@ -121,7 +121,52 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: list[Callable] = [_add_generate, _add_bench]
+def _add_train_drafter(sub) -> None:
+    p = sub.add_parser("train-drafter", help="distil a drafter from the target's own outputs")
+    p.add_argument("--out", default="drafter-run", help="run directory (resumes if present)")
+    p.add_argument("--target", default="demo")
+    p.add_argument("--num-prompts", type=int, default=2400)
+    p.add_argument("--heldout-prompts", type=int, default=24)
+    p.add_argument("--temperatures", default="0,0.7,1.0", help="cycled over the prompts")
+    p.add_argument("--max-new-tokens", type=int, default=160)
+    p.add_argument("--gen-batch", type=int, default=16, help="sequences generated at once")
+    p.add_argument("--layers", default="0,1", help="target layers the drafter starts from")
+    p.add_argument("--draft-vocab", type=int, default=8192, help="head size; 0 = full vocab")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--gamma", type=int, default=4, help="draft length for the evaluation")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_train_drafter)
+
+
+def _train_drafter(args: argparse.Namespace) -> int:
+    from distspec.train.pipeline import DrafterRecipe, run
+    from distspec.train.trainer import TrainConfig
+
+    recipe = DrafterRecipe(
+        target=args.target,
+        out_dir=args.out,
+        num_prompts=args.num_prompts,
+        heldout_prompts=args.heldout_prompts,
+        temperatures=[float(t) for t in args.temperatures.split(",")],
+        max_new_tokens=args.max_new_tokens,
+        gen_batch=args.gen_batch,
+        layers=[int(x) for x in args.layers.split(",")],
+        draft_vocab=args.draft_vocab,
+        gamma=args.gamma,
+        seed=args.seed,
+        train=TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed),
+    )
+    record = run(recipe)
+    print(
+        f"held-out: tau {record['tokens_per_target_forward']:.2f}, "
+        f"acceptance {record['acceptance_rate']:.2f}; drafter in {args.out}/drafter"
+    )
+    return 0
+
+
+COMMANDS: list[Callable] = [_add_generate, _add_bench, _add_train_drafter]
 
 
 def build_parser() -> argparse.ArgumentParser:

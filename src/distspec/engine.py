@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
 
 import torch
 
 from distspec.models.llama import pack_for_cpu
-from distspec.models.loader import LoadedModel, load_model
+from distspec.models.loader import LoadedModel, load_drafter_model, load_model
 from distspec.models.tokenizer import ChatMessage, StreamDecoder
 from distspec.spec.decoding import SpeculativeDecoder, StepOutput
 from distspec.spec.drafter import Drafter
@@ -99,12 +101,22 @@ def build_drafter(
     if name == "ngram":
         return NgramDrafter()
     if name == "demo":
-        raise DrafterUnavailableError(
-            "the demo drafter is not shipped yet; use --drafter ngram or --drafter PATH"
-        )
-    loaded = load_for_inference(name, device, dtype, max_len)
+        name = str(demo_drafter_dir())
+    loaded = load_drafter_model(name, target, max_len=max_len)
     check_same_vocab(target, loaded)
+    if loaded.model.device.type == "cpu":
+        pack_for_cpu(loaded.model)
     return ModelDrafter(loaded.model)
+
+
+def demo_drafter_dir() -> Path:
+    """The drafter trained for the demo target (`distspec train-drafter`), shipped in-package."""
+    path = Path(str(resources.files("distspec") / "assets" / "demo_drafter"))
+    if not (path / "config.json").exists():
+        raise DrafterUnavailableError(
+            f"the demo drafter is missing from {path}; train one with `distspec train-drafter`"
+        )
+    return path
 
 
 def check_same_vocab(target: LoadedModel, drafter: LoadedModel) -> None:

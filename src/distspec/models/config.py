@@ -35,6 +35,10 @@ class ModelConfig:
     model_type: str = "llama"
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
+    # Drafters only: score a reduced vocabulary (lm_head.token_ids lists it) and/or take the
+    # input embedding from the target instead of storing a copy.
+    draft_vocab_size: int | None = None
+    embedding_from_target: bool = False
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> ModelConfig:
@@ -69,6 +73,8 @@ class ModelConfig:
             model_type=model_type,
             bos_token_id=d.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            draft_vocab_size=d.get("draft_vocab_size"),
+            embedding_from_target=d.get("embedding_from_target", False),
         )
 
     @classmethod
@@ -83,6 +89,9 @@ class ModelConfig:
         d["architectures"] = [_ARCHITECTURES[self.model_type]]
         if d["sliding_window"] is None:
             d.pop("sliding_window")
-        if d["rope_scaling"] is None:
-            d.pop("rope_scaling")
+        for key in ("rope_scaling", "draft_vocab_size"):
+            if d[key] is None:
+                d.pop(key)
+        if not d["embedding_from_target"]:
+            d.pop("embedding_from_target")
         return d

@@ -67,8 +67,12 @@ class Attention(nn.Module):
         q = apply_rope(q.view(bsz, t, self.n_heads, hd), cos, sin).transpose(1, 2)
         k = apply_rope(k.view(bsz, t, self.n_kv_heads, hd), cos, sin).transpose(1, 2)
         v = v.view(bsz, t, self.n_kv_heads, hd).transpose(1, 2)
-        k, v = self.kv_cache.update(slots, pos, k, v, kv_len)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.q_per_kv > 1)
+        gqa = self.q_per_kv > 1
+        if kv_len is None:  # no cache: causal attention within the chunk (training, scoring)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            k, v = self.kv_cache.update(slots, pos, k, v, kv_len)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(bsz, t, self.n_heads * hd)
         return self.tp.all_reduce(self.wo(y))
 
@@ -142,7 +146,13 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, self.tp) for _ in range(config.num_hidden_layers))
         self.norm = nn.Parameter(torch.ones(config.hidden_size))
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        head_size = config.draft_vocab_size or config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, head_size, bias=False)
+        if config.draft_vocab_size:
+            # Reduced output vocabulary (drafters): head row i scores token head_token_ids[i].
+            self.register_buffer("head_token_ids", torch.zeros(head_size, dtype=torch.long))
+        else:
+            self.head_token_ids = None
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
         self.max_len = 0
@@ -159,6 +169,15 @@ class Transformer(nn.Module):
         if config.tie_word_embeddings:
             model.lm_head.weight = model.embed.weight
         return model.eval()
+
+    def share_embedding(self, embedding: nn.Embedding) -> None:
+        """Use another model's input embedding (a drafter reusing its target's), without a copy."""
+        if embedding.weight.shape != self.embed.weight.shape:
+            raise ValueError(
+                f"embedding shape {tuple(embedding.weight.shape)} does not fit this model's "
+                f"{tuple(self.embed.weight.shape)}"
+            )
+        self.embed = embedding
 
     @property
     def dtype(self) -> torch.dtype:
@@ -211,7 +230,27 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, slots, pos, kv_len, mask)
         if last_only:
             x = x[:, -1:]
+        logits = self.head_logits(x)
+        if self.head_token_ids is None:
+            return logits
+        full = logits.new_full((*logits.shape[:-1], self.config.vocab_size), float("-inf"))
+        return full.index_copy_(-1, self.head_token_ids, logits)
+
+    def head_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm + output head: [..., len(head)] logits (the reduced vocabulary if any)."""
         return self.lm_head(rms_norm(x, self.norm, self.config.rms_norm_eps))
+
+    def forward_uncached(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Hidden states [B, T, H] of whole sequences from position 0, without the KV cache
+        (training and scoring); differentiable."""
+        t = tokens.shape[1]
+        cos, sin = rope_tables(self.config, t)
+        cos = cos.to(self.device, self.dtype)[None, :, None]
+        sin = sin.to(self.device, self.dtype)[None, :, None]
+        x = self.embed(tokens)
+        for layer in self.layers:
+            x = layer(x, cos, sin, None, None, None, None)
+        return x
 
     def _mask(self, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
         key_pos = torch.arange(kv_len, device=pos.device)
@@ -248,7 +287,10 @@ def load_hf_weights(model: Transformer, weights: Mapping[str, torch.Tensor]) -> 
         with torch.no_grad():
             dst.copy_(src.to(dst.dtype))
 
-    copy(model.embed.weight, get("model.embed_tokens.weight"))
+    if not cfg.embedding_from_target:
+        copy(model.embed.weight, get("model.embed_tokens.weight"))
+    if model.head_token_ids is not None:
+        model.head_token_ids.copy_(get("lm_head.token_ids"))
     copy(model.norm, get("model.norm.weight"))
     if not cfg.tie_word_embeddings:
         copy(model.lm_head.weight, get("lm_head.weight"))

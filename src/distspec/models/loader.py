@@ -115,8 +115,36 @@ def load_model(
 ) -> LoadedModel:
     model_dir = resolve_model_dir(name)
     config = ModelConfig.from_json_file(model_dir / "config.json")
+    if config.embedding_from_target:
+        raise ValueError(f"{name} is a drafter built on its target's embedding: load it as one")
+    model = _build(model_dir, config, tp, device, dtype, num_slots, max_len)
+    return LoadedModel(model, Tokenizer.from_dir(model_dir, config.eos_token_ids), model_dir)
+
+
+def load_drafter_model(
+    name: str, target: LoadedModel, *, num_slots: int = 1, max_len: int = 4096
+) -> LoadedModel:
+    """A drafter for target. Drafters saved with `embedding_from_target` store neither an
+    embedding nor a tokenizer: they use the target's, so their vocabulary is the target's."""
+    path = Path(name).expanduser()
+    if path.is_dir() and (path / "config.json").exists():
+        config = ModelConfig.from_json_file(path / "config.json")
+        if config.embedding_from_target:
+            if config.vocab_size != target.model.config.vocab_size:
+                raise ValueError(
+                    f"the drafter's vocabulary ({config.vocab_size} tokens, {path}) differs "
+                    f"from the target's ({target.model.config.vocab_size} tokens)"
+                )
+            device, dtype = target.model.device, target.model.dtype
+            model = _build(path, config, None, device, dtype, num_slots, max_len)
+            model.share_embedding(target.model.embed)
+            return LoadedModel(model, target.tokenizer, path)
+    tm = target.model
+    return load_model(name, device=tm.device, dtype=tm.dtype, num_slots=num_slots, max_len=max_len)
+
+
+def _build(model_dir, config, tp, device, dtype, num_slots, max_len) -> Transformer:
     model = Transformer.empty(config, tp, device=device, dtype=dtype)
     model.load_hf_state_dict(SafetensorsWeights(model_dir))
     model.setup_cache(num_slots, max_len)
-    tokenizer = Tokenizer.from_dir(model_dir, config.eos_token_ids)
-    return LoadedModel(model, tokenizer, model_dir)
+    return model

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from distspec.models.llama import Transformer
+from distspec.spec.draft_policy import DraftLengthPolicy
 from distspec.spec.drafter import EMPTY_DRAFT, Drafter
 from distspec.spec.sampling import SamplingParams
 from distspec.spec.verify import verify
@@ -71,10 +72,13 @@ class SpeculativeDecoder:
         gamma: int = 4,
         eos_token_ids: list[int] | None = None,
         slot: int = 0,
+        adaptive: bool = False,
     ):
+        """gamma: draft tokens per round (the most, with adaptive=True: see DraftLengthPolicy)."""
         if gamma < 1:
             raise ValueError(f"gamma must be >= 1, got {gamma}")
         self.target, self.drafter, self.gamma = target, drafter, gamma
+        self.adaptive = adaptive
         self.eos_token_ids = list(eos_token_ids or [])
         self.slot = torch.tensor([slot])
 
@@ -96,6 +100,7 @@ class SpeculativeDecoder:
             )
         stops = set(self.eos_token_ids) | set(params.stop_token_ids)
         generator = params.generator(stream=0)
+        policy = DraftLengthPolicy(max_k=self.gamma, fixed=not self.adaptive)
         stats = GenerationStats(prompt_tokens=len(prompt_ids))
         t0 = time.perf_counter()
         tokens = list(prompt_ids)
@@ -116,22 +121,26 @@ class SpeculativeDecoder:
                     yield StepOutput(new, finish, stats)
                     return
                 yield StepOutput(new)
-                new = self._round(tokens, params, generator, stats)
+                new = self._round(tokens, params, generator, stats, policy)
         finally:
             if self.drafter is not None:
                 self.drafter.finish()
 
-    def _round(self, tokens, params, generator, stats) -> list[int]:
+    def _round(self, tokens, params, generator, stats, policy) -> list[int]:
         remaining = params.max_new_tokens - stats.new_tokens
-        k = min(self.gamma, remaining - 1, self.target.max_len - len(tokens))
-        draft = EMPTY_DRAFT
-        if self.drafter is not None and k > 0:
-            t = time.perf_counter()
-            draft = self.drafter.propose(tokens, k)
-            stats.draft_s += time.perf_counter() - t
+        draft, draft_s = EMPTY_DRAFT, 0.0
+        if self.drafter is not None:
+            k = min(policy.next_k(), remaining - 1, self.target.max_len - len(tokens))
+            if k > 0:
+                t = time.perf_counter()
+                draft = self.drafter.propose(tokens, k)
+                draft_s = time.perf_counter() - t
+                stats.draft_s += draft_s
         chunk = [tokens[-1], *draft.tokens]
+        t = time.perf_counter()
         logits = self._target_forward(chunk, len(tokens) - 1, stats)
         verdict = verify(logits, draft, params, generator)
+        policy.observe_round(len(draft), verdict.num_accepted, draft_s, time.perf_counter() - t)
         if draft.tokens:
             stats.draft_tokens += len(draft)
             stats.accepted_tokens += verdict.num_accepted

@@ -12,8 +12,11 @@ from distspec.spec.sampling import SamplingParams, probs_from_logits, sample
 class ModelDrafter(Drafter):
     name = "model"
 
-    def __init__(self, model: Transformer, slot: int = 0):
+    def __init__(self, model: Transformer, slot: int = 0, min_confidence: float = 0.0):
+        """min_confidence: stop drafting after a token whose probability under the drafter is
+        below this (an early stop on low confidence, as in SpecDec++ / SVIP)."""
         self.model = model
+        self.min_confidence = min_confidence
         self.slot = torch.tensor([slot])
         self.cached: list[int] = []  # tokens whose K/V are in the drafter's cache, in order
         self.params = SamplingParams()
@@ -34,8 +37,10 @@ class ModelDrafter(Drafter):
         tokens: list[int] = []
         probs: list[torch.Tensor] = []
         for i in range(k):
-            tok = self._pick(logits, probs)
+            tok, confidence = self._pick(logits, probs)
             tokens.append(tok)
+            if confidence < self.min_confidence:
+                break
             if i < k - 1:
                 logits = self._forward([tok], len(self.cached))
                 self.cached.append(tok)
@@ -46,12 +51,16 @@ class ModelDrafter(Drafter):
         pos = torch.arange(start, start + len(tokens))[None]
         return self.model(t, pos, self.slot, last_only=True)[0, -1]
 
-    def _pick(self, logits: torch.Tensor, probs: list[torch.Tensor]) -> int:
+    def _pick(self, logits: torch.Tensor, probs: list[torch.Tensor]) -> tuple[int, float]:
+        """(token, its probability under the drafter)."""
         if self.generator is None:
-            return int(logits.argmax())
+            tok = int(logits.argmax())
+            conf = 1.0 if self.min_confidence <= 0 else float(torch.softmax(logits, -1)[tok])
+            return tok, conf
         q = probs_from_logits(logits, self.params)
         probs.append(q)
-        return sample(q, self.generator)
+        tok = sample(q, self.generator)
+        return tok, float(q[tok])
 
 
 def _common_prefix(a: list[int], b: list[int], limit: int) -> int:

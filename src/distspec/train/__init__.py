@@ -1,0 +1,1 @@
+"""Training the demo drafter: self-distillation from the target (distspec train-drafter)."""
