@@ -27,7 +27,13 @@ def _add_generate(sub) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--mode", choices=["ar", "sd"], default="sd")
     p.add_argument("--drafter", default="ngram", help="ngram | demo | PATH (HF dir or .gguf)")
-    p.add_argument("--gamma", type=int, default=4, help="draft tokens per round")
+    p.add_argument("--gamma", type=int, default=4, help="draft tokens per round (the most)")
+    p.add_argument(
+        "--adaptive",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="adapt the draft length to measured costs and acceptance (off: always --gamma)",
+    )
     p.add_argument("--target", default="demo", help="demo | PATH (HF dir or .gguf)")
     p.add_argument("--max-len", type=int, default=4096, help="KV cache length (context)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -53,6 +59,7 @@ def _generate(args: argparse.Namespace) -> int:
         mode=args.mode,
         drafter=args.drafter,
         gamma=args.gamma,
+        adaptive=args.adaptive,
         max_len=args.max_len,
         threads=args.threads,
     )
@@ -93,7 +100,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--num-prompts", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--gamma", type=int, default=4)
+    p.add_argument("--gamma", type=int, default=4, help="draft tokens per round (the most)")
+    p.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
@@ -112,6 +120,7 @@ def _bench(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         repeats=args.repeats,
         gamma=args.gamma,
+        adaptive=args.adaptive,
         temperature=args.temperature,
         seed=args.seed,
         threads=args.threads,

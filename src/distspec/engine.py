@@ -14,6 +14,7 @@ from distspec.models.llama import pack_for_cpu
 from distspec.models.loader import LoadedModel, load_drafter_model, load_model
 from distspec.models.tokenizer import ChatMessage, StreamDecoder
 from distspec.spec.decoding import SpeculativeDecoder, StepOutput
+from distspec.spec.draft_policy import measure_costs
 from distspec.spec.drafter import Drafter
 from distspec.spec.drafters import ModelDrafter, NgramDrafter
 from distspec.spec.sampling import SamplingParams
@@ -33,6 +34,7 @@ class EngineConfig:
     mode: str = "sd"
     drafter: str = "ngram"
     gamma: int = 4
+    adaptive: bool = True  # gamma is then the longest draft; see DraftLengthPolicy
     max_len: int = 4096
     device: str = "cpu"
     dtype: str = "float32"
@@ -54,13 +56,11 @@ class Engine:
         self.target = load_for_inference(config.target, config.device, dtype, config.max_len)
         self.tokenizer = self.target.tokenizer
         self.drafter = (
-            build_drafter(config.drafter, self.target, config.device, dtype, config.max_len)
+            build_drafter(config.drafter, self.target, config.max_len)
             if config.mode == "sd"
             else None
         )
-        self.decoder = SpeculativeDecoder(
-            self.target.model, self.drafter, config.gamma, self.tokenizer.eos_token_ids
-        )
+        self.decoder = make_decoder(self.target, self.drafter, config.gamma, config.adaptive)
 
     def encode(self, prompt: str, raw: bool) -> list[int]:
         if not prompt.strip():
@@ -90,14 +90,9 @@ def load_for_inference(
     return loaded
 
 
-def build_drafter(
-    name: str,
-    target: LoadedModel,
-    device: str = "cpu",
-    dtype: torch.dtype = torch.float32,
-    max_len: int = 4096,
-) -> Drafter:
-    """ngram | demo | a model path (HF directory or .gguf) sharing the target's tokenizer."""
+def build_drafter(name: str, target: LoadedModel, max_len: int = 4096) -> Drafter:
+    """ngram | demo | a model path (HF directory or .gguf) sharing the target's tokenizer.
+    Model drafters go on the target's device, in its dtype."""
     if name == "ngram":
         return NgramDrafter()
     if name == "demo":
@@ -107,6 +102,24 @@ def build_drafter(
     if loaded.model.device.type == "cpu":
         pack_for_cpu(loaded.model)
     return ModelDrafter(loaded.model)
+
+
+def make_decoder(
+    target: LoadedModel, drafter: Drafter | None, gamma: int, adaptive: bool
+) -> SpeculativeDecoder:
+    """A decoder for target; with adaptive drafting, the draft costs are measured once here."""
+    costs = None
+    if drafter is not None and adaptive:
+        costs = measure_costs(target.model, drafter, gamma)
+        log.info("draft costs: %s", costs)
+    return SpeculativeDecoder(
+        target.model,
+        drafter,
+        gamma,
+        target.tokenizer.eos_token_ids,
+        adaptive=adaptive,
+        costs=costs,
+    )
 
 
 def demo_drafter_dir() -> Path:

@@ -85,5 +85,7 @@ def load_hf_model(target: str):
     return AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, **kw).eval()
 
 
-def distspec_decoder(target: LoadedModel, drafter, gamma: int) -> SpeculativeDecoder:
-    return SpeculativeDecoder(target.model, drafter, gamma, target.tokenizer.eos_token_ids)
+def distspec_decoder(target: LoadedModel, drafter, gamma: int, adaptive: bool):
+    from distspec.engine import make_decoder
+
+    return make_decoder(target, drafter, gamma, adaptive)

@@ -45,6 +45,7 @@ class BenchConfig:
     max_new_tokens: int = 128
     repeats: int = 3
     gamma: int = 4
+    adaptive: bool = True
     lookup_tokens: int = 5
     temperature: float = 0.0
     seed: int = 0
@@ -82,11 +83,19 @@ def build_contenders(config: BenchConfig, target) -> list[Contender]:
             lookup = config.lookup_tokens if name == "hf-lookup" else 0
             out.append(HFContender(name, hf_model, eos, lookup))
         elif name == "ar":
-            out.append(DistspecContender(name, distspec_decoder(target, None, config.gamma)))
+            out.append(
+                DistspecContender(
+                    name, distspec_decoder(target, None, config.gamma, config.adaptive)
+                )
+            )
         else:
             drafter_name = name.split(":", 1)[1] if name.startswith("sd:") else name[3:]
             drafter = build_drafter(drafter_name, target, max_len=target.model.max_len)
-            out.append(DistspecContender(name, distspec_decoder(target, drafter, config.gamma)))
+            out.append(
+                DistspecContender(
+                    name, distspec_decoder(target, drafter, config.gamma, config.adaptive)
+                )
+            )
     return out
 
 

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from distspec.models.llama import Transformer
-from distspec.spec.draft_policy import DraftLengthPolicy
+from distspec.spec.draft_policy import DraftCosts, DraftLengthPolicy
 from distspec.spec.drafter import EMPTY_DRAFT, Drafter
 from distspec.spec.sampling import SamplingParams
 from distspec.spec.verify import verify
@@ -73,12 +73,13 @@ class SpeculativeDecoder:
         eos_token_ids: list[int] | None = None,
         slot: int = 0,
         adaptive: bool = False,
+        costs: DraftCosts | None = None,
     ):
         """gamma: draft tokens per round (the most, with adaptive=True: see DraftLengthPolicy)."""
         if gamma < 1:
             raise ValueError(f"gamma must be >= 1, got {gamma}")
         self.target, self.drafter, self.gamma = target, drafter, gamma
-        self.adaptive = adaptive
+        self.adaptive, self.costs = adaptive, costs
         self.eos_token_ids = list(eos_token_ids or [])
         self.slot = torch.tensor([slot])
 
@@ -100,7 +101,7 @@ class SpeculativeDecoder:
             )
         stops = set(self.eos_token_ids) | set(params.stop_token_ids)
         generator = params.generator(stream=0)
-        policy = DraftLengthPolicy(max_k=self.gamma, fixed=not self.adaptive)
+        policy = DraftLengthPolicy(max_k=self.gamma, fixed=not self.adaptive, costs=self.costs)
         stats = GenerationStats(prompt_tokens=len(prompt_ids))
         t0 = time.perf_counter()
         tokens = list(prompt_ids)

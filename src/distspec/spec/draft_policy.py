@@ -4,14 +4,32 @@ Start from PEARL's rule (gamma ~ t_target / t_draft) and keep choosing the k tha
 expected tokens per second under the standard model: each draft token is accepted with
 probability alpha (estimated online from verdicts), a round of k drafts yields
 (1 - alpha^(k+1)) / (1 - alpha) tokens and costs k * t_draft + t_verify(k), with
-t_verify(k) = t_step * (1 + beta * k) measured from the target's own forwards. When no k beats
-plain decoding, speculation switches off (k = 0) and is probed again every `probe_every`
-rounds, so a drafter that starts to fit the text comes back.
+t_verify(k) = t_step * (1 + beta * k). When no k beats plain decoding, speculation switches
+off (k = 0) and is probed again every `probe_every` rounds, so a drafter that starts to fit
+the text comes back.
+
+Costs come from a calibration (`measure_costs`, run once when an engine starts): decisions
+then depend only on the verdicts, so a seeded request reproduces exactly. Without one, the
+policy times the rounds themselves.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+
+import torch
+
+from distspec.models.llama import Transformer
+from distspec.spec.drafter import Drafter
+from distspec.spec.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class DraftCosts:
+    t_step: float  # seconds for a one-token target forward
+    t_draft: float  # seconds per drafted token
+    beta: float  # extra verify cost per draft token, relative to t_step
 
 
 @dataclass
@@ -22,11 +40,13 @@ class DraftLengthPolicy:
     decay: float = 0.9  # weight of the past in running estimates
     probe_every: int = 8
     min_gain: float = 1.03  # speculation must beat plain decoding by this factor
+    costs: DraftCosts | None = None
 
     def __post_init__(self) -> None:
-        self._t_draft: float | None = None  # seconds per drafted token
-        self._t_step: float | None = None  # one-token target forward
-        self._beta = 0.08  # extra verify cost per draft token, relative to t_step
+        c = self.costs
+        self._t_step = c.t_step if c else None
+        self._t_draft = c.t_draft if c else None
+        self._beta = c.beta if c else 0.08
         self._off_rounds = 0
 
     def next_k(self) -> int:
@@ -57,13 +77,16 @@ class DraftLengthPolicy:
     def observe_round(self, k: int, accepted: int, draft_s: float, verify_s: float) -> None:
         """Feed one round's outcome: k drafted, accepted of them, and its timings."""
         d = self.decay
-        if k == 0:
-            self._t_step = _ema(self._t_step, verify_s, d)
-        else:
+        if k > 0:
             # geometric model: accepted successes, then one failure unless all were accepted
             trials = accepted + (1 if accepted < k else 0)
             if trials:
                 self.alpha = d * self.alpha + (1 - d) * (accepted / trials)
+        if self.costs is not None:
+            return
+        if k == 0:
+            self._t_step = _ema(self._t_step, verify_s, d)
+        else:
             self._t_draft = _ema(self._t_draft, draft_s / k, d)
             if self._t_step is not None:
                 beta = (verify_s / self._t_step - 1) / k
@@ -72,3 +95,32 @@ class DraftLengthPolicy:
 
 def _ema(old: float | None, new: float, decay: float) -> float:
     return new if old is None else decay * old + (1 - decay) * new
+
+
+def measure_costs(
+    target: Transformer, drafter: Drafter, k: int, context_len: int = 64, repeats: int = 3
+) -> DraftCosts:
+    """Time the target's one-token and (k+1)-token forwards and k draft steps (medians).
+
+    Uses cache slot 0 of both models at positions the next request overwrites anyway."""
+    context = [int(t) % target.config.vocab_size for t in range(100, 100 + context_len)]
+
+    def timed(fn) -> float:
+        times = []
+        for _ in range(repeats + 1):  # the first call warms up
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return sorted(times[1:])[len(times[1:]) // 2]
+
+    def forward(n: int):
+        pos = torch.arange(context_len - 1, context_len - 1 + n)[None]
+        return lambda: target(torch.tensor([context[-1:] * n]), pos, torch.tensor([0]))
+
+    target(torch.tensor([context]), torch.arange(context_len)[None], torch.tensor([0]))
+    t_step, t_verify = timed(forward(1)), timed(forward(k + 1))
+    drafter.start(context, SamplingParams())
+    drafter.propose(context, k)  # fills the drafter's cache with the context
+    t_draft = timed(lambda: drafter.propose(context, k)) / k
+    drafter.finish()
+    return DraftCosts(t_step, t_draft, max(0.0, (t_verify / t_step - 1) / k))

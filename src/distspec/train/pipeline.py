@@ -122,20 +122,31 @@ def evaluate(
         tgt.model, ModelDrafter(drafter.model), gamma, tgt.tokenizer.eos_token_ids
     )
     params = SamplingParams(max_new_tokens=max_new_tokens)
-    new = fwd = drafted = accepted = 0
+    per_prompt = []
     for p in prompts:
         ids = tgt.tokenizer.encode_chat([ChatMessage("user", p)])
         _, last = decoder.generate(ids, params)
         s = last.stats
-        new, fwd = new + s.new_tokens, fwd + s.target_forwards
-        drafted, accepted = drafted + s.draft_tokens, accepted + s.accepted_tokens
+        per_prompt.append(
+            {
+                "prompt": p,
+                "new_tokens": s.new_tokens,
+                "target_forwards": s.target_forwards,
+                "draft_tokens": s.draft_tokens,
+                "accepted_tokens": s.accepted_tokens,
+            }
+        )
+    total = {
+        k: sum(r[k] for r in per_prompt)
+        for k in ("new_tokens", "target_forwards", "draft_tokens", "accepted_tokens")
+    }
     return {
-        "heldout_prompts": prompts,
         "gamma": gamma,
         "max_new_tokens": max_new_tokens,
-        "tokens_per_target_forward": new / fwd,
-        "acceptance_rate": accepted / max(1, drafted),
-        "new_tokens": new,
+        "tokens_per_target_forward": total["new_tokens"] / total["target_forwards"],
+        "acceptance_rate": total["accepted_tokens"] / max(1, total["draft_tokens"]),
+        "new_tokens": total["new_tokens"],
+        "heldout": per_prompt,
     }
 
 

@@ -81,8 +81,12 @@ def train(
     config: TrainConfig,
     checkpoint: Path,
     progress: bool = True,
+    stop_at: int | None = None,
 ) -> list[dict]:
-    """Train in place; resume from `checkpoint` if it exists. Returns the loss log."""
+    """Train in place; resume from `checkpoint` if it exists. Returns the loss log.
+
+    stop_at: leave after this step (checkpointed), e.g. to split a long run across sessions;
+    the schedule is always that of config.steps."""
     torch.manual_seed(config.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -102,7 +106,8 @@ def train(
     buckets = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
     model.train()
     bar = tqdm(total=config.steps, initial=step, desc="training", unit="step", disable=not progress)
-    while step < config.steps:
+    last = min(config.steps, stop_at or config.steps)
+    while step < last:
         batch = make_batch(
             [train_samples[i] for i in rng.choice(buckets)], full_to_draft, config.max_seq_len
         )
@@ -120,7 +125,7 @@ def train(
             agree=f"{sum(h['agree'] for h in recent) / len(recent):.3f}",
         )
         bar.update()
-        if step % config.checkpoint_every == 0 or step == config.steps:
+        if step % config.checkpoint_every == 0 or step == last:
             _save(checkpoint, model, opt, sched, step, history, rng, config)
     bar.close()
     model.eval()

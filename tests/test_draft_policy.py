@@ -1,0 +1,107 @@
+"""The adaptive draft-length policy, alone and inside the decoding loop."""
+
+from __future__ import annotations
+
+import pytest
+
+from distspec.models.loader import load_model
+from distspec.spec.decoding import SpeculativeDecoder
+from distspec.spec.draft_policy import DraftLengthPolicy
+from distspec.spec.drafter import Draft, Drafter
+from distspec.spec.drafters import NgramDrafter
+from distspec.spec.sampling import SamplingParams
+
+
+def warmed(policy: DraftLengthPolicy, t_step=0.02, t_draft=0.002) -> DraftLengthPolicy:
+    policy.observe_round(0, 0, 0.0, t_step)
+    policy.observe_round(4, 2, 4 * t_draft, t_step * 1.3)
+    return policy
+
+
+def test_fixed_policy_always_drafts_max():
+    p = DraftLengthPolicy(max_k=5, fixed=True)
+    assert [p.next_k() for _ in range(3)] == [5, 5, 5]
+
+
+def test_first_round_is_a_plain_step_then_max():
+    p = DraftLengthPolicy(max_k=6)
+    assert p.next_k() == 0  # measures the target's one-token step first
+    p.observe_round(0, 0, 0.0, 0.02)
+    assert p.next_k() == 6  # no draft timing yet: try the most
+
+
+def test_high_acceptance_and_cheap_drafts_draft_long():
+    p = warmed(DraftLengthPolicy(max_k=8, alpha=0.9))
+    for _ in range(30):
+        p.observe_round(8, 8, 8 * 0.001, 0.026)
+    assert p.alpha > 0.95
+    assert p.next_k() == 8
+
+
+def test_low_acceptance_switches_speculation_off_and_probes():
+    p = warmed(DraftLengthPolicy(max_k=8, probe_every=4))
+    for _ in range(40):
+        p.observe_round(2, 0, 2 * 0.004, 0.03)
+    assert p.alpha < 0.05
+    ks = [p.next_k() for _ in range(8)]
+    assert ks.count(0) == 6 and ks.count(1) == 2  # off, with a probe every 4th round
+
+
+def test_expensive_drafts_shorten_the_draft():
+    cheap = warmed(DraftLengthPolicy(max_k=8, alpha=0.7), t_draft=0.0005)
+    dear = warmed(DraftLengthPolicy(max_k=8, alpha=0.7), t_draft=0.015)
+    assert 0 < dear.best_k() < cheap.best_k()
+
+
+def test_alpha_follows_geometric_estimate():
+    p = DraftLengthPolicy(alpha=0.5, decay=0.0)  # no memory: last round only
+    p.observe_round(4, 3, 0.01, 0.03)  # 3 successes then a failure
+    assert p.alpha == pytest.approx(0.75)
+    p.observe_round(4, 4, 0.01, 0.03)  # all accepted: no failure observed
+    assert p.alpha == pytest.approx(1.0)
+
+
+class WrongDrafter(Drafter):
+    """Always proposes a token the target never picks greedily (checked by the caller)."""
+
+    name = "wrong"
+
+    def __init__(self, token: int):
+        self.token = token
+
+    def start(self, prompt_ids, params):
+        pass
+
+    def propose(self, context, k):
+        return Draft([self.token] * k)
+
+
+@pytest.fixture(scope="module")
+def target(tiny_dir):
+    return load_model(str(tiny_dir), max_len=256)
+
+
+def test_adaptive_decoding_is_lossless(target):
+    prompt = target.tokenizer.encode("abcabcabcabc")
+    params = SamplingParams(max_new_tokens=60)
+    ar, _ = SpeculativeDecoder(target.model, None, eos_token_ids=[]).generate(prompt, params)
+    dec = SpeculativeDecoder(target.model, NgramDrafter(), gamma=6, eos_token_ids=[], adaptive=True)
+    sd, _ = dec.generate(prompt, params)
+    assert sd == ar
+
+
+def test_useless_drafter_is_switched_off(target):
+    prompt = target.tokenizer.encode("Hello there")
+    params = SamplingParams(max_new_tokens=80)
+    ar, _ = SpeculativeDecoder(target.model, None, eos_token_ids=[]).generate(prompt, params)
+    wrong = next(t for t in range(256) if t not in ar)
+    fixed = SpeculativeDecoder(target.model, WrongDrafter(wrong), gamma=4, eos_token_ids=[])
+    adaptive = SpeculativeDecoder(
+        target.model, WrongDrafter(wrong), gamma=4, eos_token_ids=[], adaptive=True
+    )
+    out_f, last_f = fixed.generate(prompt, params)
+    out_a, last_a = adaptive.generate(prompt, params)
+    assert out_f == out_a == ar
+    assert last_f.stats.draft_tokens == 4 * 79  # every round drafts, every draft is rejected
+    assert last_a.stats.accepted_tokens == 0
+    assert last_a.stats.draft_tokens < last_f.stats.draft_tokens / 4
