@@ -18,6 +18,7 @@ from distspec.models.llama import pack_for_cpu
 from distspec.models.loader import LoadedModel, load_drafter_model, load_model
 from distspec.models.tokenizer import ChatMessage
 from distspec.spec.decoding import SpeculativeDecoder
+from distspec.spec.draft_policy import measure_costs
 from distspec.spec.drafters import ModelDrafter
 from distspec.spec.sampling import SamplingParams
 from distspec.train.datagen import generate_samples, load_samples, save_samples
@@ -118,9 +119,9 @@ def evaluate(
     pack_for_cpu(tgt.model)
     drafter = load_drafter_model(str(drafter_dir), tgt, max_len=2048)
     pack_for_cpu(drafter.model)
-    decoder = SpeculativeDecoder(
-        tgt.model, ModelDrafter(drafter.model), gamma, tgt.tokenizer.eos_token_ids
-    )
+    model_drafter = ModelDrafter(drafter.model)
+    costs = measure_costs(tgt.model, model_drafter, gamma)
+    decoder = SpeculativeDecoder(tgt.model, model_drafter, gamma, tgt.tokenizer.eos_token_ids)
     params = SamplingParams(max_new_tokens=max_new_tokens)
     per_prompt = []
     for p in prompts:
@@ -146,6 +147,9 @@ def evaluate(
         "tokens_per_target_forward": total["new_tokens"] / total["target_forwards"],
         "acceptance_rate": total["accepted_tokens"] / max(1, total["draft_tokens"]),
         "new_tokens": total["new_tokens"],
+        "target_step_ms": costs.t_step * 1e3,
+        "draft_step_ms": costs.t_draft * 1e3,
+        "draft_cost_ratio": costs.t_draft / costs.t_step,
         "heldout": per_prompt,
     }
 
