@@ -49,7 +49,7 @@ def test_low_acceptance_switches_speculation_off_and_probes():
 
 def test_expensive_drafts_shorten_the_draft():
     cheap = warmed(DraftLengthPolicy(max_k=8, alpha=0.7), t_draft=0.0005)
-    dear = warmed(DraftLengthPolicy(max_k=8, alpha=0.7), t_draft=0.015)
+    dear = warmed(DraftLengthPolicy(max_k=8, alpha=0.7), t_draft=0.004)
     assert 0 < dear.best_k() < cheap.best_k()
 
 
@@ -102,6 +102,7 @@ def test_useless_drafter_is_switched_off(target):
     out_f, last_f = fixed.generate(prompt, params)
     out_a, last_a = adaptive.generate(prompt, params)
     assert out_f == out_a == ar
-    assert last_f.stats.draft_tokens == 4 * 79  # every round drafts, every draft is rejected
+    # every round drafts (fewer in the last rounds, capped by max_new_tokens), all rejected
+    assert last_f.stats.draft_tokens == 4 * 79 - (1 + 2 + 3 + 4)
     assert last_a.stats.accepted_tokens == 0
     assert last_a.stats.draft_tokens < last_f.stats.draft_tokens / 4

@@ -66,6 +66,10 @@ WORKER = textwrap.dedent(
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    # gloo's background threads can abort the interpreter's own teardown ("terminate called
+    # without an active exception"): the work is saved, so leave without it.
+    sys.stdout.flush()
+    os._exit(0)
     """
 )
 

@@ -26,7 +26,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--mode", choices=["ar", "sd"], default="sd")
-    p.add_argument("--drafter", default="ngram", help="ngram | demo | PATH (HF dir or .gguf)")
+    p.add_argument("--drafter", default="demo", help="demo | ngram | PATH (HF dir or .gguf)")
     p.add_argument("--gamma", type=int, default=4, help="draft tokens per round (the most)")
     p.add_argument(
         "--adaptive",
@@ -93,7 +93,7 @@ def _add_bench(sub) -> None:
     p.add_argument("--target", default="demo")
     p.add_argument(
         "--contenders",
-        default="hf-ar,hf-lookup,ar,sd-ngram",
+        default="hf-ar,hf-lookup,ar,sd-ngram,sd-demo",
         help="comma list of: hf-ar, hf-lookup, ar, sd-ngram, sd-demo, sd:PATH",
     )
     p.add_argument("--prompts", default=None, help="JSON file of prompts (default: built-in set)")

@@ -32,7 +32,7 @@ class DrafterUnavailableError(ValueError):
 class EngineConfig:
     target: str = "demo"
     mode: str = "sd"
-    drafter: str = "ngram"
+    drafter: str = "demo"
     gamma: int = 4
     adaptive: bool = True  # gamma is then the longest draft; see DraftLengthPolicy
     max_len: int = 4096

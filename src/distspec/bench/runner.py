@@ -39,7 +39,9 @@ KNOWN = ("hf-ar", "hf-lookup", "ar", "sd-ngram", "sd-demo")
 @dataclass
 class BenchConfig:
     target: str = "demo"
-    contenders: list[str] = field(default_factory=lambda: ["hf-ar", "hf-lookup", "ar", "sd-ngram"])
+    contenders: list[str] = field(
+        default_factory=lambda: ["hf-ar", "hf-lookup", "ar", "sd-ngram", "sd-demo"]
+    )
     prompts_file: str | None = None
     num_prompts: int | None = None
     max_new_tokens: int = 128

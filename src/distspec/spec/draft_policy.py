@@ -99,10 +99,14 @@ def _ema(old: float | None, new: float, decay: float) -> float:
 
 def measure_costs(
     target: Transformer, drafter: Drafter, k: int, context_len: int = 64, repeats: int = 3
-) -> DraftCosts:
-    """Time the target's one-token and (k+1)-token forwards and k draft steps (medians).
+) -> DraftCosts | None:
+    """Time the target's one-token and (k+1)-token forwards and k draft steps (medians);
+    None when the context is too short to try (the policy then times live rounds).
 
     Uses cache slot 0 of both models at positions the next request overwrites anyway."""
+    context_len = min(context_len, target.max_len - 2 * (k + 1))
+    if context_len < 1:
+        return None
     context = [int(t) % target.config.vocab_size for t in range(100, 100 + context_len)]
 
     def timed(fn) -> float:
