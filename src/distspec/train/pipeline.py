@@ -33,11 +33,11 @@ log = logging.getLogger(__name__)
 class DrafterRecipe:
     target: str = "demo"
     out_dir: str = "drafter-run"
-    num_prompts: int = 2400
+    num_prompts: int = 3600
     heldout_prompts: int = 24
     temperatures: list[float] = field(default_factory=lambda: [0.0, 0.7, 1.0])
     max_new_tokens: int = 160
-    gen_batch: int = 16
+    gen_batch: int = 32
     top_k: int = 32
     layers: list[int] = field(default_factory=lambda: [0, 1])
     draft_vocab: int = 8192  # 0 = full vocabulary
