@@ -7,11 +7,10 @@ import pytest
 import torch
 
 from distspec.models.loader import load_model
-from distspec.spec.decoding import SpeculativeDecoder
 from distspec.spec.drafters import ModelDrafter
 from distspec.spec.sampling import SamplingParams
 from distspec.train.draft_model import init_drafter
-from test_decoding import SMALL_PROMPT, SMALL_V, exact_joint, gof_pvalue
+from test_decoding import SMALL_PROMPT, SMALL_V, exact_joint, gof_pvalue, sample_outcomes
 from tiny import make_tiny_model_dir
 
 SAMPLES = 3000
@@ -37,23 +36,11 @@ def test_reduced_vocab_drafter_is_lossless(pair, params):
     target, drafter_model = pair
     exact = exact_joint(target.model, SMALL_PROMPT, params)
     drafter = ModelDrafter(drafter_model, min_confidence=0.3)
-    dec = SpeculativeDecoder(target.model, drafter, gamma=3, eos_token_ids=[], adaptive=True)
-    counts: dict = {}
-    drafted = accepted = 0
+    counts, totals = sample_outcomes(
+        target.model, drafter, params, range(SAMPLES), gamma=3, adaptive=True
+    )
+    drafted, accepted = totals["draft"], totals["accepted"]
     outside = {1, 4, 6, 7}
-    for seed in range(SAMPLES):
-        p = SamplingParams(
-            max_new_tokens=4,
-            temperature=params.temperature,
-            top_k=params.top_k,
-            top_p=params.top_p,
-            seed=seed,
-        )
-        out, last = dec.generate(SMALL_PROMPT, p)
-        key = tuple(out[:3])
-        counts[key] = counts.get(key, 0) + 1
-        drafted += last.stats.draft_tokens
-        accepted += last.stats.accepted_tokens
     assert drafted > 1000 and 0 < accepted < drafted  # speculation really happened
     # tokens outside the drafter's head still appear, at the target's rate (via corrections)
     assert any(set(k) & outside for k in counts)
