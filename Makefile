@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-DEMO_PROMPT ?= Explain speculative decoding in two sentences.
+DEMO_PROMPT ?= Give me three tips for staying focused while studying.
 
 .PHONY: setup demo test test-fast bench lint format clean
 
@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $@
 
 demo: setup
-	$(BIN)/distspec generate --prompt "$(DEMO_PROMPT)" --max-new-tokens 96
+	$(BIN)/distspec generate --prompt "$(DEMO_PROMPT)" --max-new-tokens 128
 
 test: setup
 	$(BIN)/python -m pytest
