@@ -103,6 +103,20 @@ def test_greedy_sd_equals_greedy_ar(target, draft_model, kind, gamma):
     assert drafted > 0  # the drafter did propose tokens (not a vacuous AR run)
 
 
+def hf_greedy(hf, ids: list[int], n: int, eos: int) -> list[int]:
+    """transformers' greedy generate: the new tokens only."""
+    with torch.no_grad():
+        out = hf.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=n,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=eos,
+        )
+    return out[0, len(ids) :].tolist()
+
+
 def test_greedy_matches_transformers_generate(tiny_dir, target, draft_model):
     from transformers import AutoModelForCausalLM
 
@@ -110,15 +124,7 @@ def test_greedy_matches_transformers_generate(tiny_dir, target, draft_model):
     lengths = []
     for text in PROMPTS:
         ids = encode(target, text)
-        with torch.no_grad():
-            ref = hf.generate(
-                torch.tensor([ids]),
-                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                max_new_tokens=48,
-                do_sample=False,
-                eos_token_id=EOS_ID,
-                pad_token_id=EOS_ID,
-            )[0, len(ids) :].tolist()
+        ref = hf_greedy(hf, ids, 48, EOS_ID)
         lengths.append(len(ref))
         for kind, gamma in [("ar", 4), ("model", 3), ("ngram", 5)]:
             dec = SpeculativeDecoder(
@@ -136,15 +142,7 @@ def test_greedy_matches_transformers_generate(tiny_dir, target, draft_model):
     ids = encode(target, "Once upon a time")
     greedy = greedy_ar(target, ids, 40)
     j = _fresh_index(greedy, range(12, 30))
-    with torch.no_grad():
-        ref = hf.generate(
-            torch.tensor([ids]),
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-            max_new_tokens=40,
-            do_sample=False,
-            eos_token_id=greedy[j],
-            pad_token_id=greedy[j],
-        )[0, len(ids) :].tolist()
+    ref = hf_greedy(hf, ids, 40, greedy[j])
     assert ref == greedy[: j + 1]
     for kind, gamma in [("ar", 4), ("model", 3), ("ngram", 5)]:
         dec = SpeculativeDecoder(target.model, make_drafter(kind, draft_model), gamma, [greedy[j]])

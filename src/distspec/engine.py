@@ -81,10 +81,14 @@ class Engine:
 
 
 def load_for_inference(
-    name: str, device: str = "cpu", dtype: torch.dtype = torch.float32, max_len: int = 4096
+    name: str,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    max_len: int = 4096,
+    num_slots: int = 1,
 ) -> LoadedModel:
     """load_model, then pack weights for the CPU's fast small-batch kernels."""
-    loaded = load_model(name, device=device, dtype=dtype, max_len=max_len)
+    loaded = load_model(name, device=device, dtype=dtype, max_len=max_len, num_slots=num_slots)
     if torch.device(device).type == "cpu":
         pack_for_cpu(loaded.model)
     return loaded

@@ -14,12 +14,11 @@ from pathlib import Path
 
 import torch
 
-from distspec.models.llama import pack_for_cpu
-from distspec.models.loader import LoadedModel, load_drafter_model, load_model
+from distspec.engine import build_drafter, load_for_inference
+from distspec.models.loader import LoadedModel, load_model
 from distspec.models.tokenizer import ChatMessage
 from distspec.spec.decoding import SpeculativeDecoder
 from distspec.spec.draft_policy import measure_costs
-from distspec.spec.drafters import ModelDrafter
 from distspec.spec.sampling import SamplingParams
 from distspec.train.datagen import generate_samples, load_samples, save_samples
 from distspec.train.draft_model import frequency_vocab, init_drafter, save_drafter
@@ -51,7 +50,7 @@ def run(recipe: DrafterRecipe) -> dict:
     out = Path(recipe.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2))
-    target = load_model(recipe.target, num_slots=recipe.gen_batch, max_len=1024)
+    target = load_model(recipe.target, max_len=64)  # unpacked: the drafter starts from it
     tok = target.tokenizer
     prompts = training_prompts(recipe.num_prompts + recipe.heldout_prompts, seed=recipe.seed)
     train_prompts, heldout = prompts[: recipe.num_prompts], prompts[recipe.num_prompts :]
@@ -60,8 +59,7 @@ def run(recipe: DrafterRecipe) -> dict:
     if data_path.exists():
         samples = load_samples(data_path)
     else:
-        packed = load_model(recipe.target, num_slots=recipe.gen_batch, max_len=1024).model
-        pack_for_cpu(packed)
+        packed = load_for_inference(recipe.target, max_len=1024, num_slots=recipe.gen_batch).model
         temps = recipe.temperatures
         requests = [
             (tok.encode_chat([ChatMessage("user", p)]), temps[i % len(temps)])
@@ -115,11 +113,8 @@ def evaluate(
     target: LoadedModel, drafter_dir: Path, prompts: list[str], gamma: int, max_new_tokens: int
 ) -> dict:
     """Greedy SD with the saved drafter on held-out prompts: tau and acceptance."""
-    tgt = load_model(str(target.path) if target.path else "demo", max_len=2048)
-    pack_for_cpu(tgt.model)
-    drafter = load_drafter_model(str(drafter_dir), tgt, max_len=2048)
-    pack_for_cpu(drafter.model)
-    model_drafter = ModelDrafter(drafter.model)
+    tgt = load_for_inference(str(target.path), max_len=2048)
+    model_drafter = build_drafter(str(drafter_dir), tgt, max_len=2048)
     costs = measure_costs(tgt.model, model_drafter, gamma)
     decoder = SpeculativeDecoder(tgt.model, model_drafter, gamma, tgt.tokenizer.eos_token_ids)
     params = SamplingParams(max_new_tokens=max_new_tokens)
