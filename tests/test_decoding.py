@@ -44,6 +44,8 @@ def make_drafter(kind: str, draft_model) -> Drafter | None:
         return NgramDrafter()
     if kind == "model":
         return ModelDrafter(draft_model.model)
+    if kind == "lookup":  # model drafter that starts with prompt-lookup matches
+        return ModelDrafter(draft_model.model, lookup=NgramDrafter(min_ngram=2))
     raise AssertionError(kind)
 
 
@@ -87,7 +89,7 @@ def greedy_ar(target, prompt_ids: list[int], n: int) -> list[int]:
 
 
 @pytest.mark.parametrize("gamma", [1, 2, 4, 7])
-@pytest.mark.parametrize("kind", ["model", "ngram"])
+@pytest.mark.parametrize("kind", ["model", "ngram", "lookup"])
 def test_greedy_sd_equals_greedy_ar(target, draft_model, kind, gamma):
     drafted = 0
     for text in PROMPTS:
@@ -540,6 +542,32 @@ def test_model_drafter_resyncs_after_rejection(target, draft_model, tiny_drafter
         c = c + d.tokens[: i % 3] + [70 + i]
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_model_drafter_starts_with_lookup_match(draft_model, temperature):
+    """A 2+ token match: the draft starts with what followed it, costing no model step; the
+    model catches up in one forward and drafts on. Sampled lookup tokens carry a point mass."""
+    drafter = make_drafter("lookup", draft_model)
+    calls: list[tuple[int, int]] = []
+    inner = drafter._forward
+    drafter._forward = lambda tokens, start: (
+        calls.append((start, len(tokens))) or inner(tokens, start)
+    )
+    ctx = list(range(40, 60)) + [58, 59]  # "58 59" occurred before, followed by "58 59"
+    drafter.start(ctx, SamplingParams(temperature=temperature, seed=1))
+    draft = drafter.propose(ctx, 4)
+    assert draft.tokens[:2] == [58, 59] and len(draft.tokens) == 4
+    assert calls == [(0, 24), (24, 1)]
+    if temperature:
+        assert draft.probs.shape[0] == 4
+        assert draft.probs[0, 58] == draft.probs[1, 59] == 1.0
+        assert draft.probs[2, draft.tokens[2]] > 0 and draft.probs[2].max() < 1.0
+    else:
+        assert draft.probs is None
+    calls.clear()
+    assert drafter.propose(list(range(70, 80)), 2).tokens  # no match: the model alone
+    assert calls == [(0, 10), (10, 1)]
+
+
 def test_model_drafter_reuses_its_cache(draft_model):
     """Only tokens past the common prefix with the drafter's cache are forwarded again."""
     params = SamplingParams()
@@ -691,7 +719,7 @@ def marginal(counts_or_probs, position: int) -> dict:
     return out
 
 
-SEED_BASE = {"ar": 0, "model": 100_000, "ngram": 200_000}
+SEED_BASE = {"ar": 0, "model": 100_000, "ngram": 200_000, "lookup": 400_000}
 
 
 @pytest.fixture(scope="module")
@@ -701,14 +729,14 @@ def t1_samples(small):
     params = SamplingParams(temperature=1.0)
     exact = exact_joint(tgt.model, SMALL_PROMPT, params)
     samples = {}
-    drafters = {"ar": None, "model": ModelDrafter(dft.model), "ngram": NgramDrafter()}
+    drafters = {"ar": None, **{k: make_drafter(k, dft) for k in ("model", "ngram", "lookup")}}
     for kind, drafter in drafters.items():
         seeds = range(SEED_BASE[kind], SEED_BASE[kind] + SAMPLES)
         samples[kind] = sample_outcomes(tgt.model, drafter, params, seeds)
     return exact, samples
 
 
-@pytest.mark.parametrize("kind", ["ar", "model", "ngram"])
+@pytest.mark.parametrize("kind", ["ar", "model", "ngram", "lookup"])
 def test_sampling_matches_exact_target_distribution(t1_samples, kind):
     exact, samples = t1_samples
     counts, totals = samples[kind]
@@ -728,7 +756,7 @@ def test_sampling_matches_exact_target_distribution(t1_samples, kind):
         assert p > ALPHA
 
 
-@pytest.mark.parametrize("kind", ["model", "ngram"])
+@pytest.mark.parametrize("kind", ["model", "ngram", "lookup"])
 def test_sd_matches_ar_two_sample(t1_samples, kind):
     _, samples = t1_samples
     pvalue = two_sample_pvalue(samples["ar"][0], samples[kind][0])
@@ -745,12 +773,12 @@ def test_sd_matches_ar_two_sample(t1_samples, kind):
     ],
     ids=["top_k3", "top_p0.7", "t0.7_k5_p0.9"],
 )
-@pytest.mark.parametrize("kind", ["model", "ngram"])
+@pytest.mark.parametrize("kind", ["model", "ngram", "lookup"])
 def test_sampling_filters_lossless(small, params, kind):
     tgt, dft = small
     exact = exact_joint(tgt.model, SMALL_PROMPT, params)
     assert sum(v == 0 for v in exact.values()) > 100  # the filters do cut the distribution
-    drafter = ModelDrafter(dft.model) if kind == "model" else NgramDrafter()
+    drafter = make_drafter(kind, dft)
     seeds = range(300_000, 300_000 + SAMPLES // 2)
     counts, totals = sample_outcomes(tgt.model, drafter, params, seeds)
     assert totals["draft"] > 0 and 0 < totals["accepted"] < totals["draft"]

@@ -11,13 +11,15 @@ import torch
 from distspec.bench.runner import load_prompts
 from distspec.engine import build_drafter
 from distspec.models.loader import load_drafter_model, load_model
+from distspec.models.tokenizer import ChatMessage
 from distspec.spec.decoding import SpeculativeDecoder
 from distspec.spec.drafters import ModelDrafter
 from distspec.spec.sampling import SamplingParams
 from distspec.train.datagen import generate_samples, load_samples, save_samples
 from distspec.train.draft_model import frequency_vocab, init_drafter, save_drafter
 from distspec.train.pipeline import DrafterRecipe, run
-from distspec.train.prompts import training_prompts
+from distspec.train.prompts import derived_prompts, training_prompts
+from distspec.train.self_instruct import query_prefix
 from distspec.train.trainer import TrainConfig, distill_loss, make_batch, train
 from tiny import EOS_ID
 
@@ -32,6 +34,40 @@ def test_training_prompts_are_deterministic_distinct_and_apart_from_benchmarks()
     assert a == b and len(set(a)) == 500
     assert training_prompts(50, seed=4) != a[:50]
     assert not set(training_prompts(3000)) & set(load_prompts(None, None))
+
+
+SOURCES = [
+    "Sure! Here is a summary.\n\n"
+    + " ".join(f"Sentence number {i} talks about rivers, maps and old towns." for i in range(4))
+    + "\n\n## Heading that is skipped\n\nToo short.",
+    "Here is the code:\n\n```python\ndef add(a, b):\n    total = a + b\n    return total\n```\n"
+    + "\n\n"
+    + " ".join(f"The function adds two numbers, case {i}, and returns the sum." for i in range(3)),
+]
+
+
+def test_derived_prompts_quote_paragraphs_and_code_of_the_sources():
+    a = derived_prompts(SOURCES, 40, seed=1)
+    assert a == derived_prompts(SOURCES, 40, seed=1) and len(set(a)) == 40
+    assert a != derived_prompts(SOURCES, 40, seed=2)
+    assert not set(a) & set(load_prompts(None, None))
+    quoted_code = [p for p in a if "def add(a, b):" in p]
+    assert quoted_code and all("```" not in p and "Heading" not in p for p in a)
+    assert any("Sentence number 0" in p for p in a)
+    bug_tasks = [p for p in quoted_code if p.startswith(("Find and fix", "There is a mistake"))]
+    assert bug_tasks and all(
+        "total = a + b\n    return total" not in p for p in bug_tasks
+    )  # a bug was planted
+    with pytest.raises(ValueError, match="no usable"):
+        derived_prompts(["short", "no code"], 3)
+
+
+def test_self_instruct_prefix_is_the_chat_prompt_up_to_the_user_message(target):
+    tok = target.tokenizer
+    prefix = query_prefix(tok)
+    full = tok.encode_chat([ChatMessage("user", "What is a river?")])
+    assert 0 < len(prefix) < len(full) and full[: len(prefix)] == prefix
+    assert "river" not in tok.decode(prefix)
 
 
 def test_batched_generation_equals_single_sequence_decoding(target):
@@ -159,6 +195,8 @@ def test_pipeline_end_to_end_on_a_tiny_target(tiny_dir, tmp_path):
         target=str(tiny_dir),
         out_dir=str(tmp_path / "run"),
         num_prompts=12,
+        self_instruct_prompts=0,  # a random tiny model writes neither requests nor paragraphs
+        derived_prompts=0,
         heldout_prompts=2,
         max_new_tokens=12,
         gen_batch=4,

@@ -34,6 +34,12 @@ def _add_generate(sub) -> None:
         default=True,
         help="adapt the draft length to measured costs and acceptance (off: always --gamma)",
     )
+    p.add_argument(
+        "--lookup",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="model drafters start drafts with prompt-lookup matches of 2+ tokens",
+    )
     p.add_argument("--target", default="demo", help="demo | PATH (HF dir or .gguf)")
     p.add_argument("--max-len", type=int, default=4096, help="KV cache length (context)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -60,6 +66,7 @@ def _generate(args: argparse.Namespace) -> int:
         drafter=args.drafter,
         gamma=args.gamma,
         adaptive=args.adaptive,
+        lookup=args.lookup,
         max_len=args.max_len,
         threads=args.threads,
     )
@@ -94,7 +101,8 @@ def _add_bench(sub) -> None:
     p.add_argument(
         "--contenders",
         default="hf-ar,hf-lookup,ar,sd-ngram,sd-demo",
-        help="comma list of: hf-ar, hf-lookup, ar, sd-ngram, sd-demo, sd:PATH",
+        help="comma list of: hf-ar, hf-lookup, ar, sd-ngram, sd-demo, sd-demo-model, sd:PATH, "
+        "sd-model:PATH (the -model forms draft without prompt lookup)",
     )
     p.add_argument("--prompts", default=None, help="JSON file of prompts (default: built-in set)")
     p.add_argument("--num-prompts", type=int, default=None)
@@ -131,21 +139,49 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _add_train_drafter(sub) -> None:
+    from distspec.train.pipeline import DrafterRecipe
+    from distspec.train.trainer import TrainConfig
+
+    r, t = DrafterRecipe(), TrainConfig()
     p = sub.add_parser("train-drafter", help="distil a drafter from the target's own outputs")
-    p.add_argument("--out", default="drafter-run", help="run directory (resumes if present)")
-    p.add_argument("--target", default="demo")
-    p.add_argument("--num-prompts", type=int, default=3600)
-    p.add_argument("--heldout-prompts", type=int, default=24)
-    p.add_argument("--temperatures", default="0,0.7,1.0", help="cycled over the prompts")
-    p.add_argument("--max-new-tokens", type=int, default=160)
-    p.add_argument("--gen-batch", type=int, default=32, help="sequences generated at once")
-    p.add_argument("--layers", default="0,1", help="target layers the drafter starts from")
-    p.add_argument("--draft-vocab", type=int, default=8192, help="head size; 0 = full vocab")
-    p.add_argument("--steps", type=int, default=900)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--gamma", type=int, default=4, help="draft length for the evaluation")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=r.out_dir, help="run directory (resumes if present)")
+    p.add_argument("--target", default=r.target)
+    p.add_argument("--num-prompts", type=int, default=r.num_prompts, help="template prompts")
+    p.add_argument(
+        "--self-instruct-prompts",
+        type=int,
+        default=r.self_instruct_prompts,
+        help="user requests the target writes itself",
+    )
+    p.add_argument(
+        "--derived-prompts",
+        type=int,
+        default=r.derived_prompts,
+        help="requests about paragraphs and code of earlier answers",
+    )
+    p.add_argument(
+        "--heldout-prompts", type=int, default=r.heldout_prompts, help="per prompt family"
+    )
+    p.add_argument(
+        "--temperatures",
+        default=",".join(str(x) for x in r.temperatures),
+        help="cycled over the prompts",
+    )
+    p.add_argument("--max-new-tokens", type=int, default=r.max_new_tokens)
+    p.add_argument("--gen-batch", type=int, default=r.gen_batch, help="sequences generated at once")
+    p.add_argument(
+        "--layers",
+        default=",".join(str(x) for x in r.layers),
+        help="target layers the drafter starts from",
+    )
+    p.add_argument(
+        "--draft-vocab", type=int, default=r.draft_vocab, help="head size; 0 = full vocab"
+    )
+    p.add_argument("--steps", type=int, default=t.steps)
+    p.add_argument("--batch-size", type=int, default=t.batch_size)
+    p.add_argument("--lr", type=float, default=t.lr)
+    p.add_argument("--gamma", type=int, default=r.gamma, help="draft length for the evaluation")
+    p.add_argument("--seed", type=int, default=r.seed)
     p.set_defaults(func=_train_drafter)
 
 
@@ -157,6 +193,8 @@ def _train_drafter(args: argparse.Namespace) -> int:
         target=args.target,
         out_dir=args.out,
         num_prompts=args.num_prompts,
+        self_instruct_prompts=args.self_instruct_prompts,
+        derived_prompts=args.derived_prompts,
         heldout_prompts=args.heldout_prompts,
         temperatures=[float(t) for t in args.temperatures.split(",")],
         max_new_tokens=args.max_new_tokens,

@@ -35,6 +35,7 @@ class EngineConfig:
     drafter: str = "demo"
     gamma: int = 4
     adaptive: bool = True  # gamma is then the longest draft; see DraftLengthPolicy
+    lookup: bool = True  # model drafters start with prompt-lookup matches (ModelDrafter)
     max_len: int = 4096
     device: str = "cpu"
     dtype: str = "float32"
@@ -56,7 +57,7 @@ class Engine:
         self.target = load_for_inference(config.target, config.device, dtype, config.max_len)
         self.tokenizer = self.target.tokenizer
         self.drafter = (
-            build_drafter(config.drafter, self.target, config.max_len)
+            build_drafter(config.drafter, self.target, config.max_len, config.lookup)
             if config.mode == "sd"
             else None
         )
@@ -94,9 +95,12 @@ def load_for_inference(
     return loaded
 
 
-def build_drafter(name: str, target: LoadedModel, max_len: int = 4096) -> Drafter:
+def build_drafter(
+    name: str, target: LoadedModel, max_len: int = 4096, lookup: bool = True
+) -> Drafter:
     """ngram | demo | a model path (HF directory or .gguf) sharing the target's tokenizer.
-    Model drafters go on the target's device, in its dtype."""
+    Model drafters go on the target's device, in its dtype; with `lookup` they follow prompt
+    lookup matches of 2+ tokens first (see ModelDrafter)."""
     if name == "ngram":
         return NgramDrafter()
     if name == "demo":
@@ -105,7 +109,7 @@ def build_drafter(name: str, target: LoadedModel, max_len: int = 4096) -> Drafte
     check_same_vocab(target, loaded)
     if loaded.model.device.type == "cpu":
         pack_for_cpu(loaded.model)
-    return ModelDrafter(loaded.model)
+    return ModelDrafter(loaded.model, lookup=NgramDrafter(min_ngram=2) if lookup else None)
 
 
 def make_decoder(

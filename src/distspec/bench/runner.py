@@ -33,7 +33,7 @@ from distspec.spec.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
-KNOWN = ("hf-ar", "hf-lookup", "ar", "sd-ngram", "sd-demo")
+KNOWN = ("hf-ar", "hf-lookup", "ar", "sd-ngram", "sd-demo", "sd-demo-model")
 
 
 @dataclass
@@ -56,8 +56,10 @@ class BenchConfig:
 
     def __post_init__(self) -> None:
         for c in self.contenders:
-            if c not in KNOWN and not c.startswith("sd:"):
-                raise ValueError(f"unknown contender {c!r}; known: {', '.join(KNOWN)}, sd:PATH")
+            if c not in KNOWN and not c.startswith(("sd:", "sd-model:")):
+                raise ValueError(
+                    f"unknown contender {c!r}; known: {', '.join(KNOWN)}, sd:PATH, sd-model:PATH"
+                )
         if not self.contenders:
             raise ValueError("no contenders given")
         if self.repeats < 1:
@@ -91,14 +93,26 @@ def build_contenders(config: BenchConfig, target) -> list[Contender]:
                 )
             )
         else:
-            drafter_name = name.split(":", 1)[1] if name.startswith("sd:") else name[3:]
-            drafter = build_drafter(drafter_name, target, max_len=target.model.max_len)
+            drafter_name, lookup = _drafter_of(name)
+            drafter = build_drafter(drafter_name, target, target.model.max_len, lookup)
             out.append(
                 DistspecContender(
                     name, distspec_decoder(target, drafter, config.gamma, config.adaptive)
                 )
             )
     return out
+
+
+def _drafter_of(contender: str) -> tuple[str, bool]:
+    """(drafter name, prompt lookup on) of an sd contender: sd-demo, sd-demo-model, sd:PATH,
+    sd-model:PATH."""
+    if ":" in contender:
+        kind, name = contender.split(":", 1)
+        return name, kind == "sd"
+    name = contender[3:]
+    if name.endswith("-model"):
+        return name[: -len("-model")], False
+    return name, True
 
 
 def run_bench(config: BenchConfig) -> dict:

@@ -14,15 +14,17 @@ from pathlib import Path
 
 import torch
 
+from distspec.bench.runner import load_prompts
 from distspec.engine import build_drafter, load_for_inference
 from distspec.models.loader import LoadedModel, load_model
 from distspec.models.tokenizer import ChatMessage
 from distspec.spec.decoding import SpeculativeDecoder
 from distspec.spec.draft_policy import measure_costs
 from distspec.spec.sampling import SamplingParams
-from distspec.train.datagen import generate_samples, load_samples, save_samples
+from distspec.train.datagen import Sample, generate_samples, load_samples, save_samples
 from distspec.train.draft_model import frequency_vocab, init_drafter, save_drafter
-from distspec.train.prompts import training_prompts
+from distspec.train.prompts import derived_prompts, training_prompts
+from distspec.train.self_instruct import generate_queries
 from distspec.train.trainer import TrainConfig, train
 
 log = logging.getLogger(__name__)
@@ -32,8 +34,12 @@ log = logging.getLogger(__name__)
 class DrafterRecipe:
     target: str = "demo"
     out_dir: str = "drafter-run"
-    num_prompts: int = 3600
-    heldout_prompts: int = 24
+    # Prompt families (see train/prompts.py and train/self_instruct.py); each keeps
+    # `heldout_prompts` of its own prompts out of training for the evaluation.
+    num_prompts: int = 3600  # from templates
+    self_instruct_prompts: int = 2000  # user requests written by the target itself
+    derived_prompts: int = 2000  # requests about paragraphs/code of earlier answers
+    heldout_prompts: int = 8
     temperatures: list[float] = field(default_factory=lambda: [0.0, 0.7, 1.0])
     max_new_tokens: int = 160
     gen_batch: int = 32
@@ -51,33 +57,23 @@ def run(recipe: DrafterRecipe) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2))
     target = load_model(recipe.target, max_len=64)  # unpacked: the drafter starts from it
-    tok = target.tokenizer
-    prompts = training_prompts(recipe.num_prompts + recipe.heldout_prompts, seed=recipe.seed)
-    train_prompts, heldout = prompts[: recipe.num_prompts], prompts[recipe.num_prompts :]
+    data = _DataStages(recipe, target.tokenizer, out)
+    held = recipe.heldout_prompts
 
-    data_path = out / "data.pt"
-    if data_path.exists():
-        samples = load_samples(data_path)
-    else:
-        packed = load_for_inference(recipe.target, max_len=1024, num_slots=recipe.gen_batch).model
-        temps = recipe.temperatures
-        requests = [
-            (tok.encode_chat([ChatMessage("user", p)]), temps[i % len(temps)])
-            for i, p in enumerate(train_prompts)
-        ]
-        t = time.perf_counter()
-        samples = generate_samples(
-            packed,
-            requests,
-            max_new_tokens=recipe.max_new_tokens,
-            stop_ids=tok.eos_token_ids,
-            top_k=recipe.top_k,
-            seed=recipe.seed,
-        )
-        n_tok = sum(len(s.output_ids) for s in samples)
-        log.info("generated %d tokens in %.0f s", n_tok, time.perf_counter() - t)
-        save_samples(samples, data_path)
-        del packed
+    prompts = training_prompts(recipe.num_prompts + held, seed=recipe.seed)
+    samples = data.answers("templates", prompts[: recipe.num_prompts])
+    heldout = prompts[recipe.num_prompts :]
+    if recipe.self_instruct_prompts:
+        queries = data.queries(recipe.self_instruct_prompts + held)
+        samples += data.answers("self-instruct", queries[: recipe.self_instruct_prompts])
+        heldout += queries[recipe.self_instruct_prompts :]
+    if recipe.derived_prompts:
+        sources = [target.tokenizer.decode(s.output_ids) for s in samples]
+        derived = derived_prompts(sources, recipe.derived_prompts + held, seed=recipe.seed)
+        samples += data.answers("derived", derived[: recipe.derived_prompts])
+        heldout += derived[recipe.derived_prompts :]
+    data.close()
+    tok = target.tokenizer
 
     vocab = None
     if recipe.draft_vocab:
@@ -152,3 +148,59 @@ def evaluate(
 def _coverage(samples, full_to_draft) -> float:
     outs = torch.tensor([t for s in samples for t in s.output_ids])
     return float((full_to_draft[outs] >= 0).float().mean())
+
+
+class _DataStages:
+    """The generated data, one file per stage, each reused when present (resumable)."""
+
+    def __init__(self, recipe: DrafterRecipe, tok, out: Path):
+        self.recipe, self.tok, self.out = recipe, tok, out
+        self._packed = None
+        self.exclude = set(load_prompts(None, None))  # never train on benchmark prompts
+
+    @property
+    def model(self):
+        if self._packed is None:
+            r = self.recipe
+            self._packed = load_for_inference(r.target, max_len=1024, num_slots=r.gen_batch).model
+        return self._packed
+
+    def queries(self, n: int) -> list[str]:
+        path = self.out / "queries.json"
+        if not path.exists():
+            queries = generate_queries(
+                self.model, self.tok, n, seed=self.recipe.seed, exclude=self.exclude
+            )
+            path.write_text(json.dumps(queries, indent=1))
+        return json.loads(path.read_text())[:n]
+
+    def answers(self, stage: str, prompts: list[str]) -> list[Sample]:
+        path = self.out / f"data-{stage}.pt"
+        if path.exists():
+            return load_samples(path)
+        r = self.recipe
+        prompts = [p for p in prompts if p not in self.exclude]
+        requests = [
+            (
+                self.tok.encode_chat([ChatMessage("user", p)]),
+                r.temperatures[i % len(r.temperatures)],
+            )
+            for i, p in enumerate(prompts)
+        ]
+        t = time.perf_counter()
+        log.info("stage %s: answering %d prompts", stage, len(prompts))
+        samples = generate_samples(
+            self.model,
+            requests,
+            max_new_tokens=r.max_new_tokens,
+            stop_ids=self.tok.eos_token_ids,
+            top_k=r.top_k,
+            seed=r.seed,
+        )
+        n_tok = sum(len(s.output_ids) for s in samples)
+        log.info("stage %s: %d tokens in %.0f s", stage, n_tok, time.perf_counter() - t)
+        save_samples(samples, path)
+        return samples
+
+    def close(self) -> None:
+        self._packed = None

@@ -260,3 +260,104 @@ def _slots(rng: random.Random) -> dict[str, str]:
         "age": str(rng.randint(18, 80)),
         "text": " ".join(rng.sample(SENTENCES, rng.randint(2, 4))),
     }
+
+
+# Requests about a given text or piece of code. The texts are the target's own earlier answers
+# (see `derived_prompts`), so this family reaches far beyond the fixed sentences above and
+# teaches the drafter to copy and transform text it has never seen.
+TEXT_TASKS = [
+    "Summarize the following text in two sentences:\n\n{text}",
+    "Give a one-paragraph summary of this:\n\n{text}",
+    "Rewrite this text so that it sounds more formal:\n\n{text}",
+    "Rewrite this message in a friendly, polite tone:\n\n{text}",
+    "Rewrite the following in the past tense:\n\n{text}",
+    "Rewrite the following in the future tense:\n\n{text}",
+    "Put this into plain, simple English:\n\n{text}",
+    "Explain this text to a ten-year-old:\n\n{text}",
+    "Proofread this and correct any mistakes:\n\n{text}",
+    "Turn the following text into a bulleted list of its main points:\n\n{text}",
+    "Extract the key facts from this text as a JSON object:\n\n{text}",
+    "Write a short title for this text:\n\n{text}",
+    "Continue this text with one more paragraph:\n\n{text}",
+    "Shorten this text to about half its length:\n\n{text}",
+    "Turn this into a short email to a colleague:\n\n{text}",
+    "What is the main idea of this passage?\n\n{text}",
+    "Write three questions a reader might ask about this text:\n\n{text}",
+    "Paraphrase the following paragraph:\n\n{text}",
+]
+CODE_TASKS_ON_CODE = [
+    "Find and fix the bug in this code:\n\n{code}",
+    "There is a mistake in this function. What is wrong, and how do I correct it?\n\n{code}",
+    "Explain what this code does, line by line:\n\n{code}",
+    "Add comments and a docstring to this code:\n\n{code}",
+    "Rewrite this code in {lang}:\n\n{code}",
+    "Write unit tests for this code:\n\n{code}",
+    "How could this code be made faster or cleaner?\n\n{code}",
+    "Review this code and suggest improvements:\n\n{code}",
+]
+# Small edits that plant a bug in working code (for the "fix the bug" tasks).
+BUGS = [
+    (" + ", " - "),
+    (" < ", " <= "),
+    (" == ", " != "),
+    ("return ", "return 1 + "),
+    ("[0]", "[1]"),
+]
+
+
+def derived_prompts(sources: list[str], n: int, seed: int = 0) -> list[str]:
+    """n distinct requests about paragraphs and code blocks found in `sources` (earlier model
+    answers). Deterministic for given sources and seed."""
+    paragraphs, code = _paragraphs_and_code(sources)
+    if not paragraphs or not code:
+        raise ValueError("the source texts hold no usable paragraphs or code blocks")
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    out: list[str] = []
+    attempts = 0
+    while len(out) < n:
+        attempts += 1
+        if attempts > 50 * n:
+            raise ValueError(f"cannot make {n} distinct prompts from {len(sources)} sources")
+        if rng.random() < 0.25:
+            snippet = rng.choice(code)
+            task = rng.choice(CODE_TASKS_ON_CODE)
+            if task.startswith(("Find and fix", "There is a mistake")):
+                snippet = _plant_bug(snippet, rng)
+            prompt = task.format(code=snippet, lang=rng.choice(LANGS))
+        else:
+            k = rng.choice([1, 1, 2])
+            start = rng.randrange(len(paragraphs) - k + 1)
+            text = "\n\n".join(paragraphs[start : start + k])
+            prompt = rng.choice(TEXT_TASKS).format(text=text)
+        if prompt not in seen:
+            seen.add(prompt)
+            out.append(prompt)
+    return out
+
+
+def _paragraphs_and_code(sources: list[str]) -> tuple[list[str], list[str]]:
+    paragraphs, code = [], []
+    for src in sources:
+        parts = src.split("```")
+        for i, part in enumerate(parts):
+            if i % 2:  # inside a fence: drop the language tag line
+                body = part.split("\n", 1)[1] if "\n" in part else ""
+                if 2 <= body.count("\n") <= 24 and i + 1 < len(parts):
+                    code.append(body.strip("\n"))
+                continue
+            for para in part.split("\n\n"):
+                para = para.strip()
+                words = len(para.split())
+                if 20 <= words <= 90 and para[-1:] in ".!?" and not para.startswith("#"):
+                    paragraphs.append(para)
+    return paragraphs, code
+
+
+def _plant_bug(code: str, rng: random.Random) -> str:
+    options = [(a, b) for a, b in BUGS if a in code]
+    if not options:
+        return code
+    a, b = rng.choice(options)
+    i = rng.choice([j for j in range(len(code)) if code.startswith(a, j)])
+    return code[:i] + b + code[i + len(a) :]

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainConfig:
-    steps: int = 900
+    steps: int = 1200
     batch_size: int = 16
     lr: float = 1e-3
     warmup: int = 50
