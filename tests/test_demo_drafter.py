@@ -55,8 +55,9 @@ def test_greedy_with_demo_drafter_equals_transformers(demo_loaded, demo_hf, draf
     assert last.stats.accepted_tokens > 0
 
 
-def test_recorded_acceptance_reproduces(demo_loaded, drafter):
+def test_recorded_acceptance_reproduces(demo_loaded):
     record = json.loads((demo_drafter_dir() / "training_record.json").read_text())
+    drafter = build_drafter("demo", demo_loaded, max_len=2048, lookup=record["lookup"])
     dec = SpeculativeDecoder(
         demo_loaded.model, drafter, record["gamma"], demo_loaded.tokenizer.eos_token_ids
     )

@@ -219,3 +219,6 @@ def test_pipeline_end_to_end_on_a_tiny_target(tiny_dir, tmp_path):
     sd, _ = SpeculativeDecoder(tgt.model, drafter, 3, eos_token_ids=[]).generate(prompt, params)
     assert sd == ar
     assert run(recipe)["train_sequences"] == 12  # a second run reuses every stage's output
+    recipe.num_prompts = 10
+    with pytest.raises(ValueError, match="another recipe"):
+        run(recipe)  # never trains on stale data

@@ -108,9 +108,10 @@ def run(recipe: DrafterRecipe) -> dict:
 def evaluate(
     target: LoadedModel, drafter_dir: Path, prompts: list[str], gamma: int, max_new_tokens: int
 ) -> dict:
-    """Greedy SD with the saved drafter on held-out prompts: tau and acceptance."""
+    """Greedy SD with the saved drafter alone (no prompt lookup) on held-out prompts: tau and
+    acceptance."""
     tgt = load_for_inference(str(target.path), max_len=2048)
-    model_drafter = build_drafter(str(drafter_dir), tgt, max_len=2048)
+    model_drafter = build_drafter(str(drafter_dir), tgt, max_len=2048, lookup=False)
     costs = measure_costs(tgt.model, model_drafter, gamma)
     decoder = SpeculativeDecoder(tgt.model, model_drafter, gamma, tgt.tokenizer.eos_token_ids)
     params = SamplingParams(max_new_tokens=max_new_tokens)
@@ -134,6 +135,7 @@ def evaluate(
     }
     return {
         "gamma": gamma,
+        "lookup": False,
         "max_new_tokens": max_new_tokens,
         "tokens_per_target_forward": total["new_tokens"] / total["target_forwards"],
         "acceptance_rate": total["accepted_tokens"] / max(1, total["draft_tokens"]),
@@ -148,6 +150,9 @@ def evaluate(
 def _coverage(samples, full_to_draft) -> float:
     outs = torch.tensor([t for s in samples for t in s.output_ids])
     return float((full_to_draft[outs] >= 0).float().mean())
+
+
+_OTHER_RECIPE = "the run directory was made with another recipe; use a new --out"
 
 
 class _DataStages:
@@ -172,21 +177,25 @@ class _DataStages:
                 self.model, self.tok, n, seed=self.recipe.seed, exclude=self.exclude
             )
             path.write_text(json.dumps(queries, indent=1))
-        return json.loads(path.read_text())[:n]
+        queries = json.loads(path.read_text())
+        if len(queries) != n:
+            raise ValueError(f"{path} holds {len(queries)} requests, not {n}: {_OTHER_RECIPE}")
+        return queries
 
     def answers(self, stage: str, prompts: list[str]) -> list[Sample]:
-        path = self.out / f"data-{stage}.pt"
-        if path.exists():
-            return load_samples(path)
         r = self.recipe
         prompts = [p for p in prompts if p not in self.exclude]
+        temps = r.temperatures
         requests = [
-            (
-                self.tok.encode_chat([ChatMessage("user", p)]),
-                r.temperatures[i % len(r.temperatures)],
-            )
+            (self.tok.encode_chat([ChatMessage("user", p)]), temps[i % len(temps)])
             for i, p in enumerate(prompts)
         ]
+        path = self.out / f"data-{stage}.pt"
+        if path.exists():
+            samples = load_samples(path)
+            if [(s.prompt_ids, s.temperature) for s in samples] != requests:
+                raise ValueError(f"{path} answers other prompts: {_OTHER_RECIPE}")
+            return samples
         t = time.perf_counter()
         log.info("stage %s: answering %d prompts", stage, len(prompts))
         samples = generate_samples(
