@@ -542,16 +542,25 @@ def test_model_drafter_resyncs_after_rejection(target, draft_model, tiny_drafter
         c = c + d.tokens[: i % 3] + [70 + i]
 
 
+def record_forwards(drafter: ModelDrafter) -> list[tuple[int, int]]:
+    """(start position, token count) of every forward the drafter runs from now on."""
+    calls: list[tuple[int, int]] = []
+    inner = drafter._forward
+
+    def forward(tokens, start):
+        calls.append((start, len(tokens)))
+        return inner(tokens, start)
+
+    drafter._forward = forward
+    return calls
+
+
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_model_drafter_starts_with_lookup_match(draft_model, temperature):
     """A 2+ token match: the draft starts with what followed it, costing no model step; the
     model catches up in one forward and drafts on. Sampled lookup tokens carry a point mass."""
     drafter = make_drafter("lookup", draft_model)
-    calls: list[tuple[int, int]] = []
-    inner = drafter._forward
-    drafter._forward = lambda tokens, start: (
-        calls.append((start, len(tokens))) or inner(tokens, start)
-    )
+    calls = record_forwards(drafter)
     ctx = list(range(40, 60)) + [58, 59]  # "58 59" occurred before, followed by "58 59"
     drafter.start(ctx, SamplingParams(temperature=temperature, seed=1))
     draft = drafter.propose(ctx, 4)
@@ -572,14 +581,7 @@ def test_model_drafter_reuses_its_cache(draft_model):
     """Only tokens past the common prefix with the drafter's cache are forwarded again."""
     params = SamplingParams()
     drafter = ModelDrafter(draft_model.model)
-    calls: list[tuple[int, int]] = []
-    inner = drafter._forward
-
-    def forward(tokens, start):
-        calls.append((start, len(tokens)))
-        return inner(tokens, start)
-
-    drafter._forward = forward
+    calls = record_forwards(drafter)
     ctx = list(range(40, 60))
     drafter.start(ctx, params)
     first = drafter.propose(ctx, 4)

@@ -57,7 +57,8 @@ def run(recipe: DrafterRecipe) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2))
     target = load_model(recipe.target, max_len=64)  # unpacked: the drafter starts from it
-    data = _DataStages(recipe, target.tokenizer, out)
+    tok = target.tokenizer
+    data = _DataStages(recipe, tok, out)
     held = recipe.heldout_prompts
 
     prompts = training_prompts(recipe.num_prompts + held, seed=recipe.seed)
@@ -68,12 +69,11 @@ def run(recipe: DrafterRecipe) -> dict:
         samples += data.answers("self-instruct", queries[: recipe.self_instruct_prompts])
         heldout += queries[recipe.self_instruct_prompts :]
     if recipe.derived_prompts:
-        sources = [target.tokenizer.decode(s.output_ids) for s in samples]
+        sources = [tok.decode(s.output_ids) for s in samples]
         derived = derived_prompts(sources, recipe.derived_prompts + held, seed=recipe.seed)
         samples += data.answers("derived", derived[: recipe.derived_prompts])
         heldout += derived[recipe.derived_prompts :]
     data.close()
-    tok = target.tokenizer
 
     vocab = None
     if recipe.draft_vocab:

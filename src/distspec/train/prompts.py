@@ -7,6 +7,7 @@ given seed.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 TOPICS = [
     "the water cycle",
@@ -229,15 +230,24 @@ def training_prompts(n: int, seed: int = 0) -> list[str]:
     """n distinct prompts, cycling through the kinds in TEMPLATES (skipping repeats)."""
     rng = random.Random(seed)
     kinds = list(TEMPLATES)
+
+    def make(attempt: int) -> str:
+        kind = kinds[attempt % len(kinds)]
+        return rng.choice(TEMPLATES[kind]).format(**_slots(rng))
+
+    return _distinct(n, make, "the templates")
+
+
+def _distinct(n: int, make: Callable[[int], str], source: str) -> list[str]:
+    """The first n distinct results of make(1), make(2), ... (giving up after 50 n tries)."""
     seen: set[str] = set()
     out: list[str] = []
     attempts = 0
     while len(out) < n:
         attempts += 1
         if attempts > 50 * n:
-            raise ValueError(f"cannot make {n} distinct prompts from the templates")
-        kind = kinds[attempts % len(kinds)]
-        prompt = rng.choice(TEMPLATES[kind]).format(**_slots(rng))
+            raise ValueError(f"cannot make {n} distinct prompts from {source}")
+        prompt = make(attempts)
         if prompt not in seen:
             seen.add(prompt)
             out.append(prompt)
@@ -312,28 +322,19 @@ def derived_prompts(sources: list[str], n: int, seed: int = 0) -> list[str]:
     if not paragraphs or not code:
         raise ValueError("the source texts hold no usable paragraphs or code blocks")
     rng = random.Random(seed)
-    seen: set[str] = set()
-    out: list[str] = []
-    attempts = 0
-    while len(out) < n:
-        attempts += 1
-        if attempts > 50 * n:
-            raise ValueError(f"cannot make {n} distinct prompts from {len(sources)} sources")
+
+    def make(_: int) -> str:
         if rng.random() < 0.25:
             snippet = rng.choice(code)
             task = rng.choice(CODE_TASKS_ON_CODE)
             if task.startswith(("Find and fix", "There is a mistake")):
                 snippet = _plant_bug(snippet, rng)
-            prompt = task.format(code=snippet, lang=rng.choice(LANGS))
-        else:
-            k = rng.choice([1, 1, 2])
-            start = rng.randrange(len(paragraphs) - k + 1)
-            text = "\n\n".join(paragraphs[start : start + k])
-            prompt = rng.choice(TEXT_TASKS).format(text=text)
-        if prompt not in seen:
-            seen.add(prompt)
-            out.append(prompt)
-    return out
+            return task.format(code=snippet, lang=rng.choice(LANGS))
+        k = rng.choice([1, 1, 2])
+        start = rng.randrange(len(paragraphs) - k + 1)
+        return rng.choice(TEXT_TASKS).format(text="\n\n".join(paragraphs[start : start + k]))
+
+    return _distinct(n, make, f"{len(sources)} sources")
 
 
 def _paragraphs_and_code(sources: list[str]) -> tuple[list[str], list[str]]:
