@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tiny import make_tiny_model_dir
+from distspec.models.loader import load_model
+from tiny import SMALL_V, TINY_MAX_LEN, make_tiny_model_dir
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -23,6 +24,28 @@ def tiny_drafter_dir(tmp_path_factory) -> Path:
     return make_tiny_model_dir(
         tmp_path_factory.mktemp("tiny") / "drafter", num_layers=1, hidden_size=32, seed=1
     )
+
+
+@pytest.fixture(scope="module")
+def target(tiny_dir):
+    """tiny_dir loaded, 256 positions, one KV slot."""
+    return load_model(str(tiny_dir), max_len=TINY_MAX_LEN)
+
+
+@pytest.fixture(scope="module")
+def draft_model(tiny_drafter_dir):
+    return load_model(str(tiny_drafter_dir), max_len=TINY_MAX_LEN)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """(target, drafter) over an 8-token vocabulary: joint distributions can be enumerated."""
+    root = tmp_path_factory.mktemp("small-vocab")
+    t = make_tiny_model_dir(root / "target", vocab_size=SMALL_V)
+    d = make_tiny_model_dir(
+        root / "drafter", vocab_size=SMALL_V, num_layers=1, hidden_size=32, seed=1
+    )
+    return load_model(str(t), max_len=32), load_model(str(d), max_len=32)
 
 
 @pytest.fixture(scope="session")

@@ -16,21 +16,10 @@ from distspec.spec.drafter import Draft, Drafter
 from distspec.spec.drafters import ModelDrafter, NgramDrafter
 from distspec.spec.sampling import SamplingParams, probs_from_logits
 from distspec.spec.verify import Verdict
-from tiny import EOS_ID, make_tiny_model_dir
+from tiny import EOS_ID, SMALL_V, TINY_MAX_LEN
 
-MAX_LEN = 256
 PROMPTS = ["Hello", "The quick brown fox", "abcabcabcabc", "Once upon a time, there was a"]
 ALPHA = 1e-3
-
-
-@pytest.fixture(scope="module")
-def target(tiny_dir):
-    return load_model(str(tiny_dir), max_len=MAX_LEN)
-
-
-@pytest.fixture(scope="module")
-def draft_model(tiny_drafter_dir):
-    return load_model(str(tiny_drafter_dir), max_len=MAX_LEN)
 
 
 def encode(target, text: str) -> list[int]:
@@ -496,7 +485,7 @@ def test_ngram_reset_forgets_previous_request():
 def test_model_drafter_resyncs_after_rejection(target, draft_model, tiny_drafter_dir, temperature):
     params = SamplingParams(temperature=temperature, seed=0)
     ctx = encode(target, "The quick brown fox")
-    other = load_model(str(tiny_drafter_dir), max_len=MAX_LEN)  # its own KV cache
+    other = load_model(str(tiny_drafter_dir), max_len=TINY_MAX_LEN)  # its own KV cache
 
     def fresh(context, k):
         d = ModelDrafter(other.model)
@@ -640,19 +629,8 @@ def test_model_drafter_respects_context(short):
 # samples. Token 1 comes from the prefill; tokens 2 and 3 are the two drafted positions of the
 # first round (max_new_tokens=4 leaves room for a 2-token draft plus the bonus).
 
-SMALL_V = 8
 SMALL_PROMPT = [1, 2, 3, 1, 2]
 SAMPLES = 3000
-
-
-@pytest.fixture(scope="module")
-def small(tmp_path_factory):
-    root = tmp_path_factory.mktemp("small-vocab")
-    t = make_tiny_model_dir(root / "target", vocab_size=SMALL_V)
-    d = make_tiny_model_dir(
-        root / "drafter", vocab_size=SMALL_V, num_layers=1, hidden_size=32, seed=1
-    )
-    return load_model(str(t), max_len=32), load_model(str(d), max_len=32)
 
 
 def exact_joint(model, prompt, params) -> dict[tuple[int, ...], float]:

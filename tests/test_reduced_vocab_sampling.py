@@ -10,8 +10,8 @@ from distspec.models.loader import load_model
 from distspec.spec.drafters import ModelDrafter
 from distspec.spec.sampling import SamplingParams
 from distspec.train.draft_model import init_drafter
-from test_decoding import SMALL_PROMPT, SMALL_V, exact_joint, gof_pvalue, sample_outcomes
-from tiny import make_tiny_model_dir
+from test_decoding import SMALL_PROMPT, exact_joint, gof_pvalue, sample_outcomes
+from tiny import SMALL_V, make_tiny_model_dir
 
 SAMPLES = 3000
 

@@ -67,11 +67,27 @@ def test_greedy_ignores_draft_probs_and_generator():
 
 
 @pytest.mark.parametrize("params", [GREEDY, SamplingParams(temperature=1.0)])
-@pytest.mark.parametrize("k, rows", [(0, 2), (2, 2), (2, 4), (3, 1)])
+@pytest.mark.parametrize("k, rows", [(0, 2), (0, 0), (2, 4), (3, 1)])
 def test_wrong_number_of_logit_rows_raises(params, k, rows):
     draft = Draft(list(range(k)))
     with pytest.raises(ValueError, match="logit rows"):
         verify(_logits(rows), draft, params, torch.Generator())
+
+
+@pytest.mark.parametrize("params", [GREEDY, SamplingParams(temperature=1.0)])
+def test_k_rows_verify_without_bonus(params):
+    """PEARL's check of a drafter's first token: k rows, so all accepted means no bonus."""
+    logits = _logits(3, seed=3)
+    best = logits.argmax(-1).tolist()
+    sure = torch.full((3, 11), -30.0)
+    sure[torch.arange(3), torch.tensor(best)] = 30.0  # the target is certain: always accepted
+    for rows in (logits, sure):
+        verdict = verify(rows, Draft(best), params, torch.Generator().manual_seed(0))
+        if params.greedy or rows is sure:
+            assert verdict == Verdict(3, None)
+    wrong = [best[0], (best[1] + 1) % 11, best[2]]
+    verdict = verify(sure, Draft(wrong), params, torch.Generator().manual_seed(0))
+    assert verdict == Verdict(1, best[1])  # a rejection still yields the correction
 
 
 # ---------------------------------------------------------------------------------------------

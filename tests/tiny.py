@@ -45,6 +45,8 @@ def _byte_of(c: str) -> int:
 
 TINY_VOCAB = 256 + len(SPECIALS)
 EOS_ID = 257  # "</s>"
+TINY_MAX_LEN = 256  # positions of the shared `target` and `draft_model` fixtures
+SMALL_V = 8  # vocabulary of the `small` pair: joint distributions can be enumerated
 
 
 def make_tiny_model_dir(

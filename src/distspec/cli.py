@@ -25,7 +25,12 @@ def _add_generate(sub) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--mode", choices=["ar", "sd"], default="sd")
+    p.add_argument(
+        "--mode",
+        choices=["ar", "sd", "pearl"],
+        default="sd",
+        help="ar: plain decoding; sd: draft then verify; pearl: draft while verifying (PEARL)",
+    )
     p.add_argument("--drafter", default="demo", help="demo | ngram | PATH (HF dir or .gguf)")
     p.add_argument("--gamma", type=int, default=4, help="draft tokens per round (the most)")
     p.add_argument(
@@ -86,7 +91,7 @@ def _generate(args: argparse.Namespace) -> int:
             "token_ids": token_ids,
             "finish_reason": step.finish_reason,
             "mode": args.mode,
-            "drafter": args.drafter if args.mode == "sd" else None,
+            "drafter": args.drafter if args.mode != "ar" else None,
             "stats": step.stats.to_dict(),
         }
         print(json.dumps(result))

@@ -17,11 +17,12 @@ from distspec.spec.decoding import SpeculativeDecoder, StepOutput
 from distspec.spec.draft_policy import measure_costs
 from distspec.spec.drafter import Drafter
 from distspec.spec.drafters import ModelDrafter, NgramDrafter
+from distspec.spec.pearl import PearlDecoder
 from distspec.spec.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
-MODES = ("ar", "sd")
+MODES = ("ar", "sd", "pearl")
 
 
 class DrafterUnavailableError(ValueError):
@@ -58,10 +59,12 @@ class Engine:
         self.tokenizer = self.target.tokenizer
         self.drafter = (
             build_drafter(config.drafter, self.target, config.max_len, config.lookup)
-            if config.mode == "sd"
+            if config.mode != "ar"
             else None
         )
-        self.decoder = make_decoder(self.target, self.drafter, config.gamma, config.adaptive)
+        self.decoder = make_decoder(
+            self.target, self.drafter, config.gamma, config.adaptive, pearl=config.mode == "pearl"
+        )
 
     def encode(self, prompt: str, raw: bool) -> list[int]:
         if not prompt.strip():
@@ -113,13 +116,23 @@ def build_drafter(
 
 
 def make_decoder(
-    target: LoadedModel, drafter: Drafter | None, gamma: int, adaptive: bool
+    target: LoadedModel,
+    drafter: Drafter | None,
+    gamma: int,
+    adaptive: bool,
+    pearl: bool = False,
 ) -> SpeculativeDecoder:
-    """A decoder for target; with adaptive drafting, the draft costs are measured once here."""
+    """A decoder for target; with adaptive drafting, the draft costs are measured once here.
+    pearl: PEARL's parallel drafting (gamma is then the longest draft, see pearl_gamma)."""
     costs = None
     if drafter is not None and adaptive:
         costs = measure_costs(target.model, drafter, gamma)
         log.info("draft costs: %s", costs)
+    if pearl:
+        if drafter is None:
+            raise ValueError("PEARL needs a drafter")
+        eos = target.tokenizer.eos_token_ids
+        return PearlDecoder(target.model, drafter, gamma, eos, costs=costs)
     return SpeculativeDecoder(
         target.model,
         drafter,

@@ -10,7 +10,7 @@ fed first in the next verification chunk; a rejection therefore needs no cache o
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -34,6 +34,15 @@ class GenerationStats:
     accepted_per_position: list[int] = field(default_factory=list)
     draft_s: float = 0.0
     verify_s: float = 0.0
+
+    def count_verdict(self, num_draft: int, num_accepted: int) -> None:
+        if num_draft:
+            self.draft_tokens += num_draft
+            self.accepted_tokens += num_accepted
+            per_pos = self.accepted_per_position
+            per_pos.extend([0] * (num_draft - len(per_pos)))
+            for i in range(num_accepted):
+                per_pos[i] += 1
 
     @property
     def tokens_per_s(self) -> float:
@@ -101,8 +110,8 @@ class SpeculativeDecoder:
             )
         stops = set(self.eos_token_ids) | set(params.stop_token_ids)
         generator = params.generator(stream=0)
-        policy = DraftLengthPolicy(max_k=self.gamma, fixed=not self.adaptive, costs=self.costs)
         stats = GenerationStats(prompt_tokens=len(prompt_ids))
+        next_round = self._rounds(params, generator, stats)
         t0 = time.perf_counter()
         tokens = list(prompt_ids)
         if self.drafter is not None:
@@ -122,10 +131,15 @@ class SpeculativeDecoder:
                     yield StepOutput(new, finish, stats)
                     return
                 yield StepOutput(new)
-                new = self._round(tokens, params, generator, stats, policy)
+                new = next_round(tokens)
         finally:
             if self.drafter is not None:
                 self.drafter.finish()
+
+    def _rounds(self, params, generator, stats) -> Callable[[list[int]], list[int]]:
+        """A request's round function: verified tokens so far -> the next new tokens."""
+        policy = DraftLengthPolicy(max_k=self.gamma, fixed=not self.adaptive, costs=self.costs)
+        return lambda tokens: self._round(tokens, params, generator, stats, policy)
 
     def _round(self, tokens, params, generator, stats, policy) -> list[int]:
         remaining = params.max_new_tokens - stats.new_tokens
@@ -142,13 +156,7 @@ class SpeculativeDecoder:
         logits = self._target_forward(chunk, len(tokens) - 1, stats)
         verdict = verify(logits, draft, params, generator)
         policy.observe_round(len(draft), verdict.num_accepted, draft_s, time.perf_counter() - t)
-        if draft.tokens:
-            stats.draft_tokens += len(draft)
-            stats.accepted_tokens += verdict.num_accepted
-            per_pos = stats.accepted_per_position
-            per_pos.extend([0] * (len(draft) - len(per_pos)))
-            for i in range(verdict.num_accepted):
-                per_pos[i] += 1
+        stats.count_verdict(len(draft), verdict.num_accepted)
         return verdict.tokens(draft)
 
     def _target_forward(self, chunk, start, stats, last_only=False) -> torch.Tensor:

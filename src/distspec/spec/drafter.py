@@ -23,6 +23,29 @@ class Draft:
     def __len__(self) -> int:
         return len(self.tokens)
 
+    def __getitem__(self, index: slice) -> Draft:
+        probs = None if self.probs is None else self.probs[index]
+        return Draft(self.tokens[index], probs)
+
+    def __add__(self, other: Draft) -> Draft:
+        """The tokens of both, in order; a point mass stands in for missing probs."""
+        if self.probs is None and other.probs is None:
+            return Draft(self.tokens + other.tokens)
+        if not self.tokens:
+            return other
+        if not other.tokens:
+            return self
+        vocab = (self.probs if self.probs is not None else other.probs).shape[-1]
+        probs = torch.cat([self._dense(vocab), other._dense(vocab)])
+        return Draft(self.tokens + other.tokens, probs)
+
+    def _dense(self, vocab: int) -> torch.Tensor:
+        if self.probs is not None:
+            return self.probs
+        probs = torch.zeros(len(self.tokens), vocab)
+        probs[torch.arange(len(self.tokens)), torch.tensor(self.tokens)] = 1.0
+        return probs
+
 
 EMPTY_DRAFT = Draft([])
 
@@ -38,8 +61,9 @@ class Drafter(ABC):
     def propose(self, context: list[int], k: int) -> Draft:
         """Up to k tokens to follow context, the verified sequence so far (prompt + output).
 
-        Within a request, context only grows; everything after the previous context may differ
-        from what was proposed (rejections), so drafters keep their own state keyed on it."""
+        Within a request, what was proposed may be rejected and PEARL drafts after unverified
+        tokens that it may drop later, so the context is not always an extension of the
+        previous one: drafters keep their own state keyed on it."""
 
     def finish(self) -> None:
         """End the request (free per-request resources)."""

@@ -3,6 +3,9 @@
 Given target logits for [last token, d_1..d_k] (k + 1 rows) it accepts a prefix of the draft
 and adds one token from the target: the correction at the first rejection, or a bonus token
 when all k are accepted. See ../shared/design/algorithms.md section 1.
+
+With only k rows (PEARL checks a drafter's first token against the row after the pending
+ones: no row beyond it exists yet) there is no bonus: all k accepted gives next_token None.
 """
 
 from __future__ import annotations
@@ -18,19 +21,21 @@ from distspec.spec.sampling import SamplingParams, probs_from_logits, sample
 @dataclass
 class Verdict:
     num_accepted: int
-    next_token: int  # correction (first rejection) or bonus (all accepted)
+    next_token: int | None  # correction (first rejection), bonus (all accepted) or None
 
     def tokens(self, draft: Draft) -> list[int]:
-        return draft.tokens[: self.num_accepted] + [self.next_token]
+        bonus = [] if self.next_token is None else [self.next_token]
+        return draft.tokens[: self.num_accepted] + bonus
 
 
 def verify(
     logits: torch.Tensor, draft: Draft, params: SamplingParams, generator: torch.Generator
 ) -> Verdict:
-    """logits: [k + 1, V] target logits; draft: k tokens (k may be 0)."""
+    """logits: [k + 1, V] target logits (or [k, V]: no bonus); draft: k tokens (k may be 0)."""
     k = len(draft)
-    if logits.shape[0] != k + 1:
-        raise ValueError(f"need {k + 1} logit rows for a draft of {k}, got {logits.shape[0]}")
+    rows = logits.shape[0]
+    if rows not in (k, k + 1) or rows == 0:
+        raise ValueError(f"need {k + 1} or {k} logit rows for a draft of {k}, got {rows}")
     if params.greedy:
         return _verify_greedy(logits, draft)
     return _verify_sampled(probs_from_logits(logits, params), draft, generator)
@@ -41,7 +46,7 @@ def _verify_greedy(logits: torch.Tensor, draft: Draft) -> Verdict:
     n = 0
     while n < len(draft) and draft.tokens[n] == best[n]:
         n += 1
-    return Verdict(n, best[n])
+    return Verdict(n, best[n] if n < len(best) else None)
 
 
 def _verify_sampled(p: torch.Tensor, draft: Draft, generator: torch.Generator) -> Verdict:
@@ -59,7 +64,7 @@ def _verify_sampled(p: torch.Tensor, draft: Draft, generator: torch.Generator) -
     uniforms = torch.rand(k, generator=generator)
     rejected = (uniforms >= ratio).nonzero()
     if len(rejected) == 0:
-        return Verdict(k, sample(p[k], generator))
+        return Verdict(k, sample(p[k], generator) if len(p) > k else None)
     n = int(rejected[0])
     if draft.probs is None:
         residual = p[n].clone()

@@ -18,7 +18,7 @@ class NgramDrafter(Drafter):
     def _reset(self) -> None:
         # n -> {ngram: latest start index that has at least one token after it}
         self._index: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in self.sizes}
-        self._indexed = 0  # context length already indexed
+        self._indexed: list[int] = []  # the context indexed so far
 
     def start(self, prompt_ids: list[int], params: SamplingParams) -> None:
         self._reset()
@@ -36,8 +36,14 @@ class NgramDrafter(Drafter):
         return Draft([])
 
     def _extend_index(self, context: list[int]) -> None:
+        done = len(self._indexed)
+        if context[:done] != self._indexed:
+            # The context is not an extension of the last one (PEARL dropped unverified
+            # tokens): index it afresh.
+            self._reset()
+            done = 0
         # An n-gram starting at i is indexed once a token follows it: i + n < len(context).
         for n, table in self._index.items():
-            for i in range(max(0, self._indexed - n), len(context) - n):
+            for i in range(max(0, done - n), len(context) - n):
                 table[tuple(context[i : i + n])] = i
-        self._indexed = len(context)
+        self._indexed = list(context)

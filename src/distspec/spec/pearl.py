@@ -1,0 +1,111 @@
+"""PEARL: drafting and verification at the same time (../shared/design/algorithms.md section 2).
+
+Each round the target verifies [newest verified token, *pending] while the drafter drafts the
+next gamma tokens after verified + pending, as if the pending tokens were all accepted. When
+both are done, the drafter's first token is checked against the target's last row:
+
+- pre-verify (nothing pending): the target's round is a one-token step that checks only the
+  drafter's first token; a bad draft dies after one token, without a full verify pass;
+- post-verify: if the pending tokens and the new first token are all accepted, the rest of the
+  new draft becomes pending and no time was lost; a run of such rounds is a draft of any
+  length, so the draft length adapts by itself.
+
+At a rejection the correction is emitted and the pending tokens are dropped; the target's cache
+needs no operation (positions are simply reused) and the drafter resynchronises on the shorter
+context. `PearlState` is only this bookkeeping; the one verifier decides, so the state machine
+runs unchanged in one process (`PearlDecoder`) and in the distributed runtime.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from distspec.models.llama import Transformer
+from distspec.spec.decoding import SpeculativeDecoder
+from distspec.spec.draft_policy import DraftCosts
+from distspec.spec.drafter import EMPTY_DRAFT, Draft, Drafter
+from distspec.spec.verify import Verdict, verify
+
+
+@dataclass
+class PearlState:
+    """One request's PEARL bookkeeping, given the verified tokens (prompt + output so far)."""
+
+    pending: Draft = field(default_factory=lambda: EMPTY_DRAFT)
+
+    @property
+    def mode(self) -> str:
+        return "post" if self.pending.tokens else "pre"
+
+    def target_chunk(self, tokens: list[int]) -> tuple[int, list[int]]:
+        """(position of the chunk's first token, the chunk) the target runs this round."""
+        return len(tokens) - 1, [tokens[-1], *self.pending.tokens]
+
+    def draft_context(self, tokens: list[int]) -> list[int]:
+        """What the drafter drafts after this round."""
+        return tokens + self.pending.tokens
+
+    def candidate(self, draft: Draft) -> Draft:
+        """The tokens the target's rows decide on: pending + the draft's first token (the row
+        after that does not exist yet). With an empty draft, pending + the bonus token."""
+        return self.pending + draft[:1]
+
+    def apply(self, verdict: Verdict, draft: Draft) -> list[int]:
+        """Apply the verdict on candidate(draft); return the new verified tokens."""
+        new = verdict.tokens(self.candidate(draft))
+        self.pending = draft[1:] if verdict.next_token is None else EMPTY_DRAFT
+        return new
+
+
+def pearl_gamma(costs: DraftCosts | None, max_gamma: int) -> int:
+    """PEARL's rule gamma ~ t_target / t_draft (the drafter then never waits for the target),
+    capped at max_gamma; max_gamma without a measurement."""
+    if costs is None or costs.t_draft <= 0:
+        return max_gamma
+    return max(1, min(max_gamma, round(costs.t_step / costs.t_draft)))
+
+
+class PearlDecoder(SpeculativeDecoder):
+    """PEARL in one process: the drafter drafts in a second thread while the target verifies
+    (PyTorch releases the GIL inside its kernels, so the two really overlap)."""
+
+    def __init__(
+        self,
+        target: Transformer,
+        drafter: Drafter,
+        gamma: int = 8,
+        eos_token_ids: list[int] | None = None,
+        slot: int = 0,
+        costs: DraftCosts | None = None,
+    ):
+        """gamma: the longest draft per round; with costs, PEARL's rule picks it (pearl_gamma)."""
+        super().__init__(target, drafter, gamma, eos_token_ids, slot, costs=costs)
+        self.gamma = pearl_gamma(costs, gamma)
+        self._drafting = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pearl-drafter")
+
+    def _rounds(self, params, generator, stats) -> Callable[[list[int]], list[int]]:
+        state = PearlState()
+
+        def next_round(tokens: list[int]) -> list[int]:
+            start, chunk = state.target_chunk(tokens)
+            context = state.draft_context(tokens)
+            remaining = params.max_new_tokens - stats.new_tokens - len(state.pending)
+            k = min(self.gamma, remaining - 1, self.target.max_len - len(context))
+            drafting = self._drafting.submit(self._propose, context, k) if k > 0 else None
+            logits = self._target_forward(chunk, start, stats)
+            draft, draft_s = drafting.result() if drafting else (EMPTY_DRAFT, 0.0)
+            stats.draft_s += draft_s
+            candidate = state.candidate(draft)
+            verdict = verify(logits, candidate, params, generator)
+            stats.count_verdict(len(candidate), verdict.num_accepted)
+            return state.apply(verdict, draft)
+
+        return next_round
+
+    def _propose(self, context: list[int], k: int) -> tuple[Draft, float]:
+        t = time.perf_counter()
+        draft = self.drafter.propose(context, k)
+        return draft, time.perf_counter() - t

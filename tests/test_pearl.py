@@ -1,0 +1,178 @@
+"""PEARL on tiny random models: the state machine, greedy exactness, sampling losslessness."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+
+from distspec.spec.draft_policy import DraftCosts
+from distspec.spec.drafter import EMPTY_DRAFT, Draft
+from distspec.spec.pearl import PearlDecoder, PearlState, pearl_gamma
+from distspec.spec.sampling import SamplingParams
+from distspec.spec.verify import Verdict
+from test_decoding import (
+    ALPHA,
+    PROMPTS,
+    SAMPLES,
+    SMALL_PROMPT,
+    OracleDrafter,
+    encode,
+    exact_joint,
+    gof_pvalue,
+    greedy_ar,
+    make_drafter,
+    marginal,
+)
+
+# ---------------------------------------------------------------------------------------------
+# the state machine
+
+
+def test_pre_verify_reject_then_accept_then_post_verify():
+    tokens = [5, 6, 7]
+    state = PearlState()
+    assert state.mode == "pre"
+    assert state.target_chunk(tokens) == (2, [7])
+    assert state.draft_context(tokens) == [5, 6, 7]
+
+    draft = Draft([1, 2, 3])
+    assert state.candidate(draft).tokens == [1]
+    # pre-verify rejects the first token: the correction, nothing pending
+    assert state.apply(Verdict(0, 9), draft) == [9]
+    assert state.mode == "pre"
+
+    tokens += [9]
+    draft = Draft([1, 2, 3])
+    # pre-verify accepts it: no bonus row exists, the rest of the draft is pending
+    assert state.apply(Verdict(1, None), draft) == [1]
+    tokens += [1]
+    assert state.mode == "post" and state.pending.tokens == [2, 3]
+    assert state.target_chunk(tokens) == (4, [1, 2, 3])
+    assert state.draft_context(tokens) == [5, 6, 7, 9, 1, 2, 3]
+
+    # post-verify: pending + the new draft's first token all accepted
+    draft = Draft([4, 5, 6, 7])
+    assert state.candidate(draft).tokens == [2, 3, 4]
+    assert state.apply(Verdict(3, None), draft) == [2, 3, 4]
+    tokens += [2, 3, 4]
+    assert state.pending.tokens == [5, 6, 7]
+
+    # post-verify rejects at index 1: back to pre-verify
+    draft = Draft([8, 8])
+    assert state.apply(Verdict(1, 0), draft) == [5, 0]
+    assert state.mode == "pre" and state.pending == EMPTY_DRAFT
+
+
+def test_empty_draft_verifies_pending_with_a_bonus():
+    state = PearlState(pending=Draft([4, 5]))
+    assert state.candidate(EMPTY_DRAFT).tokens == [4, 5]
+    assert state.apply(Verdict(2, 6), EMPTY_DRAFT) == [4, 5, 6]
+    assert state.mode == "pre"
+
+
+def test_candidate_keeps_the_draft_distributions():
+    q = torch.softmax(torch.randn(2, 8), -1)
+    state = PearlState(pending=Draft([1]))  # a deterministic token (point mass)
+    cand = state.candidate(Draft([3, 4], q))
+    assert cand.tokens == [1, 3]
+    assert torch.equal(cand.probs[1], q[0])
+    assert cand.probs[0].tolist() == [0, 1, 0, 0, 0, 0, 0, 0]
+
+
+def test_pearl_gamma_follows_the_speed_ratio():
+    assert pearl_gamma(DraftCosts(t_step=0.020, t_draft=0.002, beta=0.05), 16) == 10
+    assert pearl_gamma(DraftCosts(t_step=0.020, t_draft=0.001, beta=0.05), 8) == 8
+    assert pearl_gamma(DraftCosts(t_step=0.001, t_draft=0.020, beta=0.05), 8) == 1
+    assert pearl_gamma(None, 6) == 6
+
+
+# ---------------------------------------------------------------------------------------------
+# decoding
+
+
+@pytest.mark.parametrize("gamma", [1, 3, 6])
+@pytest.mark.parametrize("kind", ["model", "ngram", "lookup"])
+def test_greedy_pearl_equals_greedy_ar(target, draft_model, kind, gamma):
+    drafted = 0
+    for text in PROMPTS:
+        ids = encode(target, text)
+        expected = greedy_ar(target, ids, 40)
+        dec = PearlDecoder(target.model, make_drafter(kind, draft_model), gamma, eos_token_ids=[])
+        out, last = dec.generate(ids, SamplingParams(max_new_tokens=40))
+        assert out == expected, text
+        assert last.finish_reason == "length"
+        drafted += last.stats.draft_tokens
+    assert drafted > 0
+
+
+def test_post_verify_keeps_a_right_drafter_running(target):
+    """With a drafter that is always right, every round after the first verifies gamma tokens
+    (gamma - 1 pending + the new first one), with no bonus token."""
+    ids = encode(target, "Once upon a time")
+    greedy = greedy_ar(target, ids, 41)
+    oracle = OracleDrafter(ids + greedy)  # also checks each context is the true sequence
+    dec = PearlDecoder(target.model, oracle, gamma=4, eos_token_ids=[])
+    out, last = dec.generate(ids, SamplingParams(max_new_tokens=41))
+    assert out == greedy
+    stats = last.stats
+    # prefill: 1 token; round 1 (pre-verify): 1; then 4 per round: 39 tokens in 10 rounds
+    assert stats.target_forwards == 1 + 1 + 10
+    assert stats.accepted_tokens == stats.draft_tokens
+
+
+def test_stop_token_inside_post_verified_chunk(target):
+    ids = encode(target, "Once upon a time")
+    greedy = greedy_ar(target, ids, 30)
+    j = next(j for j in range(8, 20) if greedy[j] not in greedy[:j])
+    dec = PearlDecoder(target.model, OracleDrafter(ids + greedy), gamma=4, eos_token_ids=[])
+    out, last = dec.generate(ids, SamplingParams(max_new_tokens=30, stop_token_ids=[greedy[j]]))
+    assert out == greedy[: j + 1]
+    assert last.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("max_new", [1, 2, 3, 5, 9])
+def test_max_new_tokens_exact(target, draft_model, max_new):
+    ids = encode(target, "abcabcabcabc")
+    for kind in ("model", "ngram"):
+        dec = PearlDecoder(target.model, make_drafter(kind, draft_model), 4, eos_token_ids=[])
+        out, last = dec.generate(ids, SamplingParams(max_new_tokens=max_new, temperature=1.0))
+        assert len(out) == max_new and last.finish_reason == "length"
+
+
+def pearl_outcomes(model, drafter, params, seeds, gamma=3) -> tuple[Counter, Counter]:
+    dec = PearlDecoder(model, drafter, gamma=gamma, eos_token_ids=[])
+    counts, totals = Counter(), Counter()
+    for seed in seeds:
+        p = SamplingParams(
+            max_new_tokens=4,
+            temperature=params.temperature,
+            top_k=params.top_k,
+            top_p=params.top_p,
+            seed=seed,
+        )
+        out, last = dec.generate(SMALL_PROMPT, p)
+        counts[tuple(out[:3])] += 1
+        totals["draft"] += last.stats.draft_tokens
+        totals["accepted"] += last.stats.accepted_tokens
+    return counts, totals
+
+
+@pytest.mark.parametrize(
+    "params",
+    [SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_k=5, top_p=0.9)],
+    ids=["t1", "t0.7_k5_p0.9"],
+)
+@pytest.mark.parametrize("kind", ["model", "lookup"])
+def test_pearl_sampling_matches_exact_target_distribution(small, params, kind):
+    """Token 2 is pre-verified; token 3 is post-verified (pending) or follows a rejection."""
+    tgt, dft = small
+    exact = exact_joint(tgt.model, SMALL_PROMPT, params)
+    seeds = range(500_000, 500_000 + SAMPLES)
+    counts, totals = pearl_outcomes(tgt.model, make_drafter(kind, dft), params, seeds)
+    assert 0.1 * totals["draft"] < totals["accepted"] < 0.9 * totals["draft"]
+    pvalues = [gof_pvalue(counts, exact)]
+    pvalues += [gof_pvalue(marginal(counts, i), marginal(exact, i)) for i in range(3)]
+    print(f"pearl {kind} {params}: p = {', '.join(f'{p:.3g}' for p in pvalues)}")
+    assert min(pvalues) > ALPHA
