@@ -11,7 +11,13 @@ from pathlib import Path
 import torch
 
 from distspec.models.llama import pack_for_cpu
-from distspec.models.loader import LoadedModel, load_drafter_model, load_model
+from distspec.models.loader import (
+    LoadedModel,
+    load_drafter_model,
+    load_model,
+    load_tokenizer,
+)
+from distspec.models.tensor_parallel import TPContext
 from distspec.models.tokenizer import ChatMessage, StreamDecoder
 from distspec.spec.decoding import SpeculativeDecoder, StepOutput
 from distspec.spec.draft_policy import measure_costs
@@ -90,9 +96,12 @@ def load_for_inference(
     dtype: torch.dtype = torch.float32,
     max_len: int = 4096,
     num_slots: int = 1,
+    tp: TPContext | None = None,
 ) -> LoadedModel:
     """load_model, then pack weights for the CPU's fast small-batch kernels."""
-    loaded = load_model(name, device=device, dtype=dtype, max_len=max_len, num_slots=num_slots)
+    loaded = load_model(
+        name, device=device, dtype=dtype, max_len=max_len, num_slots=num_slots, tp=tp
+    )
     if torch.device(device).type == "cpu":
         pack_for_cpu(loaded.model)
     return loaded
@@ -104,15 +113,38 @@ def build_drafter(
     """ngram | demo | a model path (HF directory or .gguf) sharing the target's tokenizer.
     Model drafters go on the target's device, in its dtype; with `lookup` they follow prompt
     lookup matches of 2+ tokens first (see ModelDrafter)."""
+    return new_drafter(load_drafter(name, target, max_len), lookup)
+
+
+def load_drafter(
+    name: str,
+    target: LoadedModel | str,
+    max_len: int = 4096,
+    num_slots: int = 1,
+    tp: TPContext | None = None,
+    device: str | None = None,
+    dtype: torch.dtype | None = None,
+) -> LoadedModel | None:
+    """The model of drafter `name` (None for ngram, which has none), for target: loaded, or
+    its name when the drafter runs in a process of its own."""
     if name == "ngram":
-        return NgramDrafter()
+        return None
     if name == "demo":
         name = str(demo_drafter_dir())
-    loaded = load_drafter_model(name, target, max_len=max_len)
+    loaded = load_drafter_model(
+        name, target, max_len=max_len, num_slots=num_slots, tp=tp, device=device, dtype=dtype
+    )
     check_same_vocab(target, loaded)
     if loaded.model.device.type == "cpu":
         pack_for_cpu(loaded.model)
-    return ModelDrafter(loaded.model, lookup=NgramDrafter(min_ngram=2) if lookup else None)
+    return loaded
+
+
+def new_drafter(model: LoadedModel | None, lookup: bool = True, slot: int = 0) -> Drafter:
+    """A drafter for one request at a time, drafting in KV slot `slot` of model."""
+    if model is None:
+        return NgramDrafter()
+    return ModelDrafter(model.model, slot, lookup=NgramDrafter(min_ngram=2) if lookup else None)
 
 
 def make_decoder(
@@ -153,10 +185,13 @@ def demo_drafter_dir() -> Path:
     return path
 
 
-def check_same_vocab(target: LoadedModel, drafter: LoadedModel) -> None:
-    tv, dv = target.model.config.vocab_size, drafter.model.config.vocab_size
-    vocab = target.tokenizer.backend.get_vocab()
-    same = tv == dv and vocab == drafter.tokenizer.backend.get_vocab()
+def check_same_vocab(target: LoadedModel | str, drafter: LoadedModel) -> None:
+    if isinstance(target, str):
+        tokenizer, tv = load_tokenizer(target)
+    else:
+        tokenizer, tv = target.tokenizer, target.model.config.vocab_size
+    dv = drafter.model.config.vocab_size
+    same = tv == dv and tokenizer.backend.get_vocab() == drafter.tokenizer.backend.get_vocab()
     if not same:
         raise ValueError(
             f"the drafter's vocabulary ({dv} tokens, {drafter.path}) differs from the target's "

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -106,12 +108,19 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
     log.info("converting %s -> %s (once; later loads use the cache)", gguf_path, out_dir)
     reader = GGUFReader(str(gguf_path))
     config = gguf_config(reader)
-    tmp = out_dir.with_name(out_dir.name + ".partial")
+    # Several processes (tensor-parallel ranks) may convert at once: each writes its own
+    # directory and the first rename wins.
+    tmp = out_dir.with_name(f"{out_dir.name}.partial-{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     save_file(gguf_state_dict(reader, config), str(tmp / "model.safetensors"))
     (tmp / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2))
     _convert_tokenizer(gguf_path, reader, tmp)
-    tmp.rename(out_dir)
+    try:
+        tmp.rename(out_dir)
+    except OSError:
+        if not (out_dir / "config.json").exists():
+            raise
+        shutil.rmtree(tmp)
     return out_dir
 
 

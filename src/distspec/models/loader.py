@@ -121,26 +121,58 @@ def load_model(
     return LoadedModel(model, Tokenizer.from_dir(model_dir, config.eos_token_ids), model_dir)
 
 
+def load_tokenizer(name: str) -> tuple[Tokenizer, int]:
+    """The tokenizer of model `name` and its vocabulary size, without loading weights."""
+    model_dir = resolve_model_dir(name)
+    config = ModelConfig.from_json_file(model_dir / "config.json")
+    return Tokenizer.from_dir(model_dir, config.eos_token_ids), config.vocab_size
+
+
 def load_drafter_model(
-    name: str, target: LoadedModel, *, num_slots: int = 1, max_len: int = 4096
+    name: str,
+    target: LoadedModel | str,
+    *,
+    num_slots: int = 1,
+    max_len: int = 4096,
+    tp: TPContext | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
 ) -> LoadedModel:
-    """A drafter for target. Drafters saved with `embedding_from_target` store neither an
-    embedding nor a tokenizer: they use the target's, so their vocabulary is the target's."""
+    """A drafter for target: the loaded target (the drafter then goes on its device, in its
+    dtype, and shares its embedding) or the target's name (a drafter in its own process:
+    only the target's embedding and tokenizer are read). Drafters saved with
+    `embedding_from_target` store neither an embedding nor a tokenizer: they use the
+    target's, so their vocabulary is the target's."""
+    if isinstance(target, LoadedModel):
+        device = device or target.model.device
+        dtype = dtype or target.model.dtype
+    device, dtype = device or "cpu", dtype or torch.float32
     path = Path(name).expanduser()
     if path.is_dir() and (path / "config.json").exists():
         config = ModelConfig.from_json_file(path / "config.json")
         if config.embedding_from_target:
-            if config.vocab_size != target.model.config.vocab_size:
+            embedding, tokenizer = _target_embedding(target, device, dtype)
+            if config.vocab_size != embedding.num_embeddings:
                 raise ValueError(
                     f"the drafter's vocabulary ({config.vocab_size} tokens, {path}) differs "
-                    f"from the target's ({target.model.config.vocab_size} tokens)"
+                    f"from the target's ({embedding.num_embeddings} tokens)"
                 )
-            device, dtype = target.model.device, target.model.dtype
-            model = _build(path, config, None, device, dtype, num_slots, max_len)
-            model.share_embedding(target.model.embed)
-            return LoadedModel(model, target.tokenizer, path)
-    tm = target.model
-    return load_model(name, device=tm.device, dtype=tm.dtype, num_slots=num_slots, max_len=max_len)
+            model = _build(path, config, tp, device, dtype, num_slots, max_len)
+            model.share_embedding(embedding)
+            return LoadedModel(model, tokenizer, path)
+    return load_model(name, device=device, dtype=dtype, tp=tp, num_slots=num_slots, max_len=max_len)
+
+
+def _target_embedding(
+    target: LoadedModel | str, device, dtype
+) -> tuple[torch.nn.Embedding, Tokenizer]:
+    if isinstance(target, LoadedModel):
+        return target.model.embed, target.tokenizer
+    model_dir = resolve_model_dir(target)
+    config = ModelConfig.from_json_file(model_dir / "config.json")
+    weight = SafetensorsWeights(model_dir)["model.embed_tokens.weight"]
+    embedding = torch.nn.Embedding.from_pretrained(weight.to(device, dtype), freeze=True)
+    return embedding, Tokenizer.from_dir(model_dir, config.eos_token_ids)
 
 
 def _build(model_dir, config, tp, device, dtype, num_slots, max_len) -> Transformer:

@@ -123,7 +123,10 @@ class SpeculativeDecoder:
             new = [verdict.next_token]
             stats.time_to_first_token_s = time.perf_counter() - t0
             while True:
-                new, finish = self._clip(new, stats.new_tokens, params, stops, len(tokens))
+                room = min(
+                    params.max_new_tokens - stats.new_tokens, self.target.max_len - len(tokens)
+                )
+                new, finish = clip_new_tokens(new, room, stops)
                 tokens += new
                 stats.new_tokens += len(new)
                 if finish:
@@ -167,11 +170,12 @@ class SpeculativeDecoder:
         stats.target_forwards += 1
         return logits
 
-    def _clip(self, new, produced, params, stops, length) -> tuple[list[int], str | None]:
-        """Cut new tokens at max_new_tokens / the context, then at the first stop token (kept)."""
-        room = min(params.max_new_tokens - produced, self.target.max_len - length)
-        new = new[:room]
-        for i, tok in enumerate(new):
-            if tok in stops:
-                return new[: i + 1], "stop"
-        return new, ("length" if len(new) == room else None)
+
+def clip_new_tokens(new: list[int], room: int, stops: set[int]) -> tuple[list[int], str | None]:
+    """Cut new tokens to room (what max_new_tokens and the context leave), then after the
+    first stop token (kept); the finish reason, if this ends the request."""
+    new = new[:room]
+    for i, tok in enumerate(new):
+        if tok in stops:
+            return new[: i + 1], "stop"
+    return new, ("length" if len(new) == room else None)

@@ -1,0 +1,1 @@
+"""Sessions, KV slot accounting, batched verification, admission control, the gRPC servicer."""

@@ -1,0 +1,373 @@
+"""Sessions, KV slots, admission and the batched verify loop.
+
+One loop thread drives every running session in lockstep rounds: each round is ONE batched
+target step over all sessions' chunks (ragged lengths), plus drafting on the drafter workers.
+
+- ar: chunk = [newest token];
+- sd: the drafters draft first, then the chunk is [newest token, *draft];
+- pearl: the chunk [newest token, *pending] goes to the target while the drafters draft
+  after the pending tokens, at the same time; then the leader decides (spec/pearl.py).
+
+The target leader makes every accept/reject decision with the session's own generator. A
+seeded request also gets draft lengths that depend only on its own verdicts (and on the costs
+measured once at start-up), so it gives the same tokens whatever else is in the batch;
+unseeded requests draft as much as pays at the current load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from distspec.scheduler.remote import Remote
+from distspec.scheduler.session import Session, SessionError
+from distspec.spec.decoding import StepOutput, clip_new_tokens
+from distspec.spec.draft_policy import DraftCosts, DraftLengthPolicy
+from distspec.spec.drafter import EMPTY_DRAFT, Draft
+from distspec.spec.pearl import pearl_gamma
+from distspec.spec.sampling import SamplingParams
+from distspec.workers.messages import DraftRequest, ForwardItem, ModelInfo
+
+log = logging.getLogger(__name__)
+
+MODES = ("ar", "sd", "pearl")
+
+
+class AdmissionError(RuntimeError):
+    """No room for another session now; retry after retry_after_s."""
+
+    def __init__(self, message: str, retry_after_s: float):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class ShuttingDownError(RuntimeError):
+    pass
+
+
+@dataclass
+class SchedulerConfig:
+    mode: str = "pearl"
+    gamma: int = 4  # longest draft per round (PEARL: the cap of the measured gamma)
+    max_waiting: int = 16  # sessions queued for a KV slot before admission says no
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.gamma < 1:
+            raise ValueError(f"gamma must be >= 1, got {self.gamma}")
+        if self.max_waiting < 0:
+            raise ValueError(f"max_waiting must be >= 0, got {self.max_waiting}")
+
+
+@dataclass
+class SchedulerState:
+    total_slots: int
+    free_slots: int
+    running: int  # sessions holding a KV slot
+    waiting: int  # sessions queued for one
+    slots: dict[int, int] = field(default_factory=dict)  # session id -> slot
+
+
+@dataclass
+class _Timing:
+    """Running estimates for PEARL's gamma (t_target / t_draft per token)."""
+
+    step_s: float | None = None
+    draft_token_s: float | None = None
+
+    def observe(self, step_s: float, draft_s: float, drafted: int) -> None:
+        self.step_s = _ema(self.step_s, step_s)
+        if drafted:
+            self.draft_token_s = _ema(self.draft_token_s, draft_s / drafted)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        target: Remote,
+        drafters: list[Remote],
+        info: ModelInfo,
+        config: SchedulerConfig | None = None,
+        costs: DraftCosts | None = None,
+    ):
+        """costs: target and drafter timings measured at start-up (see calibrate)."""
+        self.config = config or SchedulerConfig()
+        self.costs = costs
+        if self.config.mode != "ar" and not drafters:
+            raise ValueError(f"mode {self.config.mode!r} needs at least one drafter")
+        self.target, self.drafters, self.info = target, drafters, info
+        self._cv = threading.Condition()
+        self._free_slots = list(range(info.num_slots - 1, -1, -1))
+        self._waiting: deque[Session] = deque()
+        self._running: dict[int, Session] = {}  # owned by the loop thread
+        self._next_id = 1
+        self._closed = False
+        self._timing = _Timing()
+        self._session_s: float | None = None  # typical session duration, for retry hints
+        self.counters = {"rounds": 0, "drafts": 0, "draft_tokens": 0, "accepted_tokens": 0}
+        self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
+        self._thread.start()
+
+    # -- API (any thread) ------------------------------------------------------------------
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams) -> Session:
+        """Queue a request; raises ValueError for a bad one, AdmissionError when full."""
+        self._check_request(prompt_ids, params)
+        reproducible = params.seed is not None
+        if not reproducible:
+            # every rank and worker must draw the same numbers: one seed, chosen here
+            params = dataclasses.replace(params, seed=random.getrandbits(62))
+        stops = set(self.info.eos_token_ids) | set(params.stop_token_ids)
+        with self._cv:
+            if self._closed:
+                raise ShuttingDownError("the server is shutting down")
+            # waiting sessions take the free slots first; max_waiting more may queue
+            if len(self._waiting) >= len(self._free_slots) + self.config.max_waiting:
+                raise AdmissionError(
+                    f"all {self.info.num_slots} sessions are busy and "
+                    f"{len(self._waiting)} are waiting",
+                    self._retry_after_s(),
+                )
+            session = Session(self._next_id, list(prompt_ids), params, stops, reproducible)
+            session.tokens = list(prompt_ids)
+            session.stats.prompt_tokens = len(prompt_ids)
+            self._next_id += 1
+            self._waiting.append(session)
+            self._cv.notify_all()
+        return session
+
+    def cancel(self, session_id: int) -> None:
+        """Stop a session; its KV slot is free once no step in flight uses it (at most the
+        current round)."""
+        with self._cv:
+            for s in self._waiting:
+                if s.id == session_id:
+                    self._waiting.remove(s)
+                    self._finish_cancelled(s)
+                    return
+            session = self._running.get(session_id)
+            if session is not None:
+                session.cancelled.set()
+                self._cv.notify_all()
+
+    def state(self) -> SchedulerState:
+        with self._cv:
+            return SchedulerState(
+                total_slots=self.info.num_slots,
+                free_slots=len(self._free_slots),
+                running=len(self._running),
+                waiting=len(self._waiting),
+                slots={s.id: s.slot for s in self._running.values()},
+            )
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        self._thread.join(timeout=60)
+        for s in list(self._waiting) + list(self._running.values()):
+            s.fail(ShuttingDownError("the server shut down"))
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._closed and not self._waiting and not self._running:
+                    self._cv.wait()
+                if self._closed:
+                    return
+                new = []
+                while self._waiting and self._free_slots:
+                    session = self._waiting.popleft()
+                    session.slot = self._free_slots.pop()
+                    self._running[session.id] = session
+                    new.append(session)
+            try:
+                self._release_done()
+                if new:
+                    self._start(new)
+                ready = [s for s in self._running.values() if not s.finished]
+                if ready:
+                    self._round(ready)
+                self._release_done()
+            except Exception as e:  # a worker failed: end the sessions in flight, keep serving
+                log.exception("scheduler round failed")
+                for s in list(self._running.values()):
+                    if not s.finished:
+                        s.fail(SessionError(f"generation failed on the server: {e}"))
+                self._release_done()
+
+    def _start(self, sessions: list[Session]) -> None:
+        for s in sessions:
+            self.target.call("open_session", s.id, s.params)
+            if self.config.mode != "ar":
+                self._drafter(s).call("open_session", s.id, s.slot, s.prompt_ids, s.params)
+            if self.config.mode == "sd":
+                # seeded: decisions from fixed costs (or none: always gamma); else live timing
+                costs = self.costs if s.reproducible else None
+                fixed = s.reproducible and costs is None
+                s.policy = DraftLengthPolicy(max_k=self.config.gamma, fixed=fixed, costs=costs)
+        items = [ForwardItem(s.id, s.slot, 0, s.prompt_ids, draft=EMPTY_DRAFT) for s in sessions]
+        verdicts = self.target("step", items)
+        for s, verdict in zip(sessions, verdicts, strict=True):
+            s.stats.target_forwards += 1
+            s.stats.time_to_first_token_s = time.perf_counter() - s.created
+            self._advance(s, [verdict.next_token])
+
+    def _round(self, sessions: list[Session]) -> None:
+        self.counters["rounds"] += 1
+        if self.config.mode == "pearl":
+            self._pearl_round(sessions)
+            return
+        drafts, draft_s = {}, 0.0
+        if self.config.mode == "sd":
+            requests = {}
+            for s in sessions:
+                k = min(s.policy.next_k(), self._room(s) - 1)
+                if k > 0:
+                    requests[s.id] = DraftRequest(s.id, s.tokens, k)
+            t = time.perf_counter()
+            drafts = self._draft(sessions, requests)
+            draft_s = time.perf_counter() - t
+        items = []
+        for s in sessions:
+            draft = drafts.get(s.id, EMPTY_DRAFT)
+            items.append(
+                ForwardItem(
+                    s.id, s.slot, len(s.tokens) - 1, [s.tokens[-1], *draft.tokens], draft=draft
+                )
+            )
+        t = time.perf_counter()
+        verdicts = self.target("step", items)
+        verify_s = time.perf_counter() - t
+        for s, item, verdict in zip(sessions, items, verdicts, strict=True):
+            k = len(item.draft)
+            if s.policy is not None:
+                s.policy.observe_round(k, verdict.num_accepted, draft_s, verify_s)
+            self._count(s, k, verdict.num_accepted)
+            self._advance(s, verdict.tokens(item.draft))
+
+    def _pearl_round(self, sessions: list[Session]) -> None:
+        live_gamma = self._pearl_gamma(sessions)
+        items, requests = [], {}
+        for s in sessions:
+            gamma = pearl_gamma(self.costs, self.config.gamma) if s.reproducible else live_gamma
+            start, chunk = s.pearl.target_chunk(s.tokens)
+            items.append(ForwardItem(s.id, s.slot, start, chunk, defer=True))
+            context = s.pearl.draft_context(s.tokens)
+            k = min(
+                gamma, self._room(s) - len(s.pearl.pending) - 1, self.info.max_len - len(context)
+            )
+            if k > 0:
+                requests[s.id] = DraftRequest(s.id, context, k)
+        t = time.perf_counter()
+        stepping = self.target.call("step", items)  # the target verifies while drafters draft
+        drafts = self._draft(sessions, requests)
+        draft_s = time.perf_counter() - t
+        stepping.result()
+        self._timing.observe(time.perf_counter() - t, draft_s, sum(len(d) for d in drafts.values()))
+        candidates = {s.id: s.pearl.candidate(drafts.get(s.id, EMPTY_DRAFT)) for s in sessions}
+        verdicts = self.target("decide", list(candidates.items()))
+        for s, verdict in zip(sessions, verdicts, strict=True):
+            self._count(s, len(candidates[s.id]), verdict.num_accepted)
+            self._advance(s, s.pearl.apply(verdict, drafts.get(s.id, EMPTY_DRAFT)))
+
+    def _pearl_gamma(self, sessions: list[Session]) -> int:
+        """PEARL's rule at this batch: drafting a session's gamma tokens (each drafter serves
+        its sessions one after another) should take as long as the target's step."""
+        t = self._timing
+        if t.step_s is None or not t.draft_token_s:
+            return self.config.gamma
+        per_drafter = max(1, -(-len(sessions) // len(self.drafters)))
+        gamma = round(t.step_s / (t.draft_token_s * per_drafter))
+        return max(1, min(self.config.gamma, gamma))
+
+    def _draft(
+        self, sessions: list[Session], requests: dict[int, DraftRequest]
+    ) -> dict[int, Draft]:
+        by_drafter: dict[int, list[DraftRequest]] = {}
+        for s in sessions:
+            if s.id in requests:
+                by_drafter.setdefault(s.slot % len(self.drafters), []).append(requests[s.id])
+        futures: list[tuple[list[DraftRequest], Future]] = [
+            (reqs, self.drafters[i].call("propose", reqs)) for i, reqs in by_drafter.items()
+        ]
+        drafts = {}
+        for reqs, future in futures:
+            for req, draft in zip(reqs, future.result(), strict=True):
+                drafts[req.session] = draft
+        return drafts
+
+    # -- bookkeeping -----------------------------------------------------------------------
+
+    def _drafter(self, s: Session) -> Remote:
+        return self.drafters[s.slot % len(self.drafters)]
+
+    def _room(self, s: Session) -> int:
+        return min(s.params.max_new_tokens - s.produced, self.info.max_len - len(s.tokens))
+
+    def _count(self, s: Session, num_draft: int, accepted: int) -> None:
+        s.stats.target_forwards += 1
+        s.stats.count_verdict(num_draft, accepted)
+        if num_draft:
+            self.counters["drafts"] += 1
+            self.counters["draft_tokens"] += num_draft
+            self.counters["accepted_tokens"] += accepted
+
+    def _advance(self, s: Session, new: list[int]) -> None:
+        new, finish = clip_new_tokens(new, self._room(s), s.stops)
+        s.tokens += new
+        s.stats.new_tokens += len(new)
+        if finish:
+            s.finish_reason = finish
+            s.stats.wall_s = time.perf_counter() - s.created
+            self._session_s = _ema(self._session_s, s.stats.wall_s)
+        s.emit(StepOutput(new, finish, s.stats if finish else None))
+
+    def _release_done(self) -> None:
+        """Free the KV slots of finished and cancelled sessions (no step is in flight)."""
+        done = [s for s in self._running.values() if s.finished or s.cancelled.is_set()]
+        for s in done:
+            self.target.call("close_session", s.id)
+            if self.config.mode != "ar":
+                self._drafter(s).call("close_session", s.id)
+            if not s.finished:
+                self._finish_cancelled(s)
+        with self._cv:
+            for s in done:
+                del self._running[s.id]
+                self._free_slots.append(s.slot)
+
+    def _finish_cancelled(self, s: Session) -> None:
+        s.finish_reason = "cancelled"
+        s.stats.wall_s = time.perf_counter() - s.created
+        s.emit(StepOutput([], "cancelled", s.stats))
+
+    def _retry_after_s(self) -> float:
+        typical = self._session_s or 1.0
+        return round(max(0.1, typical * (len(self._waiting) + 1) / self.info.num_slots), 2)
+
+    def _check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        if len(prompt_ids) >= self.info.max_len:
+            raise ValueError(
+                f"the prompt has {len(prompt_ids)} tokens; the context holds {self.info.max_len}"
+            )
+        bad = [t for t in prompt_ids if not 0 <= t < self.info.vocab_size]
+        if bad:
+            raise ValueError(
+                f"token id {bad[0]} is outside the vocabulary (0..{self.info.vocab_size - 1})"
+            )
+
+
+def _ema(old: float | None, new: float, decay: float = 0.8) -> float:
+    return new if old is None else decay * old + (1 - decay) * new

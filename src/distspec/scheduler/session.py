@@ -1,0 +1,62 @@
+"""A generation request as the scheduler tracks it, and what its consumer reads."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from distspec.spec.decoding import GenerationStats, StepOutput
+from distspec.spec.draft_policy import DraftLengthPolicy
+from distspec.spec.pearl import PearlState
+from distspec.spec.sampling import SamplingParams
+
+
+class SessionError(RuntimeError):
+    """The session ended because of a failure on the server (not the request's fault)."""
+
+
+@dataclass
+class Session:
+    id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    stops: set[int]
+    reproducible: bool = True  # seeded by the client: draft lengths must not depend on load
+    slot: int = -1  # KV slot in target and drafter; -1 while waiting for one
+    tokens: list[int] = field(default_factory=list)  # verified: prompt + output
+    stats: GenerationStats = field(default_factory=GenerationStats)
+    pearl: PearlState = field(default_factory=PearlState)
+    policy: DraftLengthPolicy | None = None
+    finish_reason: str | None = None  # stop | length | cancelled | error
+    created: float = field(default_factory=time.perf_counter)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    outputs: queue.Queue = field(default_factory=queue.Queue)
+
+    @property
+    def produced(self) -> int:
+        return len(self.tokens) - len(self.prompt_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def emit(self, step: StepOutput) -> None:
+        self.outputs.put(step)
+
+    def fail(self, error: Exception) -> None:
+        self.finish_reason = "error"
+        self.outputs.put(error)
+
+    def stream(self, timeout_s: float | None = None) -> Iterator[StepOutput]:
+        """The session's steps until the last one (finish_reason set); raises SessionError if
+        the server failed it. Leaving the loop early does not cancel: call Scheduler.cancel."""
+        while True:
+            item = self.outputs.get(timeout=timeout_s)
+            if isinstance(item, Exception):
+                raise item
+            yield item
+            if item.finish_reason is not None:
+                return

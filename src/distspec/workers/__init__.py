@@ -1,0 +1,1 @@
+"""Plain classes that own a model shard or a drafter; made Ray actors at creation (cluster/)."""

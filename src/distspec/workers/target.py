@@ -1,0 +1,151 @@
+"""The target model on one rank of its tensor-parallel group; the leader also decides.
+
+The leader batches the sessions' chunks into as few forwards as padding allows, broadcasts
+them to the other ranks, and verifies each session's draft against its own rows with that
+session's generator: it is the one decision-maker, so ranks never have to agree on random
+draws. KV rollback is bookkeeping in the scheduler (the next chunk's start position).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from distspec.engine import load_for_inference
+from distspec.models.llama import pad_positions
+from distspec.spec.drafter import Draft
+from distspec.spec.sampling import SamplingParams
+from distspec.spec.verify import Verdict, verify
+from distspec.workers.group import GroupMember, GroupSpec, join_group
+from distspec.workers.messages import ForwardItem, ModelInfo
+
+# Chunks longer than this (prompts) get a forward of their own, so short chunks are not padded
+# to a prompt's length.
+ALONE_ABOVE = 32
+
+
+@dataclass
+class TargetSpec:
+    model: str = "demo"
+    num_slots: int = 16
+    max_len: int = 2048
+    device: str = "cpu"
+    dtype: str = "float32"
+    threads: int | None = None
+
+
+@dataclass
+class _Forward:
+    tokens: torch.Tensor  # [B, W]
+    pos: torch.Tensor  # [B, W]
+    slots: torch.Tensor  # [B]
+    last_only: bool
+
+
+class TargetWorker(GroupMember):
+    def __init__(self, spec: TargetSpec, group: GroupSpec | None = None):
+        if spec.threads:
+            torch.set_num_threads(spec.threads)
+        self.tp = join_group(group or GroupSpec())
+        loaded = load_for_inference(
+            spec.model,
+            spec.device,
+            getattr(torch, spec.dtype),
+            spec.max_len,
+            spec.num_slots,
+            tp=self.tp,
+        )
+        self.model = loaded.model
+        self.info = ModelInfo(
+            vocab_size=self.model.config.vocab_size,
+            # the last ALONE_ABOVE positions of each slot take the padding of batched chunks
+            max_len=self.model.max_len - ALONE_ABOVE,
+            num_slots=spec.num_slots,
+            eos_token_ids=tuple(loaded.tokenizer.eos_token_ids),
+        )
+        self._sampling: dict[int, tuple[SamplingParams, torch.Generator]] = {}
+        self._open_rows: dict[int, torch.Tensor] = {}  # deferred rows, per session
+        self.busy_s = 0.0  # time spent in forwards (the leader's view)
+        self.steps = 0
+
+    def model_info(self) -> ModelInfo:
+        return self.info
+
+    def ready(self) -> bool:
+        return True
+
+    # -- leader API ------------------------------------------------------------------------
+
+    def open_session(self, session: int, params: SamplingParams) -> None:
+        self._sampling[session] = (params, params.generator(stream=0))
+
+    def close_session(self, session: int) -> None:
+        self._sampling.pop(session, None)
+        self._open_rows.pop(session, None)
+
+    def step(self, items: list[ForwardItem]) -> list[Verdict | None]:
+        """One batched forward over every item's chunk; a verdict per item (None if deferred)."""
+        plan = self._plan(items)
+        t = time.perf_counter()
+        outputs = self.collective("run_forwards", [f for _, f in plan])
+        self.busy_s += time.perf_counter() - t
+        self.steps += 1
+        verdicts: list[Verdict | None] = [None] * len(items)
+        for (members, fwd), logits in zip(plan, outputs, strict=True):
+            for b, i in enumerate(members):
+                item = items[i]
+                rows = logits[b, -1:] if fwd.last_only else logits[b, : len(item.tokens)]
+                if item.defer:
+                    self._open_rows[item.session] = rows
+                else:  # the rows of the chunk's last token before the draft and of the draft
+                    rows = rows[-(len(item.draft) + 1) :]
+                    verdicts[i] = self._verify(item.session, rows, item.draft)
+        return verdicts
+
+    def decide(self, decisions: list[tuple[int, Draft]]) -> list[Verdict]:
+        """Verdicts on deferred rows: per session, the draft its rows decide on."""
+        return [self._verify(s, self._open_rows.pop(s), d) for s, d in decisions]
+
+    def stats(self) -> dict:
+        return {"busy_s": self.busy_s, "steps": self.steps}
+
+    # -- every rank ------------------------------------------------------------------------
+
+    def run_forwards(self, forwards: list[_Forward]) -> list[torch.Tensor]:
+        return [self.model(f.tokens, f.pos, f.slots, last_only=f.last_only) for f in forwards]
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _verify(self, session: int, rows: torch.Tensor, draft: Draft) -> Verdict:
+        params, generator = self._sampling[session]
+        return verify(rows, draft, params, generator)
+
+    def _plan(self, items: list[ForwardItem]) -> list[tuple[list[int], _Forward]]:
+        plan = []
+        short = []
+        for i, item in enumerate(items):
+            if len(item.tokens) <= ALONE_ABOVE:
+                short.append(i)
+                continue
+            n = len(item.tokens)
+            last_only = item.draft is not None and len(item.draft) == 0
+            fwd = _Forward(
+                torch.tensor([item.tokens]),
+                torch.arange(item.start, item.start + n)[None],
+                torch.tensor([item.slot]),
+                last_only,
+            )
+            plan.append(([i], fwd))
+        if short:
+            width = max(len(items[i].tokens) for i in short)
+            tokens = torch.zeros(len(short), width, dtype=torch.long)
+            for b, i in enumerate(short):
+                tokens[b, : len(items[i].tokens)] = torch.tensor(items[i].tokens)
+            # padding continues past each row's positions (never read; within the cache, as
+            # sessions end ALONE_ABOVE positions before it)
+            pos = pad_positions([items[i].start for i in short], width)
+            slots = torch.tensor([items[i].slot for i in short])
+            plan.append((short, _Forward(tokens, pos, slots, last_only=False)))
+        return plan

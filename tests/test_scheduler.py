@@ -1,0 +1,170 @@
+"""The scheduler over in-process workers (tiny random models): batched sessions in every
+mode equal their single-session results, cancellation frees KV slots, admission control."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from distspec.scheduler.remote import Remote
+from distspec.scheduler.scheduler import AdmissionError, Scheduler, SchedulerConfig
+from distspec.scheduler.session import SessionError
+from distspec.spec.sampling import SamplingParams
+from distspec.workers.drafter import DrafterSpec, DrafterWorker
+from distspec.workers.target import TargetSpec, TargetWorker
+from test_decoding import PROMPTS, encode, greedy_ar
+
+SLOTS = 4
+MAX_LEN = 256 + 32  # the target worker keeps 32 positions for padding: 256 usable
+
+
+@pytest.fixture(scope="module")
+def workers(tiny_dir, tiny_drafter_dir):
+    target = TargetWorker(TargetSpec(model=str(tiny_dir), num_slots=SLOTS, max_len=MAX_LEN))
+    drafter = DrafterWorker(
+        DrafterSpec(
+            model=str(tiny_drafter_dir), target=str(tiny_dir), num_slots=SLOTS, max_len=MAX_LEN
+        )
+    )
+    return target, drafter
+
+
+def make_scheduler(workers, mode="pearl", **config) -> Scheduler:
+    target, drafter = workers
+    drafters = [] if mode == "ar" else [Remote.local(drafter)]
+    return Scheduler(
+        Remote.local(target), drafters, target.info, SchedulerConfig(mode=mode, **config)
+    )
+
+
+def run(sessions) -> list[list[int]]:
+    return [[t for step in s.stream(timeout_s=60) for t in step.token_ids] for s in sessions]
+
+
+@pytest.mark.parametrize("mode", ["ar", "sd", "pearl"])
+def test_concurrent_greedy_sessions_equal_greedy_decoding(workers, target, mode):
+    sched = make_scheduler(workers, mode)
+    try:
+        prompts = [encode(target, p) for p in PROMPTS]
+        sessions = [sched.submit(ids, SamplingParams(max_new_tokens=40)) for ids in prompts]
+        outs = run(sessions)
+        for ids, out, s in zip(prompts, outs, sessions, strict=True):
+            assert out == greedy_ar(target, ids, 40)
+            assert s.finish_reason == "length"
+        if mode != "ar":
+            assert sched.counters["draft_tokens"] > 0
+        assert sched.state().free_slots == SLOTS
+    finally:
+        sched.close()
+
+
+@pytest.mark.parametrize("mode", ["sd", "pearl"])
+def test_seeded_sampling_does_not_depend_on_the_batch(workers, target, mode):
+    sched = make_scheduler(workers, mode)
+    try:
+        ids = encode(target, "Once upon a time")
+        params = SamplingParams(max_new_tokens=30, temperature=1.0, seed=7)
+        alone = run([sched.submit(ids, params)])[0]
+        others = [
+            sched.submit(encode(target, p), SamplingParams(max_new_tokens=30, temperature=1.0))
+            for p in PROMPTS[:3]
+        ]
+        batched = run([sched.submit(ids, params)] + others)[0]
+        assert batched == alone
+        different = run([sched.submit(ids, SamplingParams(30, temperature=1.0, seed=8))])[0]
+        assert different != alone
+    finally:
+        sched.close()
+
+
+def wait_for(condition, timeout_s=30.0):
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_cancel_frees_the_kv_slot(workers, target):
+    sched = make_scheduler(workers, "pearl")
+    try:
+        ids = encode(target, "Hello")
+        s = sched.submit(ids, SamplingParams(max_new_tokens=250))
+        first = next(s.stream(timeout_s=30))
+        assert first.token_ids
+        wait_for(lambda: sched.state().running == 1)
+        assert sched.state().slots == {s.id: s.slot}
+        sched.cancel(s.id)
+        wait_for(lambda: sched.state().free_slots == SLOTS)
+        assert sched.state().running == 0 and sched.state().slots == {}
+        steps = list(s.stream(timeout_s=30))
+        assert steps[-1].finish_reason == "cancelled"
+        assert s.produced < 250
+        # the freed slot serves the next session correctly
+        assert run([sched.submit(ids, SamplingParams(max_new_tokens=20))])[0] == greedy_ar(
+            target, ids, 20
+        )
+    finally:
+        sched.close()
+
+
+def test_admission_is_bounded(workers, target):
+    sched = make_scheduler(workers, "ar", max_waiting=1)
+    try:
+        ids = encode(target, "Hello")
+        long = SamplingParams(max_new_tokens=250)
+        running = [sched.submit(ids, long) for _ in range(SLOTS)]
+        waiting = sched.submit(ids, long)
+        with pytest.raises(AdmissionError) as err:
+            sched.submit(ids, long)
+        assert err.value.retry_after_s > 0
+        assert "busy" in str(err.value)
+        state = sched.state()
+        assert state.waiting + state.running == SLOTS + 1
+        # cancelling a waiting session takes it out of the queue
+        sched.cancel(waiting.id)
+        assert list(waiting.stream(timeout_s=5))[-1].finish_reason == "cancelled"
+        for s in running:
+            sched.cancel(s.id)
+        wait_for(lambda: sched.state().free_slots == SLOTS)
+    finally:
+        sched.close()
+
+
+@pytest.mark.parametrize(
+    "ids, message", [([], "empty"), ([1, 10**6], "outside the vocabulary"), ([1] * 300, "context")]
+)
+def test_bad_requests_are_refused(workers, ids, message):
+    sched = make_scheduler(workers, "ar")
+    try:
+        with pytest.raises(ValueError, match=message):
+            sched.submit(ids, SamplingParams())
+    finally:
+        sched.close()
+
+
+def test_a_failed_step_ends_the_sessions_in_flight_but_not_the_server(workers, target):
+    target_worker, _ = workers
+    sched = make_scheduler(workers, "sd")
+    ids = encode(target, "Hello")
+    real_step = target_worker.step
+    calls = []
+
+    def failing_step(items):
+        calls.append(len(items))
+        if len(calls) == 3:
+            raise RuntimeError("device lost")
+        return real_step(items)
+
+    target_worker.step = failing_step
+    try:
+        s = sched.submit(ids, SamplingParams(max_new_tokens=100))
+        with pytest.raises(SessionError, match="device lost"):
+            run([s])
+        wait_for(lambda: sched.state().free_slots == SLOTS)
+        assert run([sched.submit(ids, SamplingParams(max_new_tokens=20))])[0] == greedy_ar(
+            target, ids, 20
+        )
+    finally:
+        del target_worker.step
+        sched.close()
