@@ -100,6 +100,56 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_serve(sub) -> None:
+    p = sub.add_parser(
+        "serve", help="serve gRPC (distspec.v1.SpeculativeDecoding) from a Ray cluster"
+    )
+    p.add_argument("--config", help="YAML file of settings (flags override it)")
+    p.add_argument("--port", type=int, help="gRPC port (default 50051; 0 picks a free one)")
+    p.add_argument("--host", help="interface to listen on (default all)")
+    p.add_argument("--address", help="Ray cluster to join (default: start a local one)")
+    p.add_argument(
+        "--no-ray",
+        dest="use_ray",
+        action="store_const",
+        const=False,
+        help="run the workers in this process (tensor parallel size 1)",
+    )
+    p.add_argument("--target", help="demo | a model path (default demo)")
+    p.add_argument("--target-tp", type=int, help="tensor-parallel ranks of the target")
+    p.add_argument("--drafter", help="demo | ngram | a model path | none (default demo)")
+    p.add_argument("--drafter-tp", type=int, help="tensor-parallel ranks of each drafter")
+    p.add_argument("--num-drafters", type=int, help="drafter groups (sessions are spread)")
+    p.add_argument(
+        "--mode", choices=["ar", "sd", "pearl"], help="default: pearl with a drafter, else ar"
+    )
+    p.add_argument("--gamma", type=int, help="longest draft per round (default 4)")
+    p.add_argument("--num-slots", type=int, help="concurrent sessions (KV slots; default 16)")
+    p.add_argument("--max-len", type=int, help="context length per session (default 2048)")
+    p.add_argument("--max-waiting", type=int, help="sessions queued beyond the slots")
+    p.add_argument("--device", help="cpu | cuda")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    p.set_defaults(func=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from distspec.scheduler.serve import ServeConfig, serve
+
+    values = {}
+    if args.config:
+        import yaml
+
+        with open(args.config) as f:
+            loaded = yaml.safe_load(f) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{args.config}: expected a mapping of settings")
+        values = {k.replace("-", "_"): v for k, v in loaded.items()}
+    skip = {"config", "func", "command", "verbose"}
+    flags = {k: v for k, v in vars(args).items() if k not in skip and v is not None}
+    serve(ServeConfig.from_dict({**values, **flags}))
+    return 0
+
+
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="benchmark distspec against transformers (one process)")
     p.add_argument("--target", default="demo")
@@ -218,7 +268,7 @@ def _train_drafter(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: list[Callable] = [_add_generate, _add_bench, _add_train_drafter]
+COMMANDS: list[Callable] = [_add_generate, _add_serve, _add_bench, _add_train_drafter]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -87,7 +87,7 @@ class Engine:
     ) -> Iterator[tuple[str, StepOutput]]:
         decoder = StreamDecoder(self.tokenizer)
         for step in self.stream(prompt_ids, params):
-            yield decoder.push(step.token_ids), step
+            yield decoder.push(step.token_ids, final=step.finish_reason is not None), step
 
 
 def load_for_inference(

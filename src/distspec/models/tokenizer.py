@@ -65,12 +65,15 @@ class Tokenizer:
         )
         env.globals["raise_exception"] = _raise
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-        return env.from_string(self.chat_template).render(
-            messages=[{"role": m.role, "content": m.content} for m in messages],
-            add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "",
-            eos_token=self.eos_token or "",
-        )
+        try:
+            return env.from_string(self.chat_template).render(
+                messages=[{"role": m.role, "content": m.content} for m in messages],
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+            )
+        except jinja2.TemplateError as e:
+            raise ValueError(f"the chat template refused these messages: {e}") from e
 
     def encode_chat(self, messages: list[ChatMessage]) -> list[int]:
         """As transformers' apply_chat_template(..., add_generation_prompt=True)."""
@@ -91,10 +94,11 @@ class StreamDecoder:
         self.ids: list[int] = []
         self.emitted = ""
 
-    def push(self, ids: list[int]) -> str:
+    def push(self, ids: list[int], final: bool = False) -> str:
+        """The text the new ids complete; final: the last push, whatever bytes are left."""
         self.ids.extend(ids)
         text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):
+        if text.endswith("\ufffd") and not final:
             return ""
         delta = text[len(self.emitted) :] if text.startswith(self.emitted) else ""
         self.emitted = text

@@ -25,6 +25,7 @@ from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+from distspec.scheduler.metrics import SchedulerMetrics
 from distspec.scheduler.remote import Remote
 from distspec.scheduler.session import Session, SessionError
 from distspec.spec.decoding import StepOutput, clip_new_tokens
@@ -112,6 +113,11 @@ class Scheduler:
         self._timing = _Timing()
         self._session_s: float | None = None  # typical session duration, for retry hints
         self.counters = {"rounds": 0, "drafts": 0, "draft_tokens": 0, "accepted_tokens": 0}
+        self.target_busy_s = 0.0  # the target's compute time, summed over steps
+        self.metrics = SchedulerMetrics()
+        self.metrics.watch(
+            lambda: len(self._running), lambda: len(self._waiting), lambda: self.target_busy_s
+        )
         self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
         self._thread.start()
 
@@ -216,10 +222,11 @@ class Scheduler:
                 fixed = s.reproducible and costs is None
                 s.policy = DraftLengthPolicy(max_k=self.config.gamma, fixed=fixed, costs=costs)
         items = [ForwardItem(s.id, s.slot, 0, s.prompt_ids, draft=EMPTY_DRAFT) for s in sessions]
-        verdicts = self.target("step", items)
+        verdicts = self._step(items)
         for s, verdict in zip(sessions, verdicts, strict=True):
             s.stats.target_forwards += 1
             s.stats.time_to_first_token_s = time.perf_counter() - s.created
+            self.metrics.on_first_token(s.stats.time_to_first_token_s)
             self._advance(s, [verdict.next_token])
 
     def _round(self, sessions: list[Session]) -> None:
@@ -246,7 +253,7 @@ class Scheduler:
                 )
             )
         t = time.perf_counter()
-        verdicts = self.target("step", items)
+        verdicts = self._step(items)
         verify_s = time.perf_counter() - t
         for s, item, verdict in zip(sessions, items, verdicts, strict=True):
             k = len(item.draft)
@@ -272,13 +279,21 @@ class Scheduler:
         stepping = self.target.call("step", items)  # the target verifies while drafters draft
         drafts = self._draft(sessions, requests)
         draft_s = time.perf_counter() - t
-        stepping.result()
+        self._stepped(stepping.result())
         self._timing.observe(time.perf_counter() - t, draft_s, sum(len(d) for d in drafts.values()))
         candidates = {s.id: s.pearl.candidate(drafts.get(s.id, EMPTY_DRAFT)) for s in sessions}
         verdicts = self.target("decide", list(candidates.items()))
         for s, verdict in zip(sessions, verdicts, strict=True):
             self._count(s, len(candidates[s.id]), verdict.num_accepted)
             self._advance(s, s.pearl.apply(verdict, drafts.get(s.id, EMPTY_DRAFT)))
+
+    def _step(self, items: list[ForwardItem]) -> list:
+        return self._stepped(self.target("step", items))
+
+    def _stepped(self, result: tuple[list, float]) -> list:
+        verdicts, forward_s = result
+        self.target_busy_s += forward_s
+        return verdicts
 
     def _pearl_gamma(self, sessions: list[Session]) -> int:
         """PEARL's rule at this batch: drafting a session's gamma tokens (each drafter serves
@@ -317,6 +332,7 @@ class Scheduler:
     def _count(self, s: Session, num_draft: int, accepted: int) -> None:
         s.stats.target_forwards += 1
         s.stats.count_verdict(num_draft, accepted)
+        self.metrics.on_verdict(num_draft, accepted)
         if num_draft:
             self.counters["drafts"] += 1
             self.counters["draft_tokens"] += num_draft
@@ -324,6 +340,9 @@ class Scheduler:
 
     def _advance(self, s: Session, new: list[int]) -> None:
         new, finish = clip_new_tokens(new, self._room(s), s.stops)
+        now = time.perf_counter()
+        self.metrics.on_tokens(len(new), now - s.last_emit if s.last_emit else None)
+        s.last_emit = now
         s.tokens += new
         s.stats.new_tokens += len(new)
         if finish:
@@ -371,3 +390,13 @@ class Scheduler:
 
 def _ema(old: float | None, new: float, decay: float = 0.8) -> float:
     return new if old is None else decay * old + (1 - decay) * new
+
+
+def calibrate(target: Remote, drafter: Remote, info: ModelInfo, k: int) -> DraftCosts | None:
+    """Measure the target's step and verify costs and the drafter's cost per token once, at
+    start-up (before sessions use the KV slots)."""
+    timing = target("calibrate", k)
+    if timing is None:
+        return None
+    t_draft = drafter("calibrate", k, info.vocab_size)
+    return DraftCosts(t_step=timing[0], t_draft=t_draft, beta=timing[1])

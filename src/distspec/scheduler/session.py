@@ -32,6 +32,7 @@ class Session:
     policy: DraftLengthPolicy | None = None
     finish_reason: str | None = None  # stop | length | cancelled | error
     created: float = field(default_factory=time.perf_counter)
+    last_emit: float | None = None  # when its latest tokens went out
     cancelled: threading.Event = field(default_factory=threading.Event)
     outputs: queue.Queue = field(default_factory=queue.Queue)
 

@@ -104,27 +104,51 @@ def measure_costs(
     None when the context is too short to try (the policy then times live rounds).
 
     Uses cache slot 0 of both models at positions the next request overwrites anyway."""
+    timing = time_target(target, k, context_len, repeats)
+    if timing is None:
+        return None
+    t_draft = time_drafter(drafter, target.config.vocab_size, k, context_len, repeats)
+    return DraftCosts(timing[0], t_draft, timing[1])
+
+
+def time_target(
+    target: Transformer, k: int, context_len: int = 64, repeats: int = 3
+) -> tuple[float, float] | None:
+    """(t_step, beta): a one-token forward's time and the extra cost per verified token."""
     context_len = min(context_len, target.max_len - 2 * (k + 1))
     if context_len < 1:
         return None
-    context = [int(t) % target.config.vocab_size for t in range(100, 100 + context_len)]
-
-    def timed(fn) -> float:
-        times = []
-        for _ in range(repeats + 1):  # the first call warms up
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return sorted(times[1:])[len(times[1:]) // 2]
+    context = _dummy_context(target.config.vocab_size, context_len)
 
     def forward(n: int):
         pos = torch.arange(context_len - 1, context_len - 1 + n)[None]
         return lambda: target(torch.tensor([context[-1:] * n]), pos, torch.tensor([0]))
 
     target(torch.tensor([context]), torch.arange(context_len)[None], torch.tensor([0]))
-    t_step, t_verify = timed(forward(1)), timed(forward(k + 1))
+    t_step, t_verify = _timed(forward(1), repeats), _timed(forward(k + 1), repeats)
+    return t_step, max(0.0, (t_verify / t_step - 1) / k)
+
+
+def time_drafter(
+    drafter: Drafter, vocab_size: int, k: int, context_len: int = 64, repeats: int = 3
+) -> float:
+    """Seconds per drafted token, drafting k after a context with nothing to look up."""
+    context = _dummy_context(vocab_size, context_len)
     drafter.start(context, SamplingParams())
     drafter.propose(context, k)  # fills the drafter's cache with the context
-    t_draft = timed(lambda: drafter.propose(context, k)) / k
+    t_draft = _timed(lambda: drafter.propose(context, k), repeats) / k
     drafter.finish()
-    return DraftCosts(t_step, t_draft, max(0.0, (t_verify / t_step - 1) / k))
+    return t_draft
+
+
+def _dummy_context(vocab_size: int, n: int) -> list[int]:
+    return [t % vocab_size for t in range(100, 100 + n)]
+
+
+def _timed(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats + 1):  # the first call warms up
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return sorted(times[1:])[len(times[1:]) // 2]

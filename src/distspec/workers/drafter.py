@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from distspec.engine import load_drafter, new_drafter
+from distspec.spec.draft_policy import time_drafter
 from distspec.spec.drafter import Draft, Drafter
 from distspec.spec.sampling import SamplingParams
 from distspec.workers.group import GroupMember, GroupSpec, join_group
@@ -66,6 +67,13 @@ class DrafterWorker(GroupMember):
 
     def stats(self) -> dict:
         return {"busy_s": self.busy_s}
+
+    def calibrate(self, k: int, vocab_size: int) -> float:
+        """Seconds per drafted token (time_drafter); before any session uses slot 0."""
+        return self.collective("_time_drafter", k, vocab_size)
+
+    def _time_drafter(self, k: int, vocab_size: int) -> float:
+        return time_drafter(new_drafter(self.model, self.spec.lookup), vocab_size, k)
 
     # -- every rank ------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ import torch
 
 from distspec.engine import load_for_inference
 from distspec.models.llama import pad_positions
+from distspec.spec.draft_policy import time_target
 from distspec.spec.drafter import Draft
 from distspec.spec.sampling import SamplingParams
 from distspec.spec.verify import Verdict, verify
@@ -85,12 +86,14 @@ class TargetWorker(GroupMember):
         self._sampling.pop(session, None)
         self._open_rows.pop(session, None)
 
-    def step(self, items: list[ForwardItem]) -> list[Verdict | None]:
-        """One batched forward over every item's chunk; a verdict per item (None if deferred)."""
+    def step(self, items: list[ForwardItem]) -> tuple[list[Verdict | None], float]:
+        """One batched forward over every item's chunk: a verdict per item (None if deferred)
+        and the seconds the forward took."""
         plan = self._plan(items)
         t = time.perf_counter()
         outputs = self.collective("run_forwards", [f for _, f in plan])
-        self.busy_s += time.perf_counter() - t
+        forward_s = time.perf_counter() - t
+        self.busy_s += forward_s
         self.steps += 1
         verdicts: list[Verdict | None] = [None] * len(items)
         for (members, fwd), logits in zip(plan, outputs, strict=True):
@@ -102,7 +105,7 @@ class TargetWorker(GroupMember):
                 else:  # the rows of the chunk's last token before the draft and of the draft
                     rows = rows[-(len(item.draft) + 1) :]
                     verdicts[i] = self._verify(item.session, rows, item.draft)
-        return verdicts
+        return verdicts, forward_s
 
     def decide(self, decisions: list[tuple[int, Draft]]) -> list[Verdict]:
         """Verdicts on deferred rows: per session, the draft its rows decide on."""
@@ -110,6 +113,13 @@ class TargetWorker(GroupMember):
 
     def stats(self) -> dict:
         return {"busy_s": self.busy_s, "steps": self.steps}
+
+    def calibrate(self, k: int) -> tuple[float, float] | None:
+        """(t_step, beta) of this group (time_target); before any session uses slot 0."""
+        return self.collective("_time_target", k)
+
+    def _time_target(self, k: int) -> tuple[float, float] | None:
+        return time_target(self.model, k)
 
     # -- every rank ------------------------------------------------------------------------
 

@@ -1,0 +1,1 @@
+"""Ray bring-up: placement groups, tensor-parallel groups of workers, drafter groups."""

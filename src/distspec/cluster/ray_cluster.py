@@ -1,0 +1,163 @@
+"""Ray bring-up: one placement group per tensor-parallel group, workers made actors with
+explicit ranks, joined in a torch.distributed group (gloo on CPU, NCCL on GPU).
+
+Embedded default: a local Ray instance started here (and stopped on shutdown); an address
+joins an existing cluster ("auto" under `ray job submit`). The target group and each drafter
+group get placement groups of their own, so drafters run on resources apart from the
+target's and a drafter's TP size may differ from the target's.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from distspec.scheduler.remote import Remote
+from distspec.workers.drafter import DrafterSpec, DrafterWorker
+from distspec.workers.group import GroupSpec
+from distspec.workers.target import TargetSpec, TargetWorker
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT_S = 600.0
+
+
+@dataclass
+class ClusterConfig:
+    target: TargetSpec = field(default_factory=TargetSpec)
+    target_tp: int = 1
+    drafter: DrafterSpec | None = field(default_factory=DrafterSpec)  # None: no drafters
+    drafter_tp: int = 1
+    num_drafters: int = 1
+    address: str | None = None  # None: start a local Ray instance
+    cpus_per_rank: float = 1.0  # CPU bundles; on GPUs each rank also takes one GPU
+
+    def __post_init__(self) -> None:
+        for name in ("target_tp", "drafter_tp", "num_drafters"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def gpu(self) -> bool:
+        return self.target.device.startswith("cuda")
+
+
+@dataclass
+class WorkerGroup:
+    """A TP group of actors; the leader takes the calls, the others follow it."""
+
+    name: str
+    actors: list[Any]
+    follow_refs: list[Any]
+    placement_group: Any
+
+    @property
+    def leader(self) -> Remote:
+        return Remote.ray(self.actors[0])
+
+
+class RayCluster:
+    def __init__(self, config: ClusterConfig):
+        import ray
+
+        self.config = config
+        self._started_ray = not ray.is_initialized()
+        if self._started_ray:
+            if config.address is None:
+                ray.init(
+                    num_cpus=self._local_cpus(),
+                    include_dashboard=False,
+                    log_to_driver=False,
+                    configure_logging=False,
+                )
+            else:
+                ray.init(address=config.address, log_to_driver=False, configure_logging=False)
+        self.groups: list[WorkerGroup] = []
+        try:
+            self.target = self._start_group("target", TargetWorker, config.target, config.target_tp)
+            self.drafters = []
+            if config.drafter is not None:
+                spec = replace(config.drafter, num_slots=config.target.num_slots)
+                for i in range(config.num_drafters):
+                    group = self._start_group(
+                        f"drafter-{i}", DrafterWorker, spec, config.drafter_tp
+                    )
+                    self.drafters.append(group)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _local_cpus(self) -> int:
+        """Logical CPUs for a local instance: at least one per rank, even on a small machine
+        (ranks then share cores, which is what a laptop test of TP=2 means)."""
+        c = self.config
+        ranks = c.target_tp + (c.num_drafters * c.drafter_tp if c.drafter else 0)
+        return max(os.cpu_count() or 1, int(ranks * c.cpus_per_rank + 0.999))
+
+    def _start_group(self, name: str, cls: type, spec: Any, tp: int) -> WorkerGroup:
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        gpu = self.config.gpu
+        bundle = {"CPU": self.config.cpus_per_rank, **({"GPU": 1} if gpu else {})}
+        pg = placement_group([bundle] * tp, strategy="STRICT_PACK" if gpu else "PACK")
+        ray.get(pg.ready(), timeout=READY_TIMEOUT_S)
+        init = None
+        if tp > 1:
+            on_first = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)
+            rendezvous = ray.remote(_rendezvous)
+            host, port = ray.get(
+                rendezvous.options(scheduling_strategy=on_first, num_cpus=0).remote()
+            )
+            init = f"tcp://{host}:{port}"
+        actor_cls = ray.remote(cls)
+        threads = max(1, int(self.config.cpus_per_rank))
+        spec = replace(spec, threads=spec.threads or threads)
+        actors = []
+        for rank in range(tp):
+            strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank)
+            group = GroupSpec(rank, tp, init, "nccl" if gpu else "gloo")
+            actor = actor_cls.options(
+                scheduling_strategy=strategy,
+                num_cpus=self.config.cpus_per_rank,
+                num_gpus=1 if gpu else 0,
+            ).remote(spec, group)
+            actors.append(actor)
+        group = WorkerGroup(name, actors, [], pg)
+        self.groups.append(group)
+        ray.get([a.ready.remote() for a in actors], timeout=READY_TIMEOUT_S)
+        group.follow_refs = [a.follow.remote() for a in actors[1:]]
+        log.info("%s: %d rank(s) ready", name, tp)
+        return group
+
+    def shutdown(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for group in self.groups:
+            try:
+                if group.follow_refs:
+                    ray.get(group.actors[0].leave.remote(), timeout=30)
+                    ray.get(group.follow_refs, timeout=30)
+            except Exception:  # a broken group: killing its actors below is all that is left
+                log.warning("%s did not leave its group cleanly", group.name)
+            for actor in group.actors:
+                ray.kill(actor)
+            remove_placement_group(group.placement_group)
+        self.groups = []
+        if self._started_ray and ray.is_initialized():
+            ray.shutdown()
+
+
+def _rendezvous() -> tuple[str, int]:
+    """A free port on this node, for the group's torch.distributed rendezvous."""
+    import ray
+
+    host = ray.util.get_node_ip_address()
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return host, s.getsockname()[1]

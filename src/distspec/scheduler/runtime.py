@@ -1,0 +1,80 @@
+"""The serving runtime: workers (Ray actors, or in-process objects), calibration, scheduler."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from distspec.cluster.ray_cluster import ClusterConfig, RayCluster
+from distspec.models.loader import load_tokenizer
+from distspec.models.tokenizer import Tokenizer
+from distspec.scheduler.remote import Remote
+from distspec.scheduler.scheduler import Scheduler, SchedulerConfig, calibrate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RuntimeConfig:
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    use_ray: bool = True  # False: workers in this process (TP 1; tests, single-process use)
+
+    def __post_init__(self) -> None:
+        c = self.cluster
+        if not self.use_ray and (c.target_tp > 1 or c.drafter_tp > 1):
+            raise ValueError("tensor parallelism needs Ray (use_ray=True)")
+        if self.scheduler.mode != "ar" and c.drafter is None:
+            raise ValueError(f"mode {self.scheduler.mode!r} needs a drafter")
+
+
+class Runtime:
+    def __init__(self, config: RuntimeConfig):
+        self.config = config
+        c = config.cluster
+        self.cluster: RayCluster | None = None
+        self._local: list[Remote] = []
+        drafter_spec = c.drafter if config.scheduler.mode != "ar" else None
+        if config.use_ray:
+            self.cluster = RayCluster(c if drafter_spec else _without_drafters(c))
+            target = self.cluster.target.leader
+            drafters = [g.leader for g in self.cluster.drafters]
+        else:
+            from distspec.workers.drafter import DrafterWorker
+            from distspec.workers.target import TargetWorker
+
+            target = Remote.local(TargetWorker(c.target))
+            drafters = []
+            if drafter_spec:
+                spec = _sized(drafter_spec, c.target.num_slots)
+                drafters = [Remote.local(DrafterWorker(spec)) for _ in range(c.num_drafters)]
+            self._local = [target, *drafters]
+        self.target, self.drafters = target, drafters
+        self.info = target("model_info")
+        costs = None
+        if drafters:
+            costs = calibrate(target, drafters[0], self.info, config.scheduler.gamma)
+            log.info("measured costs: %s", costs)
+        self.costs = costs
+        self.scheduler = Scheduler(target, drafters, self.info, config.scheduler, costs)
+        tokenizer, _ = load_tokenizer(c.target.model)
+        self.tokenizer: Tokenizer = tokenizer
+
+    def close(self) -> None:
+        self.scheduler.close()
+        for remote in self._local:
+            remote.close()
+        if self.cluster is not None:
+            self.cluster.shutdown()
+
+
+def _without_drafters(c: ClusterConfig) -> ClusterConfig:
+    from dataclasses import replace
+
+    return replace(c, drafter=None)
+
+
+def _sized(spec, num_slots: int):
+    from dataclasses import replace
+
+    return replace(spec, num_slots=num_slots)

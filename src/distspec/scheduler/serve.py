@@ -1,0 +1,102 @@
+"""`distspec serve`: the runtime behind the gRPC server, until SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import signal
+import sys
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from distspec.cluster.ray_cluster import ClusterConfig
+from distspec.scheduler.runtime import Runtime, RuntimeConfig
+from distspec.scheduler.scheduler import SchedulerConfig
+from distspec.workers.drafter import DrafterSpec
+from distspec.workers.target import TargetSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServeConfig:
+    port: int = 50051
+    host: str = "[::]"
+    address: str | None = None  # Ray cluster to join; None: start a local one
+    use_ray: bool = True
+    target: str = "demo"
+    target_tp: int = 1
+    drafter: str | None = "demo"  # demo | ngram | PATH | None (plain decoding)
+    drafter_tp: int = 1
+    num_drafters: int = 1
+    lookup: bool = True
+    mode: str | None = None  # default: pearl with a drafter, ar without
+    gamma: int = 4
+    num_slots: int = 16
+    max_len: int = 2048
+    max_waiting: int = 16
+    device: str = "cpu"
+    dtype: str = "float32"
+    cpus_per_rank: float = 1.0
+    metrics_port: int | None = None
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ServeConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(
+                f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}"
+            )
+        return cls(**values)
+
+    def runtime_config(self) -> RuntimeConfig:
+        drafter = None if self.drafter in (None, "", "none") else self.drafter
+        mode = self.mode or ("pearl" if drafter else "ar")
+        target = TargetSpec(self.target, self.num_slots, self.max_len, self.device, self.dtype)
+        drafter_spec = None
+        if drafter:
+            drafter_spec = DrafterSpec(
+                drafter,
+                self.target,
+                self.num_slots,
+                self.max_len,
+                self.lookup,
+                self.device,
+                self.dtype,
+            )
+        cluster = ClusterConfig(
+            target=target,
+            target_tp=self.target_tp,
+            drafter=drafter_spec,
+            drafter_tp=self.drafter_tp,
+            num_drafters=self.num_drafters,
+            address=self.address,
+            cpus_per_rank=self.cpus_per_rank,
+        )
+        scheduler = SchedulerConfig(mode=mode, gamma=self.gamma, max_waiting=self.max_waiting)
+        return RuntimeConfig(cluster, scheduler, use_ray=self.use_ray)
+
+
+def serve(config: ServeConfig) -> None:
+    from distspec.scheduler.grpc_server import GrpcServer
+
+    runtime = Runtime(config.runtime_config())
+    try:
+        server = GrpcServer(runtime, config.port, config.host)
+        if config.metrics_port is not None:
+            from distspec.scheduler.metrics import start_metrics_server
+
+            start_metrics_server(runtime, config.metrics_port)
+        port = server.start()
+        stop = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+        mode = runtime.config.scheduler.mode
+        print(f"distspec: serving {config.target} ({mode}) on {config.host}:{port}", flush=True)
+        stop.wait()
+        print("distspec: shutting down", file=sys.stderr, flush=True)
+        server.stop()
+    finally:
+        runtime.close()
