@@ -143,8 +143,8 @@ class RayCluster:
                 if group.follow_refs:
                     ray.get(group.actors[0].leave.remote(), timeout=30)
                     ray.get(group.follow_refs, timeout=30)
-            except Exception:  # a broken group: killing its actors below is all that is left
-                log.warning("%s did not leave its group cleanly", group.name)
+            except Exception as e:  # a broken group: killing its actors is all that is left
+                log.warning("%s did not leave its group cleanly: %s", group.name, e)
             for actor in group.actors:
                 ray.kill(actor)
             remove_placement_group(group.placement_group)
