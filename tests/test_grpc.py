@@ -3,6 +3,7 @@ validation, admission, disconnects, health checking and reflection."""
 
 from __future__ import annotations
 
+import queue
 import time
 
 import grpc
@@ -30,7 +31,8 @@ def server(tiny_dir, tiny_drafter_dir):
         target=TargetSpec(str(tiny_dir), num_slots=SLOTS, max_len=288),
         drafter=DrafterSpec(str(tiny_drafter_dir), str(tiny_dir), max_len=288),
     )
-    config = RuntimeConfig(cluster, SchedulerConfig(mode="pearl", max_waiting=1), use_ray=False)
+    scheduler = SchedulerConfig(mode="pearl", max_waiting=1, max_draft=8, idle_timeout_s=1.5)
+    config = RuntimeConfig(cluster, scheduler, use_ray=False)
     runtime = Runtime(config)
     srv = GrpcServer(runtime, port=0, host="127.0.0.1")
     port = srv.start()
@@ -109,23 +111,26 @@ def wait_for(condition, timeout_s=30.0):
 
 def test_full_server_says_resource_exhausted_and_disconnects_free_slots(server):
     runtime, channel = server
+    # two Speculate sessions hold the slots while they have no chunk to verify (the idle
+    # timeout is 1.5 s), a Generate waits; the next request is refused
+    holders = [DraftStream(channel, pb.OpenSession(prompt="Hello")) for _ in range(SLOTS)]
+    for h in holders:
+        next(h.responses)
     stub = pb_grpc.SpeculativeDecodingStub(channel)
-    long = pb.GenerateRequest(prompt="Hello", max_new_tokens=250)
-    streams = [stub.Generate(long, timeout=60) for _ in range(SLOTS + 1)]  # + 1 waiting
-    for s in streams[:SLOTS]:
-        next(s)  # running
-    wait_for(lambda: runtime.scheduler.state().waiting == 1)
+    waiting = stub.Generate(pb.GenerateRequest(prompt="Hello", max_new_tokens=5), timeout=60)
+    wait_for(lambda: runtime.scheduler.state().waiting == 1, timeout_s=1.0)
     with pytest.raises(grpc.RpcError) as err:
         generate(channel, prompt="Hello", max_new_tokens=5)
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    metadata = dict(err.value.trailing_metadata())
-    assert float(metadata["retry-after-s"]) > 0
+    assert "busy" in err.value.details()
+    assert float(dict(err.value.trailing_metadata())["retry-after-s"]) > 0
     # clients going away cancel their sessions: every slot comes back
-    for s in streams:
-        s.cancel()
+    for h in holders:
+        h.responses.cancel()
+        h.close()
+    assert len([t for r in waiting for t in r.token_ids]) == 5  # the waiting one ran
     wait_for(lambda: runtime.scheduler.state().free_slots == SLOTS)
     assert runtime.scheduler.state().waiting == 0
-    assert generate(channel, prompt="Hello", max_new_tokens=5)[1]
 
 
 def test_deadline_exceeded_cancels_the_session(server):
@@ -150,3 +155,117 @@ def test_health_and_reflection(server):
     names = {s.name for s in reply.list_services_response.service}
     assert "distspec.v1.SpeculativeDecoding" in names
     assert "grpc.health.v1.Health" in names
+
+
+# ---------------------------------------------------------------------------------------------
+# Speculate: an outside drafter streams chunks and reads verdicts
+
+
+class DraftStream:
+    """A Speculate call whose requests are sent one at a time."""
+
+    def __init__(self, channel, open_: pb.OpenSession, timeout=60):
+        self._queue: queue.Queue = queue.Queue()
+        self._queue.put(pb.SpeculateRequest(open=open_))
+        stub = pb_grpc.SpeculativeDecodingStub(channel)
+        self.responses = stub.Speculate(iter(self._queue.get, None), timeout=timeout)
+
+    def send(self, position: int, tokens: list[int], q=None) -> None:
+        chunk = pb.DraftChunk(position=position, token_ids=tokens, q=q or [])
+        self._queue.put(pb.SpeculateRequest(draft=chunk))
+
+    def close(self) -> None:
+        self._queue.put(None)
+
+
+def test_speculate_with_a_right_drafter(server, target):
+    runtime, channel = server
+    ids = runtime.tokenizer.encode("Once upon a time")
+    greedy = greedy_ar(target, ids, 30)
+    stream = DraftStream(
+        channel,
+        pb.OpenSession(prompt="Once upon a time", sampling=pb.SamplingOptions(max_new_tokens=30)),
+    )
+    opened = next(stream.responses).opened
+    assert list(opened.prompt_token_ids) == ids and opened.max_draft_tokens == 8
+    out = []
+    for response in stream.responses:
+        verdict = response.verdict
+        assert verdict.position == len(ids) + len(out)
+        out += verdict.token_ids
+        if verdict.finish_reason:
+            break
+        # the next chunk: 4 right tokens, then a wrong one
+        wrong = (greedy[len(out) + 4] + 1) % 256 if len(out) + 4 < len(greedy) else 0
+        stream.send(len(ids) + len(out), greedy[len(out) : len(out) + 4] + [wrong])
+    stream.close()
+    assert out == greedy
+    assert verdict.finish_reason == pb.FINISH_REASON_LENGTH
+    assert verdict.stats.accepted_tokens >= 4 * (verdict.stats.target_forwards - 2)
+    assert verdict.stats.tokens_per_target_forward > 3
+
+
+def test_speculate_sampled_chunks_with_sparse_q(server):
+    _, channel = server
+    sampling = pb.SamplingOptions(max_new_tokens=12, temperature=1.0, seed=3)
+    stream = DraftStream(channel, pb.OpenSession(prompt="Hello", sampling=sampling))
+    next(stream.responses)
+    total = 0
+    position = None
+    for response in stream.responses:
+        verdict = response.verdict
+        position = verdict.position + len(verdict.token_ids)
+        total += len(verdict.token_ids)
+        if verdict.finish_reason:
+            break
+        q = [pb.SparseDistribution(token_ids=[100, 101], probs=[0.5, 0.5])] * 2
+        stream.send(position, [100, 101], q)
+    stream.close()
+    assert total == 12
+
+
+@pytest.mark.parametrize(
+    "chunk, message",
+    [
+        (dict(position=0, tokens=[1]), "verified"),
+        (dict(tokens=[1] * 9), "at most 8"),
+        (dict(tokens=[1], q=[pb.SparseDistribution(token_ids=[1], probs=[0.5])]), "sum to"),
+        (dict(tokens=[1], q=[pb.SparseDistribution(token_ids=[2], probs=[1.0])]), "probability 0"),
+        (dict(tokens=[1, 2], q=[pb.SparseDistribution(token_ids=[1], probs=[1.0])]), "entries"),
+        (dict(tokens=[10**6]), "outside the vocabulary"),
+    ],
+)
+def test_speculate_bad_chunks_get_invalid_argument(server, chunk, message):
+    runtime, channel = server
+    stream = DraftStream(channel, pb.OpenSession(prompt="Hello"))
+    opened = next(stream.responses).opened
+    next(stream.responses)  # the first token
+    position = chunk.pop("position", len(opened.prompt_token_ids) + 1)
+    stream.send(position, **chunk)
+    with pytest.raises(grpc.RpcError) as err:
+        list(stream.responses)
+    stream.close()
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in err.value.details()
+    wait_for(lambda: runtime.scheduler.state().free_slots == SLOTS)
+
+
+def test_speculate_must_open_first(server):
+    _, channel = server
+    stub = pb_grpc.SpeculativeDecodingStub(channel)
+    requests = iter([pb.SpeculateRequest(draft=pb.DraftChunk(position=1, token_ids=[1]))])
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.Speculate(requests, timeout=10))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_idle_speculate_session_times_out(server):
+    runtime, channel = server
+    stream = DraftStream(channel, pb.OpenSession(prompt="Hello"))
+    next(stream.responses)
+    next(stream.responses)
+    with pytest.raises(grpc.RpcError) as err:
+        list(stream.responses)  # no chunk sent: the server ends the session
+    stream.close()
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_for(lambda: runtime.scheduler.state().free_slots == SLOTS)

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections.abc import Iterator
 from concurrent import futures
 
 import grpc
+import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -22,6 +24,7 @@ from distspec.scheduler.runtime import Runtime
 from distspec.scheduler.scheduler import AdmissionError, ShuttingDownError
 from distspec.scheduler.session import Session, SessionError
 from distspec.spec.decoding import GenerationStats
+from distspec.spec.drafter import Draft
 from distspec.spec.sampling import SamplingParams
 from distspec.v1 import speculative_decoding_pb2 as pb
 from distspec.v1 import speculative_decoding_pb2_grpc as pb_grpc
@@ -60,13 +63,77 @@ class SpeculativeDecodingServicer(pb_grpc.SpeculativeDecodingServicer):
         yield from self._stream(session, context)
 
     def Speculate(self, request_iterator, context: grpc.ServicerContext):
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, "Speculate is not served by this server yet")
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("kind") != "open":
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be open")
+        try:
+            prompt_ids = self._open_prompt_ids(first.open)
+            params = self._sampling(first.open.sampling)
+        except (InvalidRequest, ValueError) as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        session = self._submit(prompt_ids, params, context, external=True)
+        yield pb.SpeculateResponse(
+            opened=pb.SessionOpened(
+                session_id=str(session.id),
+                prompt_token_ids=prompt_ids,
+                max_draft_tokens=self.scheduler.config.max_draft,
+            )
+        )
+        problem: list[str] = []  # a bad chunk, found by the reader thread
+        reader = threading.Thread(
+            target=self._read_chunks,
+            args=(request_iterator, session, problem),
+            name=f"speculate-{session.id}",
+            daemon=True,
+        )
+        reader.start()
+        decoder = StreamDecoder(self.tokenizer)
+        position = len(prompt_ids)
+        try:
+            for step in session.stream(timeout_s=None):
+                if problem:
+                    break
+                if step.finish_reason == "cancelled" and session.idle:
+                    timeout = self.scheduler.config.idle_timeout_s
+                    context.abort(
+                        grpc.StatusCode.DEADLINE_EXCEEDED, f"no draft chunk for {timeout:g} s"
+                    )
+                final = step.finish_reason is not None
+                verdict = pb.Verdict(
+                    position=position,
+                    num_accepted=step.num_accepted,
+                    token_ids=step.token_ids,
+                    text=decoder.push(step.token_ids, final=final),
+                    finish_reason=FINISH[step.finish_reason],
+                )
+                if step.stats is not None:
+                    verdict.stats.CopyFrom(stats_message(step.stats))
+                position = len(session.tokens) if final else position + len(step.token_ids)
+                yield pb.SpeculateResponse(verdict=verdict)
+        except (SessionError, ShuttingDownError) as e:
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        if problem:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem[0])
+
+    def _read_chunks(self, requests, session: Session, problem: list[str]) -> None:
+        """Offer each draft chunk of the stream; a bad one ends the session."""
+        try:
+            for request in requests:
+                if request.WhichOneof("kind") != "draft":
+                    raise InvalidRequest("only draft chunks may follow open")
+                position, draft = self._draft(request.draft)
+                self.scheduler.offer(session.id, position, draft)
+        except (InvalidRequest, ValueError) as e:
+            problem.append(str(e))
+            self.scheduler.cancel(session.id)
+        except grpc.RpcError:  # the client went away; the RPC's callback cancels the session
+            pass
 
     # -- helpers ---------------------------------------------------------------------------
 
-    def _submit(self, prompt_ids, params, context) -> Session:
+    def _submit(self, prompt_ids, params, context, external: bool = False) -> Session:
         try:
-            session = self.scheduler.submit(prompt_ids, params)
+            session = self.scheduler.submit(prompt_ids, params, external)
         except AdmissionError as e:
             context.set_trailing_metadata((("retry-after-s", f"{e.retry_after_s:g}"),))
             context.abort(
@@ -113,6 +180,42 @@ class SpeculativeDecodingServicer(pb_grpc.SpeculativeDecodingServicer):
                 raise InvalidRequest(f"messages[{i}].content is empty")
             chat.append(ChatMessage(m.role, m.content))
         return self.tokenizer.encode_chat(chat)
+
+    def _open_prompt_ids(self, open_: pb.OpenSession) -> list[int]:
+        given = [bool(open_.prompt), bool(open_.messages), bool(open_.prompt_token_ids)]
+        if sum(given) != 1:
+            raise InvalidRequest("give exactly one of prompt, messages and prompt_token_ids")
+        if open_.prompt_token_ids:
+            return list(open_.prompt_token_ids)  # the scheduler checks them against the vocab
+        return self._prompt_ids(open_.prompt, open_.messages)
+
+    def _draft(self, chunk: pb.DraftChunk) -> tuple[int, Draft]:
+        """(position, Draft) of a chunk; its sparse q become dense rows (exact: the entries
+        left out have probability 0)."""
+        tokens = list(chunk.token_ids)
+        if not chunk.q:
+            return chunk.position, Draft(tokens)
+        if len(chunk.q) != len(tokens):
+            raise InvalidRequest(f"q has {len(chunk.q)} entries for {len(tokens)} draft tokens")
+        vocab = self.runtime.info.vocab_size
+        probs = torch.zeros(len(tokens), vocab)
+        for i, (tok, q) in enumerate(zip(tokens, chunk.q, strict=True)):
+            if len(q.token_ids) != len(q.probs) or not q.token_ids:
+                raise InvalidRequest(f"q[{i}]: token_ids and probs must be non-empty, same length")
+            ids = torch.tensor(list(q.token_ids))
+            values = torch.tensor(list(q.probs))
+            if int(ids.max()) >= vocab:
+                raise InvalidRequest(f"q[{i}]: token id {int(ids.max())} is outside the vocabulary")
+            if not bool(torch.isfinite(values).all()) or bool((values < 0).any()):
+                raise InvalidRequest(f"q[{i}]: probabilities must be finite and >= 0")
+            if abs(float(values.sum()) - 1) > 1e-3:
+                raise InvalidRequest(
+                    f"q[{i}]: probabilities sum to {float(values.sum()):.4g}, not 1"
+                )
+            probs[i, ids] = values
+            if probs[i, tok] <= 0:
+                raise InvalidRequest(f"q[{i}] gives the drafted token {tok} probability 0")
+        return chunk.position, Draft(tokens, probs)
 
     def _sampling(self, r) -> SamplingParams:
         max_new = r.max_new_tokens if r.HasField("max_new_tokens") else DEFAULT_MAX_NEW_TOKENS

@@ -8,6 +8,10 @@ target step over all sessions' chunks (ragged lengths), plus drafting on the dra
 - pearl: the chunk [newest token, *pending] goes to the target while the drafters draft
   after the pending tokens, at the same time; then the leader decides (spec/pearl.py).
 
+External sessions (the Speculate RPC: an edge device drafts) offer their draft chunks; a
+session joins the next round once its chunk is there, so no session waits on another's
+network round trip.
+
 The target leader makes every accept/reject decision with the session's own generator. A
 seeded request also gets draft lengths that depend only on its own verdicts (and on the costs
 measured once at start-up), so it gives the same tokens whatever else is in the batch;
@@ -57,6 +61,8 @@ class SchedulerConfig:
     mode: str = "pearl"
     gamma: int = 4  # longest draft per round (PEARL: the cap of the measured gamma)
     max_waiting: int = 16  # sessions queued for a KV slot before admission says no
+    max_draft: int = 16  # longest chunk an external drafter may offer
+    idle_timeout_s: float = 60.0  # an external session without a chunk this long is ended
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -123,8 +129,11 @@ class Scheduler:
 
     # -- API (any thread) ------------------------------------------------------------------
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams) -> Session:
-        """Queue a request; raises ValueError for a bad one, AdmissionError when full."""
+    def submit(
+        self, prompt_ids: list[int], params: SamplingParams, external: bool = False
+    ) -> Session:
+        """Queue a request; raises ValueError for a bad one, AdmissionError when full.
+        external: its drafts come through offer() (Speculate), not from the drafters."""
         self._check_request(prompt_ids, params)
         reproducible = params.seed is not None
         if not reproducible:
@@ -142,12 +151,39 @@ class Scheduler:
                     self._retry_after_s(),
                 )
             session = Session(self._next_id, list(prompt_ids), params, stops, reproducible)
+            session.external = external
             session.tokens = list(prompt_ids)
             session.stats.prompt_tokens = len(prompt_ids)
             self._next_id += 1
             self._waiting.append(session)
             self._cv.notify_all()
         return session
+
+    def offer(self, session_id: int, position: int, draft: Draft) -> None:
+        """An external session's draft chunk, drafted after its first `position` tokens
+        (prompt + output); verified in the next round. Raises ValueError if it does not fit."""
+        with self._cv:
+            s = self._running.get(session_id) or next(
+                (w for w in self._waiting if w.id == session_id), None
+            )
+            if s is None or s.finished or not s.external:
+                raise ValueError(f"session {session_id} is not open for drafts")
+            if s.chunk is not None:
+                raise ValueError("a chunk is already waiting for its verdict")
+            if position != len(s.tokens):
+                raise ValueError(
+                    f"the chunk follows {position} tokens but {len(s.tokens)} are verified"
+                )
+            if len(draft) > self.config.max_draft:
+                raise ValueError(
+                    f"the chunk has {len(draft)} tokens; at most {self.config.max_draft}"
+                )
+            bad = [t for t in draft.tokens if not 0 <= t < self.info.vocab_size]
+            if bad:
+                raise ValueError(f"draft token {bad[0]} is outside the vocabulary")
+            s.chunk = draft
+            s.last_offer = time.perf_counter()
+            self._cv.notify_all()
 
     def cancel(self, session_id: int) -> None:
         """Stop a session; its KV slot is free once no step in flight uses it (at most the
@@ -186,8 +222,10 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not self._closed and not self._waiting and not self._running:
-                    self._cv.wait()
+                self._end_idle()
+                while not self._closed and not self._waiting and not self._has_work():
+                    self._cv.wait(timeout=1.0 if self._running else None)
+                    self._end_idle()
                 if self._closed:
                     return
                 new = []
@@ -200,7 +238,7 @@ class Scheduler:
                 self._release_done()
                 if new:
                     self._start(new)
-                ready = [s for s in self._running.values() if not s.finished]
+                ready = [s for s in self._running.values() if self._is_ready(s)]
                 if ready:
                     self._round(ready)
                 self._release_done()
@@ -214,6 +252,9 @@ class Scheduler:
     def _start(self, sessions: list[Session]) -> None:
         for s in sessions:
             self.target.call("open_session", s.id, s.params)
+            if s.external:
+                s.last_offer = time.perf_counter()
+                continue
             if self.config.mode != "ar":
                 self._drafter(s).call("open_session", s.id, s.slot, s.prompt_ids, s.params)
             if self.config.mode == "sd":
@@ -231,18 +272,27 @@ class Scheduler:
 
     def _round(self, sessions: list[Session]) -> None:
         self.counters["rounds"] += 1
-        if self.config.mode == "pearl":
-            self._pearl_round(sessions)
+        external = [s for s in sessions if s.external]
+        sessions = [s for s in sessions if not s.external]
+        offered = {}
+        for s in external:
+            with self._cv:
+                offered[s.id], s.chunk = s.chunk, None
+        if self.config.mode == "pearl" and sessions:
+            self._pearl_round(sessions, external, offered)
             return
-        drafts, draft_s = {}, 0.0
+        drafts, draft_s = dict(offered), 0.0
+        sessions = sessions + external
         if self.config.mode == "sd":
             requests = {}
             for s in sessions:
+                if s.external:
+                    continue
                 k = min(s.policy.next_k(), self._room(s) - 1)
                 if k > 0:
                     requests[s.id] = DraftRequest(s.id, s.tokens, k)
             t = time.perf_counter()
-            drafts = self._draft(sessions, requests)
+            drafts.update(self._draft(sessions, requests))
             draft_s = time.perf_counter() - t
         items = []
         for s in sessions:
@@ -260,11 +310,17 @@ class Scheduler:
             if s.policy is not None:
                 s.policy.observe_round(k, verdict.num_accepted, draft_s, verify_s)
             self._count(s, k, verdict.num_accepted)
-            self._advance(s, verdict.tokens(item.draft))
+            self._advance(s, verdict.tokens(item.draft), verdict.num_accepted)
 
-    def _pearl_round(self, sessions: list[Session]) -> None:
+    def _pearl_round(
+        self, sessions: list[Session], external: list[Session], offered: dict[int, Draft]
+    ) -> None:
         live_gamma = self._pearl_gamma(sessions)
         items, requests = [], {}
+        for s in external:  # verified at once, in the same batched step
+            draft = offered[s.id]
+            chunk = [s.tokens[-1], *draft.tokens]
+            items.append(ForwardItem(s.id, s.slot, len(s.tokens) - 1, chunk, draft=draft))
         for s in sessions:
             gamma = pearl_gamma(self.costs, self.config.gamma) if s.reproducible else live_gamma
             start, chunk = s.pearl.target_chunk(s.tokens)
@@ -279,13 +335,18 @@ class Scheduler:
         stepping = self.target.call("step", items)  # the target verifies while drafters draft
         drafts = self._draft(sessions, requests)
         draft_s = time.perf_counter() - t
-        self._stepped(stepping.result())
+        external_verdicts = self._stepped(stepping.result())[: len(external)]
+        for s, verdict in zip(external, external_verdicts, strict=True):
+            draft = offered[s.id]
+            self._count(s, len(draft), verdict.num_accepted)
+            self._advance(s, verdict.tokens(draft), verdict.num_accepted)
         self._timing.observe(time.perf_counter() - t, draft_s, sum(len(d) for d in drafts.values()))
         candidates = {s.id: s.pearl.candidate(drafts.get(s.id, EMPTY_DRAFT)) for s in sessions}
         verdicts = self.target("decide", list(candidates.items()))
         for s, verdict in zip(sessions, verdicts, strict=True):
             self._count(s, len(candidates[s.id]), verdict.num_accepted)
-            self._advance(s, s.pearl.apply(verdict, drafts.get(s.id, EMPTY_DRAFT)))
+            new = s.pearl.apply(verdict, drafts.get(s.id, EMPTY_DRAFT))
+            self._advance(s, new, verdict.num_accepted)
 
     def _step(self, items: list[ForwardItem]) -> list:
         return self._stepped(self.target("step", items))
@@ -323,6 +384,21 @@ class Scheduler:
 
     # -- bookkeeping -----------------------------------------------------------------------
 
+    def _has_work(self) -> bool:
+        return any(self._is_ready(s) or s.cancelled.is_set() for s in self._running.values())
+
+    def _is_ready(self, s: Session) -> bool:
+        return not s.finished and (not s.external or s.chunk is not None)
+
+    def _end_idle(self) -> None:
+        """End external sessions that offered no chunk for idle_timeout_s (under the lock)."""
+        now = time.perf_counter()
+        for s in self._running.values():
+            idle = s.external and s.chunk is None and s.last_offer is not None
+            if idle and now - s.last_offer > self.config.idle_timeout_s and not s.finished:
+                s.idle = True
+                s.cancelled.set()
+
     def _drafter(self, s: Session) -> Remote:
         return self.drafters[s.slot % len(self.drafters)]
 
@@ -338,7 +414,7 @@ class Scheduler:
             self.counters["draft_tokens"] += num_draft
             self.counters["accepted_tokens"] += accepted
 
-    def _advance(self, s: Session, new: list[int]) -> None:
+    def _advance(self, s: Session, new: list[int], accepted: int = 0) -> None:
         new, finish = clip_new_tokens(new, self._room(s), s.stops)
         now = time.perf_counter()
         self.metrics.on_tokens(len(new), now - s.last_emit if s.last_emit else None)
@@ -349,14 +425,14 @@ class Scheduler:
             s.finish_reason = finish
             s.stats.wall_s = time.perf_counter() - s.created
             self._session_s = _ema(self._session_s, s.stats.wall_s)
-        s.emit(StepOutput(new, finish, s.stats if finish else None))
+        s.emit(StepOutput(new, finish, s.stats if finish else None, accepted))
 
     def _release_done(self) -> None:
         """Free the KV slots of finished and cancelled sessions (no step is in flight)."""
         done = [s for s in self._running.values() if s.finished or s.cancelled.is_set()]
         for s in done:
             self.target.call("close_session", s.id)
-            if self.config.mode != "ar":
+            if self.config.mode != "ar" and not s.external:
                 self._drafter(s).call("close_session", s.id)
             if not s.finished:
                 self._finish_cancelled(s)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from distspec.spec.decoding import GenerationStats, StepOutput
 from distspec.spec.draft_policy import DraftLengthPolicy
+from distspec.spec.drafter import Draft
 from distspec.spec.pearl import PearlState
 from distspec.spec.sampling import SamplingParams
 
@@ -25,6 +26,10 @@ class Session:
     params: SamplingParams
     stops: set[int]
     reproducible: bool = True  # seeded by the client: draft lengths must not depend on load
+    external: bool = False  # drafts come from offer() (Speculate), not the drafter workers
+    chunk: Draft | None = None  # an external session's offered chunk, until verified
+    last_offer: float | None = None
+    idle: bool = False  # ended for offering no chunk within the idle timeout
     slot: int = -1  # KV slot in target and drafter; -1 while waiting for one
     tokens: list[int] = field(default_factory=list)  # verified: prompt + output
     stats: GenerationStats = field(default_factory=GenerationStats)

@@ -71,6 +71,7 @@ class StepOutput:
     token_ids: list[int]  # new tokens of this step
     finish_reason: str | None = None  # "stop" (EOS/stop token) | "length" once finished
     stats: GenerationStats | None = None  # set on the last step
+    num_accepted: int = 0  # draft tokens accepted in this step
 
 
 class SpeculativeDecoder:
