@@ -193,6 +193,57 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_bench_serve(sub) -> None:
+    p = sub.add_parser(
+        "bench-serve", help="benchmark the distributed runtime under load (gRPC clients)"
+    )
+    p.add_argument("--target", default="demo")
+    p.add_argument("--drafter", default="demo")
+    p.add_argument("--target-tp", type=int, default=1)
+    p.add_argument("--drafter-tp", type=int, default=1)
+    p.add_argument("--num-drafters", type=int, default=1)
+    p.add_argument("--modes", default="sd,pearl", help="comma list of ar, sd, pearl")
+    p.add_argument("--clients", default="1,4,16", help="comma list of concurrency levels")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--gamma", type=int, default=4)
+    p.add_argument("--num-slots", type=int, default=16)
+    p.add_argument("--no-ray", dest="use_ray", action="store_false")
+    p.add_argument("--out", default="bench-results", help="directory for JSON and PNG")
+    p.set_defaults(func=_bench_serve)
+
+
+def _bench_serve(args: argparse.Namespace) -> int:
+    from distspec.bench.serving import ServingBenchConfig, run_serving_bench
+
+    config = ServingBenchConfig(
+        target=args.target,
+        drafter=args.drafter,
+        target_tp=args.target_tp,
+        drafter_tp=args.drafter_tp,
+        num_drafters=args.num_drafters,
+        modes=[m.strip() for m in args.modes.split(",") if m.strip()],
+        clients=[int(c) for c in args.clients.split(",") if c.strip()],
+        max_new_tokens=args.max_new_tokens,
+        repeats=args.repeats,
+        temperature=args.temperature,
+        gamma=args.gamma,
+        num_slots=args.num_slots,
+        use_ray=args.use_ray,
+        out_dir=args.out,
+    )
+    report = run_serving_bench(config)
+    print(f"{'mode@clients':<14} {'tok/s':>8} {'busy':>6} {'tau':>6} {'ttft s':>7}")
+    for key, s in report["summary"].items():
+        print(
+            f"{key:<14} {s['tokens_per_s']:>8.1f} {s['target_busy_fraction']:>6.2f} "
+            f"{s['tau']:>6.2f} {s['ttft_median_s']:>7.2f}"
+        )
+    print(f"wrote {config.out_dir}/serving.json and serving.png")
+    return 0
+
+
 def _add_train_drafter(sub) -> None:
     from distspec.train.pipeline import DrafterRecipe
     from distspec.train.trainer import TrainConfig
@@ -268,7 +319,13 @@ def _train_drafter(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: list[Callable] = [_add_generate, _add_serve, _add_bench, _add_train_drafter]
+COMMANDS: list[Callable] = [
+    _add_generate,
+    _add_serve,
+    _add_bench,
+    _add_bench_serve,
+    _add_train_drafter,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

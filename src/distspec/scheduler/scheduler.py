@@ -89,7 +89,9 @@ class _Timing:
     step_s: float | None = None
     draft_token_s: float | None = None
 
-    def observe(self, step_s: float, draft_s: float, drafted: int) -> None:
+    def observe(self, step_s: float, draft_s: float, drafted: float) -> None:
+        """step_s: the target's forward; draft_s: the drafters' time for `drafted` tokens
+        each (on average)."""
         self.step_s = _ema(self.step_s, step_s)
         if drafted:
             self.draft_token_s = _ema(self.draft_token_s, draft_s / drafted)
@@ -135,8 +137,9 @@ class Scheduler:
         """Queue a request; raises ValueError for a bad one, AdmissionError when full.
         external: its drafts come through offer() (Speculate), not from the drafters."""
         self._check_request(prompt_ids, params)
-        reproducible = params.seed is not None
-        if not reproducible:
+        # greedy output never depends on draft lengths; seeded sampling must not either
+        reproducible = params.seed is not None and not params.greedy
+        if params.seed is None:
             # every rank and worker must draw the same numbers: one seed, chosen here
             params = dataclasses.replace(params, seed=random.getrandbits(62))
         stops = set(self.info.eos_token_ids) | set(params.stop_token_ids)
@@ -199,6 +202,17 @@ class Scheduler:
                 session.cancelled.set()
                 self._cv.notify_all()
 
+    def set_mode(self, mode: str) -> None:
+        """Switch ar / sd / pearl while no session runs (benchmarks compare modes this way)."""
+        with self._cv:
+            # sessions leave the loop a moment after their last tokens went out
+            idle = self._cv.wait_for(lambda: not (self._running or self._waiting), timeout=30)
+            if not idle:
+                raise RuntimeError("the mode can change only while no session runs")
+            if mode != "ar" and not self.drafters:
+                raise ValueError(f"mode {mode!r} needs at least one drafter")
+            self.config = dataclasses.replace(self.config, mode=mode)
+
     def state(self) -> SchedulerState:
         with self._cv:
             return SchedulerState(
@@ -258,10 +272,10 @@ class Scheduler:
             if self.config.mode != "ar":
                 self._drafter(s).call("open_session", s.id, s.slot, s.prompt_ids, s.params)
             if self.config.mode == "sd":
-                # seeded: decisions from fixed costs (or none: always gamma); else live timing
-                costs = self.costs if s.reproducible else None
-                fixed = s.reproducible and costs is None
-                s.policy = DraftLengthPolicy(max_k=self.config.gamma, fixed=fixed, costs=costs)
+                # decisions from the costs measured at start-up: they depend on the session's
+                # verdicts only (timing live rounds under load measured worse)
+                fixed = self.costs is None and s.reproducible
+                s.policy = DraftLengthPolicy(self.config.gamma, fixed=fixed, costs=self.costs)
         items = [ForwardItem(s.id, s.slot, 0, s.prompt_ids, draft=EMPTY_DRAFT) for s in sessions]
         verdicts = self._step(items)
         for s, verdict in zip(sessions, verdicts, strict=True):
@@ -335,12 +349,15 @@ class Scheduler:
         stepping = self.target.call("step", items)  # the target verifies while drafters draft
         drafts = self._draft(sessions, requests)
         draft_s = time.perf_counter() - t
-        external_verdicts = self._stepped(stepping.result())[: len(external)]
+        result = stepping.result()
+        external_verdicts = self._stepped(result)[: len(external)]
         for s, verdict in zip(external, external_verdicts, strict=True):
             draft = offered[s.id]
             self._count(s, len(draft), verdict.num_accepted)
             self._advance(s, verdict.tokens(draft), verdict.num_accepted)
-        self._timing.observe(time.perf_counter() - t, draft_s, sum(len(d) for d in drafts.values()))
+        # per drafter: its sessions are drafted one after another
+        per_drafter = sum(len(d) for d in drafts.values()) / len(self.drafters)
+        self._timing.observe(result[1], draft_s, per_drafter)
         candidates = {s.id: s.pearl.candidate(drafts.get(s.id, EMPTY_DRAFT)) for s in sessions}
         verdicts = self.target("decide", list(candidates.items()))
         for s, verdict in zip(sessions, verdicts, strict=True):
@@ -363,8 +380,10 @@ class Scheduler:
         if t.step_s is None or not t.draft_token_s:
             return self.config.gamma
         per_drafter = max(1, -(-len(sessions) // len(self.drafters)))
-        gamma = round(t.step_s / (t.draft_token_s * per_drafter))
-        return max(1, min(self.config.gamma, gamma))
+        # 0 when drafting one token for each session outlasts the target's step: plain
+        # decoding then (large batches on few drafters)
+        gamma = int(t.step_s / (t.draft_token_s * per_drafter) + 0.5)
+        return max(0, min(self.config.gamma, gamma))
 
     def _draft(
         self, sessions: list[Session], requests: dict[int, DraftRequest]
@@ -440,6 +459,8 @@ class Scheduler:
             for s in done:
                 del self._running[s.id]
                 self._free_slots.append(s.slot)
+            if done:
+                self._cv.notify_all()
 
     def _finish_cancelled(self, s: Session) -> None:
         s.finish_reason = "cancelled"
