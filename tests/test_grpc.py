@@ -3,6 +3,7 @@ validation, admission, disconnects, health checking and reflection."""
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import time
 
@@ -31,7 +32,7 @@ def server(tiny_dir, tiny_drafter_dir):
         target=TargetSpec(str(tiny_dir), num_slots=SLOTS, max_len=288),
         drafter=DrafterSpec(str(tiny_drafter_dir), str(tiny_dir), max_len=288),
     )
-    scheduler = SchedulerConfig(mode="pearl", max_waiting=1, max_draft=8, idle_timeout_s=1.5)
+    scheduler = SchedulerConfig(mode="pearl", max_waiting=1, max_draft=8, idle_timeout_s=120)
     config = RuntimeConfig(cluster, scheduler, use_ray=False)
     runtime = Runtime(config)
     srv = GrpcServer(runtime, port=0, host="127.0.0.1")
@@ -111,8 +112,8 @@ def wait_for(condition, timeout_s=30.0):
 
 def test_full_server_says_resource_exhausted_and_disconnects_free_slots(server):
     runtime, channel = server
-    # two Speculate sessions hold the slots while they have no chunk to verify (the idle
-    # timeout is 1.5 s), a Generate waits; the next request is refused
+    # two Speculate sessions hold the slots while they have no chunk to verify, a Generate
+    # waits; the next request is refused
     holders = [DraftStream(channel, pb.OpenSession(prompt="Hello")) for _ in range(SLOTS)]
     for h in holders:
         next(h.responses)
@@ -261,11 +262,16 @@ def test_speculate_must_open_first(server):
 
 def test_idle_speculate_session_times_out(server):
     runtime, channel = server
-    stream = DraftStream(channel, pb.OpenSession(prompt="Hello"))
-    next(stream.responses)
-    next(stream.responses)
-    with pytest.raises(grpc.RpcError) as err:
-        list(stream.responses)  # no chunk sent: the server ends the session
-    stream.close()
+    config = runtime.scheduler.config
+    runtime.scheduler.config = dataclasses.replace(config, idle_timeout_s=1.0)
+    try:
+        stream = DraftStream(channel, pb.OpenSession(prompt="Hello"))
+        next(stream.responses)
+        next(stream.responses)
+        with pytest.raises(grpc.RpcError) as err:
+            list(stream.responses)  # no chunk sent: the server ends the session
+        stream.close()
+    finally:
+        runtime.scheduler.config = config
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     wait_for(lambda: runtime.scheduler.state().free_slots == SLOTS)
