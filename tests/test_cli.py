@@ -52,6 +52,12 @@ def run_cli(capsys, *args: str) -> tuple[int, str, str]:
     return rc, captured.out, captured.err
 
 
+def run_cli_args(capsys, *args: str) -> tuple[int, str, str]:
+    rc = main(list(args))
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
 # ---------------------------------------------------------------------------------------------
 # errors
 
@@ -156,7 +162,12 @@ def test_subprocess_module_error_after_loading(tiny_dir, other_vocab_dir):
 
 @pytest.mark.parametrize(
     "mode_args",
-    [["--mode", "ar"], ["--mode", "sd", "--drafter", "ngram"], ["--mode", "sd", "--gamma", "3"]],
+    [
+        ["--mode", "ar"],
+        ["--mode", "sd", "--drafter", "ngram"],
+        ["--mode", "sd", "--gamma", "3"],
+        ["--mode", "pearl", "--gamma", "3"],
+    ],
 )
 def test_json_contract(capsys, tiny_dir, tiny_drafter_dir, mode_args):
     if mode_args[-1] == "3":
@@ -263,3 +274,51 @@ def test_demo_greedy_matches_transformers(capsys, demo_hf, chat):
         assert result["finish_reason"] == ("stop" if stopped else "length")
         if mode[1] == "sd":
             assert result["stats"]["draft_tokens"] > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# serve
+
+
+@pytest.mark.parametrize(
+    "yaml_text, fragment",
+    [("num_slotz: 3\n", "unknown setting(s) num_slotz"), ("- 1\n- 2\n", "expected a mapping")],
+)
+def test_serve_config_errors_are_one_line(capsys, tmp_path, yaml_text, fragment):
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml_text)
+    rc, _, err = run_cli_args(capsys, "serve", "--config", str(config))
+    assert fragment in assert_one_line_error(rc, err)
+
+
+def test_serve_from_yaml_answers_and_stops_on_sigterm(tmp_path, tiny_dir, tiny_drafter_dir):
+    import re
+    import signal
+
+    import grpc
+
+    from distspec.v1 import speculative_decoding_pb2 as pb
+    from distspec.v1 import speculative_decoding_pb2_grpc as pb_grpc
+
+    config = tmp_path / "serve.yaml"
+    config.write_text(
+        f"target: {tiny_dir}\ndrafter: {tiny_drafter_dir}\nnum_slots: 2\nmax_len: 288\n"
+        "use_ray: false\nport: 0\nhost: 127.0.0.1\n"
+    )
+    args = [sys.executable, "-m", "distspec", "serve", "--config", str(config), "--mode", "sd"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        match = re.search(r"serving .* \(sd\) on 127.0.0.1:(\d+)$", line.strip())
+        assert match, line + proc.stderr.read()
+        with grpc.insecure_channel(f"127.0.0.1:{match.group(1)}") as channel:
+            stub = pb_grpc.SpeculativeDecodingStub(channel)
+            request = pb.GenerateRequest(prompt="abcabc", max_new_tokens=8)
+            responses = list(stub.Generate(request, timeout=60))
+        assert sum(len(r.token_ids) for r in responses) == 8
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        assert "Traceback" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
