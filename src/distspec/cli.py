@@ -150,6 +150,74 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_edge(sub) -> None:
+    p = sub.add_parser("edge", help="draft on this device; the server's target verifies")
+    p.add_argument("--server", required=True, help="HOST:PORT of a distspec server")
+    p.add_argument("--prompt", required=True, help="user message (chat template applied)")
+    p.add_argument("--raw", action="store_true", help="send --prompt as is, no chat template")
+    p.add_argument("--drafter", default="demo", help="demo | ngram | a model path")
+    p.add_argument("--target", default="demo", help="the server's target (tokenizer/embedding)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--gamma", type=int, default=4, help="draft tokens per chunk")
+    p.add_argument(
+        "--overlap",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="draft the next chunk while one is verified (--no-overlap: stop and wait)",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    p.set_defaults(func=_edge)
+
+
+def _edge(args: argparse.Namespace) -> int:
+    import grpc
+
+    from distspec.edge_client import EdgeClient
+    from distspec.engine import load_drafter, new_drafter
+    from distspec.spec.sampling import SamplingParams
+
+    if not args.prompt.strip():
+        raise ValueError("the prompt is empty")
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
+    drafter = new_drafter(load_drafter(args.drafter, args.target, max_len=4096))
+    client = EdgeClient(args.server, drafter, gamma=args.gamma, overlap=args.overlap)
+    prompt = {"prompt": args.prompt} if args.raw else {"messages": [("user", args.prompt)]}
+    token_ids, text = [], ""
+    try:
+        for step in client.generate(params, **prompt):
+            token_ids += step.token_ids
+            text += step.text
+            if not args.json:
+                sys.stdout.write(step.text)
+                sys.stdout.flush()
+    except grpc.RpcError as e:
+        raise RuntimeError(f"server {args.server}: {e.code().name}: {e.details()}") from None
+    finally:
+        client.close()
+    if args.json:
+        result = {
+            "text": text,
+            "token_ids": token_ids,
+            "finish_reason": step.finish_reason,
+            "overlap": args.overlap,
+            "stats": step.stats.to_dict(),
+        }
+        print(json.dumps(result))
+    else:
+        sys.stdout.write("\n")
+    return 0
+
+
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="benchmark distspec against transformers (one process)")
     p.add_argument("--target", default="demo")
@@ -322,6 +390,7 @@ def _train_drafter(args: argparse.Namespace) -> int:
 COMMANDS: list[Callable] = [
     _add_generate,
     _add_serve,
+    _add_edge,
     _add_bench,
     _add_bench_serve,
     _add_train_drafter,

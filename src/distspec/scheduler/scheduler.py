@@ -184,7 +184,7 @@ class Scheduler:
             bad = [t for t in draft.tokens if not 0 <= t < self.info.vocab_size]
             if bad:
                 raise ValueError(f"draft token {bad[0]} is outside the vocabulary")
-            s.chunk = draft
+            s.chunk = draft[: self.info.max_len - position]  # what fits in the context
             s.last_offer = time.perf_counter()
             self._cv.notify_all()
 

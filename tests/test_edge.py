@@ -1,0 +1,175 @@
+"""The edge client against a real gRPC server through a delaying TCP relay (tiny models)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import pytest
+
+from distspec.bench.relay import DelayRelay
+from distspec.cli import main
+from distspec.cluster.ray_cluster import ClusterConfig
+from distspec.edge_client import EdgeClient
+from distspec.engine import load_drafter, new_drafter
+from distspec.scheduler.grpc_server import GrpcServer
+from distspec.scheduler.runtime import Runtime, RuntimeConfig
+from distspec.scheduler.scheduler import SchedulerConfig
+from distspec.spec.sampling import SamplingParams
+from distspec.workers.target import TargetSpec
+from test_decoding import PROMPTS, greedy_ar
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir):
+    """A server without drafters of its own: edge clients bring theirs."""
+    cluster = ClusterConfig(
+        target=TargetSpec(str(tiny_dir), num_slots=4, max_len=288), drafter=None
+    )
+    runtime = Runtime(RuntimeConfig(cluster, SchedulerConfig(mode="ar"), use_ray=False))
+    srv = GrpcServer(runtime, port=0, host="127.0.0.1")
+    port = srv.start()
+    yield runtime, f"127.0.0.1:{port}"
+    srv.stop(grace_s=1)
+    runtime.close()
+
+
+def edge_drafter(tiny_dir, tiny_drafter_dir, kind: str):
+    if kind == "ngram":
+        return new_drafter(None)
+    return new_drafter(load_drafter(str(tiny_drafter_dir), str(tiny_dir), max_len=288))
+
+
+def collect(client: EdgeClient, params: SamplingParams, prompt: str):
+    steps = list(client.generate(params, prompt=prompt))
+    return [t for s in steps for t in s.token_ids], steps[-1]
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+@pytest.mark.parametrize("kind", ["model", "ngram"])
+def test_edge_greedy_equals_greedy_decoding_through_the_relay(
+    server, target, tiny_dir, tiny_drafter_dir, kind, overlap
+):
+    runtime, address = server
+    relay = DelayRelay(address, delay_s=0.005).start()
+    client = EdgeClient(
+        relay.address, edge_drafter(tiny_dir, tiny_drafter_dir, kind), gamma=4, overlap=overlap
+    )
+    try:
+        drafted = 0
+        for text in PROMPTS:
+            ids, last = collect(client, SamplingParams(max_new_tokens=40), text)
+            assert ids == greedy_ar(target, runtime.tokenizer.encode(text), 40), text
+            assert last.finish_reason == "length"
+            assert last.stats.rtt_ms >= 10  # two one-way delays of 5 ms
+            drafted += last.stats.draft_tokens
+        assert drafted > 0
+    finally:
+        client.close()
+        relay.stop()
+
+
+class Oracle:
+    """A drafter that knows the target's greedy continuation (every chunk accepted)."""
+
+    name = "oracle"
+
+    def __init__(self, sequence):
+        self.sequence = sequence
+
+    def start(self, prompt_ids, params):
+        pass
+
+    def propose(self, context, k):
+        from distspec.spec.drafter import Draft
+
+        if context != self.sequence[: len(context)]:
+            return Draft([0] * k)  # after a wrong guess: wrong drafts
+        return Draft(self.sequence[len(context) : len(context) + k])
+
+    def finish(self):
+        pass
+
+
+def test_overlap_hides_the_round_trip(server, target):
+    """With a drafter that is always right, every prepared chunk matches the verdict: chunks
+    go out as verdicts arrive, and rounds take about one RTT, not RTT + drafting."""
+    runtime, address = server
+    ids = runtime.tokenizer.encode("Once upon a time")
+    greedy = greedy_ar(target, ids, 61)
+    relay = DelayRelay(address, delay_s=0.01).start()
+    try:
+        results = {}
+        for overlap in (True, False):
+            client = EdgeClient(relay.address, Oracle(ids + greedy), gamma=4, overlap=overlap)
+            out, last = collect(client, SamplingParams(max_new_tokens=61), "Once upon a time")
+            client.close()
+            assert out == greedy
+            results[overlap] = last.stats
+        assert results[True].hidden_rtt_fraction > 0.8
+        assert results[False].hidden_rtt_fraction == 0.0
+        assert results[True].rounds == results[False].rounds == 12
+    finally:
+        relay.stop()
+
+
+def test_edge_sampling_is_seeded(server, tiny_dir, tiny_drafter_dir):
+    _, address = server
+    client = EdgeClient(address, edge_drafter(tiny_dir, tiny_drafter_dir, "model"), gamma=3)
+    try:
+        params = SamplingParams(max_new_tokens=24, temperature=1.0, seed=9)
+        a, last = collect(client, params, "Hello")
+        b, _ = collect(client, params, "Hello")
+        assert a == b and len(a) == 24
+        assert last.stats.draft_tokens > 0
+    finally:
+        client.close()
+
+
+def test_relay_adds_its_delay_and_drops():
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    relay = DelayRelay(f"127.0.0.1:{listener.getsockname()[1]}", delay_s=0.05).start()
+    try:
+        client = socket.create_connection(("127.0.0.1", relay.port))
+        conn, _ = listener.accept()
+        t = time.perf_counter()
+        client.sendall(b"ping")
+        assert conn.recv(4) == b"ping"
+        conn.sendall(b"pong")
+        assert client.recv(4) == b"pong"
+        assert 0.1 <= time.perf_counter() - t < 0.5
+        relay.drop()
+        client.settimeout(5)
+        assert client.recv(4) == b""  # the relay cut the connection
+    finally:
+        relay.stop()
+        listener.close()
+
+
+def test_edge_cli_json(capsys, server, tiny_dir):
+    _, address = server
+    rc = main(
+        ["edge", "--server", address, "--prompt", "abcabc", "--raw", "--drafter", "ngram"]
+        + ["--target", str(tiny_dir), "--max-new-tokens", "10", "--json"]
+    )
+    out = capsys.readouterr().out
+    assert rc == 0
+    result = json.loads(out)
+    assert len(result["token_ids"]) == result["stats"]["new_tokens"] == 10
+    assert {"rtt_ms", "hidden_rtt_fraction", "tokens_per_s"} <= set(result["stats"])
+
+
+def test_edge_cli_unreachable_server_is_one_line(capsys, tiny_dir):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rc = main(
+        ["edge", "--server", f"127.0.0.1:{port}", "--prompt", "hi", "--drafter", "ngram"]
+        + ["--target", str(tiny_dir)]
+    )
+    err = capsys.readouterr().err
+    assert rc != 0 and "UNAVAILABLE" in err and "Traceback" not in err
+    assert err.count("\n") == 1
