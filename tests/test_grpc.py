@@ -119,7 +119,8 @@ def test_full_server_says_resource_exhausted_and_disconnects_free_slots(server):
         next(h.responses)
     stub = pb_grpc.SpeculativeDecodingStub(channel)
     waiting = stub.Generate(pb.GenerateRequest(prompt="Hello", max_new_tokens=5), timeout=60)
-    wait_for(lambda: runtime.scheduler.state().waiting == 1, timeout_s=1.0)
+    full = lambda: runtime.scheduler.state()  # noqa: E731
+    wait_for(lambda: full().running == SLOTS and full().waiting == 1, timeout_s=10.0)
     with pytest.raises(grpc.RpcError) as err:
         generate(channel, prompt="Hello", max_new_tokens=5)
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

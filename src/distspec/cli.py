@@ -128,6 +128,7 @@ def _add_serve(sub) -> None:
     p.add_argument("--max-len", type=int, help="context length per session (default 2048)")
     p.add_argument("--max-waiting", type=int, help="sessions queued beyond the slots")
     p.add_argument("--device", help="cpu | cuda")
+    p.add_argument("--threads", type=int, help="torch threads per worker")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     p.set_defaults(func=_serve)
 
@@ -312,6 +313,41 @@ def _bench_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_bench_edge(sub) -> None:
+    p = sub.add_parser("bench-edge", help="benchmark an edge drafter across round-trip times")
+    p.add_argument("--target", default="demo")
+    p.add_argument("--drafter", default="demo")
+    p.add_argument("--rtts", default="0,20,50,100", help="comma list of round-trip times, ms")
+    p.add_argument("--num-prompts", type=int, default=6)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--gamma", type=int, default=4)
+    p.add_argument("--out", default="bench-results", help="directory for JSON and PNG")
+    p.set_defaults(func=_bench_edge)
+
+
+def _bench_edge(args: argparse.Namespace) -> int:
+    from distspec.bench.edge import EdgeBenchConfig, run_edge_bench
+
+    config = EdgeBenchConfig(
+        target=args.target,
+        drafter=args.drafter,
+        rtts_ms=[float(r) for r in args.rtts.split(",") if r.strip()],
+        num_prompts=args.num_prompts,
+        max_new_tokens=args.max_new_tokens,
+        gamma=args.gamma,
+        out_dir=args.out,
+    )
+    report = run_edge_bench(config)
+    print(f"{'contender@rtt':<22} {'tok/s':>7} {'itl ms':>7} {'rtt ms':>7} {'hidden':>7}")
+    for key, s in report["summary"].items():
+        print(
+            f"{key:<22} {s['tokens_per_s']:>7.1f} {s['itl_ms']:>7.1f} "
+            f"{s['measured_rtt_ms']:>7.1f} {s['hidden_rtt_fraction']:>7.2f}"
+        )
+    print(f"wrote {config.out_dir}/edge.json and edge.png")
+    return 0
+
+
 def _add_train_drafter(sub) -> None:
     from distspec.train.pipeline import DrafterRecipe
     from distspec.train.trainer import TrainConfig
@@ -393,6 +429,7 @@ COMMANDS: list[Callable] = [
     _add_edge,
     _add_bench,
     _add_bench_serve,
+    _add_bench_edge,
     _add_train_drafter,
 ]
 

@@ -1,18 +1,20 @@
 """The on-device side: a local drafter streaming drafts to the server's target over gRPC.
 
-Stop-and-wait: draft k tokens, send them, wait for the verdict, repeat. Every round pays
-draft + RTT + verify.
+Stop-and-wait (overlap=False): draft k tokens, send them, wait for their verdict, repeat.
+The server waits for each chunk, so every round pays draft + RTT + verify.
 
-Overlap (../shared/design/algorithms.md section 3): the drafter drafts k + 1 tokens, sends the
-first k and keeps the last as its guess of the server's bonus token; while the chunk is on
-the wire it drafts the next chunk as if all k were accepted and the bonus is the guess. When
-the verdict says exactly that, the next chunk goes out at once: a round costs
-max(draft, RTT + verify) instead of the sum. Otherwise the prepared chunk is dropped and the
-drafter drafts after the verified tokens.
+Overlap (the default; ../shared/design/algorithms.md section 3): the session never waits on
+the network. The server keeps decoding on its own while no chunk is there (keep_decoding);
+the client drafts from the latest verified tokens it knows, including a lead of the tokens
+the server will have decoded by the time the chunk arrives, so the chunk's first tokens
+predict those. The server matches them against what it decoded meanwhile and verifies the
+rest as a draft (a mismatch drops the chunk). Round trips then cost no target time: the
+session runs at least at the server's own decoding speed, and a right chunk adds its tokens.
 
 Drafts are lossless over the wire: deterministic drafts (greedy, prompt lookup) send ids
 only; sampled drafts are drawn from the drafter's top-k truncation, so the q each was drawn
-from is sparse and is sent exactly.
+from is sparse and is sent exactly. A chunk's tokens are drawn one after another, so the part
+after the matched tokens is still a sample of q given the verified tokens.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ import queue
 import statistics
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import grpc
@@ -46,12 +47,13 @@ class EdgeStats:
     prompt_tokens: int = 0
     new_tokens: int = 0
     rounds: int = 0  # chunks verified
+    target_forwards: int = 0  # the server's steps for this session (from its final stats)
     draft_tokens: int = 0
     accepted_tokens: int = 0
     wall_s: float = 0.0
     time_to_first_token_s: float = 0.0
     rtt_ms: float = 0.0  # median time from sending a chunk to its verdict
-    hidden_rtt_fraction: float = 0.0  # rounds whose next chunk was ready when the verdict came
+    hidden_rtt_fraction: float = 0.0  # target steps taken while a chunk was on the way
     round_ms: list[float] = field(default_factory=list)
 
     @property
@@ -60,7 +62,7 @@ class EdgeStats:
 
     @property
     def tokens_per_target_forward(self) -> float:
-        return self.new_tokens / (self.rounds + 1) if self.new_tokens else 0.0
+        return self.new_tokens / self.target_forwards if self.target_forwards else 0.0
 
     @property
     def acceptance_rate(self) -> float:
@@ -101,11 +103,9 @@ class EdgeClient:
         self.overlap, self.timeout_s = overlap, timeout_s
         self._channel = grpc.insecure_channel(server)
         self._stub = pb_grpc.SpeculativeDecodingStub(self._channel)
-        self._drafting = ThreadPoolExecutor(1, thread_name_prefix="edge-drafter")
 
     def close(self) -> None:
         self._channel.close()
-        self._drafting.shutdown(wait=False)
 
     def generate(
         self,
@@ -117,6 +117,7 @@ class EdgeClient:
         """Stream the verified tokens: prompt (raw text), messages ((role, content); the
         server applies the chat template) or prompt_token_ids."""
         open_ = pb.OpenSession(
+            keep_decoding=self.overlap,
             prompt=prompt or "",
             messages=[pb.ChatMessage(role=r, content=c) for r, c in messages or []],
             prompt_token_ids=prompt_token_ids or [],
@@ -136,14 +137,13 @@ class EdgeClient:
         opened = next(responses).opened
         verified = list(opened.prompt_token_ids)
         stats = EdgeStats(prompt_tokens=len(verified))
-        max_k = min(self.gamma, opened.max_draft_tokens)
-        draft_params = _draft_params(params)
-        self.drafter.start(verified, draft_params)
-        remaining = params.max_new_tokens
-        prepared: Future | None = None  # (guess, next chunk) drafted while a chunk flies
-        rtts, hidden = [], 0
-        sent_at = time.perf_counter()
-        chunk = Draft([])
+        max_chunk = opened.max_draft_tokens
+        self.drafter.start(verified, _draft_params(params))
+        in_flight: tuple[float, int] | None = None  # (sent at, tokens sent)
+        rtts: list[float] = []
+        step_gaps: list[float] = []  # time between verdicts: the server's pace
+        last_verdict = None
+        decoded_in_flight = 0  # verdicts that came while a chunk was travelling
         try:
             for response in responses:
                 verdict = response.verdict
@@ -154,73 +154,50 @@ class EdgeClient:
                     )
                 new = list(verdict.token_ids)
                 verified += new
-                remaining -= len(new)
                 stats.new_tokens += len(new)
-                if stats.new_tokens == len(new):
+                if last_verdict is None:
                     stats.time_to_first_token_s = now - t0
                 else:
-                    stats.rounds += 1
-                    stats.draft_tokens += len(chunk)
-                    stats.accepted_tokens += verdict.num_accepted
-                    rtts.append(now - sent_at)
+                    step_gaps.append(now - last_verdict)
+                last_verdict = now
+                if in_flight is not None:
+                    if verdict.chunk_done:
+                        rtts.append(now - in_flight[0])
+                        stats.rounds += 1
+                        stats.draft_tokens += in_flight[1]
+                        stats.accepted_tokens += verdict.num_accepted
+                        in_flight = None
+                    else:
+                        decoded_in_flight += 1
                 finish = FINISH.get(verdict.finish_reason)
                 if finish:
                     stats.wall_s = time.perf_counter() - t0
+                    stats.target_forwards = verdict.stats.target_forwards
                     stats.rtt_ms = 1000 * statistics.median(rtts) if rtts else 0.0
-                    stats.hidden_rtt_fraction = hidden / stats.rounds if stats.rounds else 0.0
+                    total = stats.rounds + decoded_in_flight
+                    stats.hidden_rtt_fraction = decoded_in_flight / total if total else 0.0
                     yield EdgeStep(new, verdict.text, finish, stats)
                     return
                 yield EdgeStep(new, verdict.text)
-                k = max(0, min(max_k, remaining - 1))
-                ready = self._take(prepared, verdict, chunk, k)
-                prepared = None
-                if ready is not None:
-                    hidden += 1
-                    chunk = ready
-                else:
-                    chunk = self.drafter.propose(verified, k + 1) if k else Draft([])
-                    chunk, guess = chunk[:k], chunk.tokens[k : k + 1]
-                    if self.overlap and guess and k:
-                        prepared = self._prepare(verified, chunk, guess[0], k)
-                if ready is not None and self.overlap and k:
-                    prepared = self._prepare_after_ready(verified, chunk, k)
+                if in_flight is not None:
+                    continue
+                remaining = params.max_new_tokens - stats.new_tokens
+                lead = self._lead(rtts, step_gaps, max_chunk) if self.overlap else 0
+                k = max(0, min(lead + self.gamma, max_chunk, remaining - 1))
+                chunk = self.drafter.propose(verified, k) if k else Draft([])
                 requests.put(pb.SpeculateRequest(draft=_chunk_message(len(verified), chunk)))
-                sent_at = time.perf_counter()
+                in_flight = (time.perf_counter(), len(chunk))
         finally:
             self.drafter.finish()
 
-    # -- overlap ---------------------------------------------------------------------------
-
-    def _prepare(self, verified: list[int], chunk: Draft, guess: int, k: int) -> Future:
-        """Draft the chunk after verified + chunk + guess, while chunk is verified."""
-        context = verified + chunk.tokens + [guess]
-        return self._drafting.submit(self._draft_with_guess, context, guess, k)
-
-    def _prepare_after_ready(self, verified: list[int], chunk: Draft, k: int) -> Future:
-        """The chunk just sent was prepared ahead: draft a new bonus guess and its successor."""
-        context = verified + chunk.tokens
-
-        def work():
-            d = self.drafter.propose(context, k + 1)
-            return (d.tokens[0], d[1:]) if len(d) > 1 else None
-
-        return self._drafting.submit(work)
-
-    def _draft_with_guess(self, context: list[int], guess: int, k: int):
-        return guess, self.drafter.propose(context, k)
-
-    def _take(self, prepared: Future | None, verdict, chunk: Draft, k: int) -> Draft | None:
-        """The prepared chunk if the verdict is the one it was drafted for."""
-        if prepared is None:
-            return None
-        result = prepared.result()
-        if result is None:
-            return None
-        guess, ready = result
-        all_accepted = verdict.num_accepted == len(chunk)
-        if all_accepted and list(verdict.token_ids[-1:]) == [guess] and len(ready) >= k:
-            return ready[:k]
-        return None
+    def _lead(self, rtts: list[float], step_gaps: list[float], max_chunk: int) -> int:
+        """Tokens the server decodes while a chunk travels: the first ones of a chunk stand
+        for them (at least one draft token must remain after them)."""
+        if not rtts or not step_gaps:
+            return 1
+        rtt = statistics.median(rtts[-8:])
+        gap = statistics.median(step_gaps[-16:])
+        return max(1, min(max_chunk - 1, round(rtt / gap) - 1)) if gap > 0 else 1
 
 
 def _draft_params(params: SamplingParams) -> SamplingParams:

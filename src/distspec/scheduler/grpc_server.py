@@ -71,7 +71,9 @@ class SpeculativeDecodingServicer(pb_grpc.SpeculativeDecodingServicer):
             params = self._sampling(first.open.sampling)
         except (InvalidRequest, ValueError) as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        session = self._submit(prompt_ids, params, context, external=True)
+        session = self._submit(
+            prompt_ids, params, context, external=True, keep_decoding=first.open.keep_decoding
+        )
         yield pb.SpeculateResponse(
             opened=pb.SessionOpened(
                 session_id=str(session.id),
@@ -105,6 +107,7 @@ class SpeculativeDecodingServicer(pb_grpc.SpeculativeDecodingServicer):
                     token_ids=step.token_ids,
                     text=decoder.push(step.token_ids, final=final),
                     finish_reason=FINISH[step.finish_reason],
+                    chunk_done=step.chunk_done,
                 )
                 if step.stats is not None:
                     verdict.stats.CopyFrom(stats_message(step.stats))
@@ -131,9 +134,11 @@ class SpeculativeDecodingServicer(pb_grpc.SpeculativeDecodingServicer):
 
     # -- helpers ---------------------------------------------------------------------------
 
-    def _submit(self, prompt_ids, params, context, external: bool = False) -> Session:
+    def _submit(
+        self, prompt_ids, params, context, external: bool = False, keep_decoding: bool = False
+    ) -> Session:
         try:
-            session = self.scheduler.submit(prompt_ids, params, external)
+            session = self.scheduler.submit(prompt_ids, params, external, keep_decoding)
         except AdmissionError as e:
             context.set_trailing_metadata((("retry-after-s", f"{e.retry_after_s:g}"),))
             context.abort(

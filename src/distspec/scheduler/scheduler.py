@@ -10,7 +10,9 @@ target step over all sessions' chunks (ragged lengths), plus drafting on the dra
 
 External sessions (the Speculate RPC: an edge device drafts) offer their draft chunks; a
 session joins the next round once its chunk is there, so no session waits on another's
-network round trip.
+network round trip. With keep_decoding a session also takes plain steps while no chunk is
+there; a chunk that arrives after the tokens it predicted were decoded is matched against
+them and the rest verified as a draft.
 
 The target leader makes every accept/reject decision with the session's own generator. A
 seeded request also gets draft lengths that depend only on its own verdicts (and on the costs
@@ -132,10 +134,15 @@ class Scheduler:
     # -- API (any thread) ------------------------------------------------------------------
 
     def submit(
-        self, prompt_ids: list[int], params: SamplingParams, external: bool = False
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        external: bool = False,
+        keep_decoding: bool = False,
     ) -> Session:
         """Queue a request; raises ValueError for a bad one, AdmissionError when full.
-        external: its drafts come through offer() (Speculate), not from the drafters."""
+        external: its drafts come through offer() (Speculate), not from the drafters;
+        keep_decoding: it takes plain steps while no chunk is offered."""
         self._check_request(prompt_ids, params)
         # greedy output never depends on draft lengths; seeded sampling must not either
         reproducible = params.seed is not None and not params.greedy
@@ -155,6 +162,7 @@ class Scheduler:
                 )
             session = Session(self._next_id, list(prompt_ids), params, stops, reproducible)
             session.external = external
+            session.keep_decoding = external and keep_decoding
             session.tokens = list(prompt_ids)
             session.stats.prompt_tokens = len(prompt_ids)
             self._next_id += 1
@@ -171,12 +179,15 @@ class Scheduler:
             )
             if s is None or s.finished or not s.external:
                 raise ValueError(f"session {session_id} is not open for drafts")
-            if s.chunk is not None:
+            if s.chunk is not None and not s.keep_decoding:
                 raise ValueError("a chunk is already waiting for its verdict")
-            if position != len(s.tokens):
+            stale_ok = s.keep_decoding and position <= len(s.tokens)
+            if position != len(s.tokens) and not stale_ok:
                 raise ValueError(
                     f"the chunk follows {position} tokens but {len(s.tokens)} are verified"
                 )
+            if position < len(s.prompt_ids):
+                raise ValueError(f"the chunk follows {position} tokens, inside the prompt")
             if len(draft) > self.config.max_draft:
                 raise ValueError(
                     f"the chunk has {len(draft)} tokens; at most {self.config.max_draft}"
@@ -184,7 +195,7 @@ class Scheduler:
             bad = [t for t in draft.tokens if not 0 <= t < self.info.vocab_size]
             if bad:
                 raise ValueError(f"draft token {bad[0]} is outside the vocabulary")
-            s.chunk = draft[: self.info.max_len - position]  # what fits in the context
+            s.chunk = (position, draft[: self.info.max_len - position])  # what fits
             s.last_offer = time.perf_counter()
             self._cv.notify_all()
 
@@ -291,7 +302,9 @@ class Scheduler:
         offered = {}
         for s in external:
             with self._cv:
-                offered[s.id], s.chunk = s.chunk, None
+                taken, s.chunk = s.chunk, None
+            s.settling = taken is not None
+            offered[s.id] = self._reconcile(s, taken)
         if self.config.mode == "pearl" and sessions:
             self._pearl_round(sessions, external, offered)
             return
@@ -407,16 +420,27 @@ class Scheduler:
         return any(self._is_ready(s) or s.cancelled.is_set() for s in self._running.values())
 
     def _is_ready(self, s: Session) -> bool:
-        return not s.finished and (not s.external or s.chunk is not None)
+        return not s.finished and (not s.external or s.keep_decoding or s.chunk is not None)
 
     def _end_idle(self) -> None:
         """End external sessions that offered no chunk for idle_timeout_s (under the lock)."""
         now = time.perf_counter()
         for s in self._running.values():
-            idle = s.external and s.chunk is None and s.last_offer is not None
+            idle = s.external and not s.keep_decoding and s.chunk is None and s.last_offer
             if idle and now - s.last_offer > self.config.idle_timeout_s and not s.finished:
                 s.idle = True
                 s.cancelled.set()
+
+    def _reconcile(self, s: Session, chunk: tuple[int, Draft] | None) -> Draft:
+        """The part of an offered chunk still to verify: its tokens up to the verified length
+        must be the verified ones (keep_decoding sessions decode while chunks travel)."""
+        if chunk is None:
+            return EMPTY_DRAFT
+        position, draft = chunk
+        seen = s.tokens[position:]
+        if draft.tokens[: len(seen)] != seen:
+            return EMPTY_DRAFT  # it predicted a different continuation: dropped
+        return draft[len(seen) :]
 
     def _drafter(self, s: Session) -> Remote:
         return self.drafters[s.slot % len(self.drafters)]
@@ -444,7 +468,8 @@ class Scheduler:
             s.finish_reason = finish
             s.stats.wall_s = time.perf_counter() - s.created
             self._session_s = _ema(self._session_s, s.stats.wall_s)
-        s.emit(StepOutput(new, finish, s.stats if finish else None, accepted))
+        s.emit(StepOutput(new, finish, s.stats if finish else None, accepted, s.settling))
+        s.settling = False
 
     def _release_done(self) -> None:
         """Free the KV slots of finished and cancelled sessions (no step is in flight)."""

@@ -39,6 +39,7 @@ class ServeConfig:
     device: str = "cpu"
     dtype: str = "float32"
     cpus_per_rank: float = 1.0
+    threads: int | None = None  # torch threads per worker (default: one per CPU of its bundle)
     metrics_port: int | None = None
 
     @classmethod
@@ -54,7 +55,9 @@ class ServeConfig:
     def runtime_config(self) -> RuntimeConfig:
         drafter = None if self.drafter in (None, "", "none") else self.drafter
         mode = self.mode or ("pearl" if drafter else "ar")
-        target = TargetSpec(self.target, self.num_slots, self.max_len, self.device, self.dtype)
+        target = TargetSpec(
+            self.target, self.num_slots, self.max_len, self.device, self.dtype, self.threads
+        )
         drafter_spec = None
         if drafter:
             drafter_spec = DrafterSpec(
@@ -65,6 +68,7 @@ class ServeConfig:
                 self.lookup,
                 self.device,
                 self.dtype,
+                self.threads,
             )
         cluster = ClusterConfig(
             target=target,

@@ -27,7 +27,9 @@ class Session:
     stops: set[int]
     reproducible: bool = True  # seeded by the client: draft lengths must not depend on load
     external: bool = False  # drafts come from offer() (Speculate), not the drafter workers
-    chunk: Draft | None = None  # an external session's offered chunk, until verified
+    keep_decoding: bool = False  # plain steps while no chunk is offered (external only)
+    chunk: tuple[int, Draft] | None = None  # (position, draft) offered, until verified
+    settling: bool = False  # this round took the offered chunk
     last_offer: float | None = None
     idle: bool = False  # ended for offering no chunk within the idle timeout
     slot: int = -1  # KV slot in target and drafter; -1 while waiting for one

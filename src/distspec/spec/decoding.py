@@ -72,6 +72,7 @@ class StepOutput:
     finish_reason: str | None = None  # "stop" (EOS/stop token) | "length" once finished
     stats: GenerationStats | None = None  # set on the last step
     num_accepted: int = 0  # draft tokens accepted in this step
+    chunk_done: bool = False  # this step settled an externally offered chunk (Speculate)
 
 
 class SpeculativeDecoder:
