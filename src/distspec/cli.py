@@ -130,6 +130,12 @@ def _add_serve(sub) -> None:
     p.add_argument("--device", help="cpu | cuda")
     p.add_argument("--threads", type=int, help="torch threads per worker")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
+    p.add_argument("--tls-cert", help="server certificate (PEM): serve TLS")
+    p.add_argument("--tls-key", help="the certificate's private key (PEM)")
+    p.add_argument("--tls-client-ca", help="mutual TLS: clients need a certificate from this CA")
+    p.add_argument("--tokens-file", help="bearer tokens (one per line) the API then requires")
+    p.add_argument("--max-sessions-per-client", type=int, help="open sessions per client")
+    p.add_argument("--requests-per-minute", type=float, help="new sessions per client per minute")
     p.set_defaults(func=_serve)
 
 
@@ -171,6 +177,10 @@ def _add_edge(sub) -> None:
         help="draft the next chunk while one is verified (--no-overlap: stop and wait)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    p.add_argument("--tls-ca", help="connect with TLS, trusting this CA certificate (PEM)")
+    p.add_argument("--tls-cert", help="this client's certificate, for mutual TLS (PEM)")
+    p.add_argument("--tls-key", help="this client's private key, for mutual TLS (PEM)")
+    p.add_argument("--token", help="bearer token for a server that requires one")
     p.set_defaults(func=_edge)
 
 
@@ -191,7 +201,16 @@ def _edge(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     drafter = new_drafter(load_drafter(args.drafter, args.target, max_len=4096))
-    client = EdgeClient(args.server, drafter, gamma=args.gamma, overlap=args.overlap)
+    client = EdgeClient(
+        args.server,
+        drafter,
+        gamma=args.gamma,
+        overlap=args.overlap,
+        tls_ca=args.tls_ca,
+        token=args.token,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+    )
     prompt = {"prompt": args.prompt} if args.raw else {"messages": [("user", args.prompt)]}
     token_ids, text = [], ""
     try:

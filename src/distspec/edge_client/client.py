@@ -25,6 +25,7 @@ import statistics
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 import torch
@@ -95,13 +96,28 @@ class EdgeClient:
         gamma: int = 4,
         overlap: bool = True,
         timeout_s: float = 300.0,
+        tls_ca: str | None = None,
+        token: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
     ):
-        """server: "host:port"; drafter: any Drafter sharing the target's tokenizer."""
+        """server: "host:port"; drafter: any Drafter sharing the target's tokenizer.
+        tls_ca: connect with TLS, trusting this CA (PEM); tls_cert/tls_key: this client's
+        certificate for mutual TLS; token: bearer token sent with every call."""
         if gamma < 1:
             raise ValueError(f"gamma must be >= 1, got {gamma}")
         self.server, self.drafter, self.gamma = server, drafter, gamma
         self.overlap, self.timeout_s = overlap, timeout_s
-        self._channel = grpc.insecure_channel(server)
+        self._metadata = [("authorization", f"Bearer {token}")] if token else []
+        if tls_ca or tls_cert:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=_read(tls_ca),
+                private_key=_read(tls_key),
+                certificate_chain=_read(tls_cert),
+            )
+            self._channel = grpc.secure_channel(server, credentials)
+        else:
+            self._channel = grpc.insecure_channel(server)
         self._stub = pb_grpc.SpeculativeDecodingStub(self._channel)
 
     def close(self) -> None:
@@ -125,7 +141,9 @@ class EdgeClient:
         )
         requests: queue.Queue = queue.Queue()
         requests.put(pb.SpeculateRequest(open=open_))
-        responses = self._stub.Speculate(iter(requests.get, None), timeout=self.timeout_s)
+        responses = self._stub.Speculate(
+            iter(requests.get, None), timeout=self.timeout_s, metadata=self._metadata
+        )
         try:
             yield from self._run(responses, requests, params)
         finally:
@@ -198,6 +216,10 @@ class EdgeClient:
         rtt = statistics.median(rtts[-8:])
         gap = statistics.median(step_gaps[-16:])
         return max(1, min(max_chunk - 1, round(rtt / gap) - 1)) if gap > 0 else 1
+
+
+def _read(path: str | None) -> bytes | None:
+    return None if path is None else Path(path).read_bytes()
 
 
 def _draft_params(params: SamplingParams) -> SamplingParams:

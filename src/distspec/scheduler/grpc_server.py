@@ -22,6 +22,13 @@ from grpc_reflection.v1alpha import reflection
 from distspec.models.tokenizer import ChatMessage, StreamDecoder
 from distspec.scheduler.runtime import Runtime
 from distspec.scheduler.scheduler import AdmissionError, ShuttingDownError
+from distspec.scheduler.security import (
+    BearerTokenInterceptor,
+    ClientLedger,
+    ClientLimits,
+    TlsConfig,
+    client_id,
+)
 from distspec.scheduler.session import Session, SessionError
 from distspec.spec.decoding import GenerationStats
 from distspec.spec.drafter import Draft
@@ -48,10 +55,11 @@ class InvalidRequest(ValueError):
 
 
 class SpeculativeDecodingServicer(pb_grpc.SpeculativeDecodingServicer):
-    def __init__(self, runtime: Runtime):
+    def __init__(self, runtime: Runtime, limits: ClientLimits | None = None):
         self.runtime = runtime
         self.scheduler = runtime.scheduler
         self.tokenizer = runtime.tokenizer
+        self.ledger = ClientLedger(limits or ClientLimits())
 
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext):
         try:
@@ -137,6 +145,11 @@ class SpeculativeDecodingServicer(pb_grpc.SpeculativeDecodingServicer):
     def _submit(
         self, prompt_ids, params, context, external: bool = False, keep_decoding: bool = False
     ) -> Session:
+        client = client_id(context)
+        refused = self.ledger.admit(client)
+        if refused:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refused)
+        context.add_callback(lambda: self.ledger.release(client))
         try:
             session = self.scheduler.submit(prompt_ids, params, external, keep_decoding)
         except AdmissionError as e:
@@ -265,18 +278,34 @@ def stats_message(stats: GenerationStats) -> pb.GenerationStats:
 class GrpcServer:
     """The servicer on a port, with health checking and reflection."""
 
-    def __init__(self, runtime: Runtime, port: int = 0, host: str = "[::]"):
+    def __init__(
+        self,
+        runtime: Runtime,
+        port: int = 0,
+        host: str = "[::]",
+        tls: TlsConfig | None = None,
+        tokens: set[str] | None = None,
+        limits: ClientLimits | None = None,
+    ):
+        """tls: serve TLS (mutual with a client CA); tokens: bearer tokens the distspec
+        service requires (health and reflection stay open); limits: per client."""
         slots = runtime.info.num_slots + runtime.config.scheduler.max_waiting
+        interceptors = [BearerTokenInterceptor(tokens)] if tokens else []
         # one thread per open stream, and a few to answer admission refusals and health
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=slots + 8))
-        pb_grpc.add_SpeculativeDecodingServicer_to_server(
-            SpeculativeDecodingServicer(runtime), self.server
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=slots + 8), interceptors=interceptors
         )
+        self.servicer = SpeculativeDecodingServicer(runtime, limits)
+        pb_grpc.add_SpeculativeDecodingServicer_to_server(self.servicer, self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, self.server)
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        address = f"{host}:{port}"
+        if tls is None:
+            self.port = self.server.add_insecure_port(address)
+        else:
+            self.port = self.server.add_secure_port(address, tls.credentials())
         if self.port == 0:
             raise OSError(f"cannot listen on {host}:{port}")
 

@@ -13,6 +13,7 @@ from typing import Any
 from distspec.cluster.ray_cluster import ClusterConfig
 from distspec.scheduler.runtime import Runtime, RuntimeConfig
 from distspec.scheduler.scheduler import SchedulerConfig
+from distspec.scheduler.security import ClientLimits, TlsConfig, read_tokens
 from distspec.workers.drafter import DrafterSpec
 from distspec.workers.target import TargetSpec
 
@@ -41,6 +42,12 @@ class ServeConfig:
     cpus_per_rank: float = 1.0
     threads: int | None = None  # torch threads per worker (default: one per CPU of its bundle)
     metrics_port: int | None = None
+    tls_cert: str | None = None  # with tls_key: serve TLS
+    tls_key: str | None = None
+    tls_client_ca: str | None = None  # mutual TLS: clients need a certificate from this CA
+    tokens_file: str | None = None  # bearer tokens, one per line: required when set
+    max_sessions_per_client: int = 0  # 0: no limit
+    requests_per_minute: float = 0  # new sessions per client per minute; 0: no limit
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ServeConfig:
@@ -86,9 +93,18 @@ class ServeConfig:
 def serve(config: ServeConfig) -> None:
     from distspec.scheduler.grpc_server import GrpcServer
 
+    if bool(config.tls_cert) != bool(config.tls_key):
+        raise ValueError("TLS needs both tls_cert and tls_key")
+    tls = (
+        TlsConfig(config.tls_cert, config.tls_key, config.tls_client_ca)
+        if config.tls_cert
+        else None
+    )
+    tokens = read_tokens(config.tokens_file) if config.tokens_file else None
+    limits = ClientLimits(config.max_sessions_per_client, config.requests_per_minute)
     runtime = Runtime(config.runtime_config())
     try:
-        server = GrpcServer(runtime, config.port, config.host)
+        server = GrpcServer(runtime, config.port, config.host, tls, tokens, limits)
         if config.metrics_port is not None:
             from distspec.scheduler.metrics import start_metrics_server
 
