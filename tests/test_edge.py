@@ -222,3 +222,62 @@ def test_edge_cli_unreachable_server_is_one_line(capsys, tiny_dir):
     err = capsys.readouterr().err
     assert rc != 0 and "UNAVAILABLE" in err and "Traceback" not in err
     assert err.count("\n") == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# resilience: a broken stream is resumed from the last verified token
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_dropped_connection_resumes_with_the_same_output(
+    server, target, tiny_dir, tiny_drafter_dir, overlap
+):
+    runtime, address = server
+    relay = DelayRelay(address, delay_s=0.002).start()
+    client = EdgeClient(
+        relay.address, edge_drafter(tiny_dir, tiny_drafter_dir, "model"), overlap=overlap
+    )
+    try:
+        expected = greedy_ar(target, runtime.tokenizer.encode("Once upon a time"), 120)
+        out = []
+        params = SamplingParams(max_new_tokens=120)
+        for i, step in enumerate(client.generate(params, prompt="Once upon a time")):
+            out += step.token_ids
+            if i in (2, 8):
+                relay.drop()  # the link fails twice mid-generation
+        assert out == expected
+        assert step.stats.reconnects >= 1  # (overlap: the server may finish while cut off)
+        assert step.finish_reason == "length"
+    finally:
+        client.close()
+        relay.stop()
+
+
+def test_resume_needs_the_sessions_secret(server):
+    import queue
+
+    import grpc
+
+    from distspec.v1 import speculative_decoding_pb2 as pb
+    from distspec.v1 import speculative_decoding_pb2_grpc as pb_grpc
+
+    _, address = server
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.SpeculativeDecodingStub(channel)
+        requests: queue.Queue = queue.Queue()
+        requests.put(pb.SpeculateRequest(open=pb.OpenSession(prompt="Hello")))
+        owner = stub.Speculate(iter(requests.get, None), timeout=30)
+        opened = next(owner).opened
+        assert opened.resume_secret
+        for session_id, secret in [(opened.session_id, "guess"), ("999", opened.resume_secret)]:
+            resume = pb.OpenSession(
+                resume_session_id=session_id,
+                resume_secret=secret,
+                resume_position=len(opened.prompt_token_ids),
+            )
+            with pytest.raises(grpc.RpcError) as err:
+                list(stub.Speculate(iter([pb.SpeculateRequest(open=resume)]), timeout=10))
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        assert next(owner).verdict.token_ids  # the owner's session is unharmed
+        requests.put(None)
+        owner.cancel()

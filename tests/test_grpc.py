@@ -35,7 +35,7 @@ def server(tiny_dir, tiny_drafter_dir):
     scheduler = SchedulerConfig(mode="pearl", max_waiting=1, max_draft=8, idle_timeout_s=120)
     config = RuntimeConfig(cluster, scheduler, use_ray=False)
     runtime = Runtime(config)
-    srv = GrpcServer(runtime, port=0, host="127.0.0.1")
+    srv = GrpcServer(runtime, port=0, host="127.0.0.1", resume_timeout_s=0.3)
     port = srv.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     yield runtime, channel
@@ -229,7 +229,8 @@ def test_speculate_sampled_chunks_with_sparse_q(server):
 @pytest.mark.parametrize(
     "chunk, message",
     [
-        (dict(position=0, tokens=[1]), "verified"),
+        (dict(position=10**4, tokens=[1]), "verified"),
+        (dict(position=1, tokens=[1]), "inside the prompt"),
         (dict(tokens=[1] * 9), "at most 8"),
         (dict(tokens=[1], q=[pb.SparseDistribution(token_ids=[1], probs=[0.5])]), "sum to"),
         (dict(tokens=[1], q=[pb.SparseDistribution(token_ids=[2], probs=[1.0])]), "probability 0"),

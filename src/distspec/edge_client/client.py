@@ -55,6 +55,7 @@ class EdgeStats:
     time_to_first_token_s: float = 0.0
     rtt_ms: float = 0.0  # median time from sending a chunk to its verdict
     hidden_rtt_fraction: float = 0.0  # target steps taken while a chunk was on the way
+    reconnects: int = 0  # broken streams resumed
     round_ms: list[float] = field(default_factory=list)
 
     @property
@@ -88,6 +89,33 @@ class EdgeStep:
     stats: EdgeStats | None = None  # on the last step
 
 
+@dataclass
+class _Run:
+    """One generation's client-side state, kept across reconnections."""
+
+    params: SamplingParams
+    session_id: str | None = None
+    secret: str = ""
+    verified: list[int] = field(default_factory=list)
+    stats: EdgeStats = field(default_factory=EdgeStats)
+    t0: float = field(default_factory=time.perf_counter)
+    last_verdict: float | None = None
+    rtts: list[float] = field(default_factory=list)
+    step_gaps: list[float] = field(default_factory=list)  # between verdicts: the server's pace
+    decoded_in_flight: int = 0  # verdicts that came while a chunk was travelling
+    resumes: int = 0
+
+    def finish(self, server_stats) -> EdgeStats:
+        s = self.stats
+        s.wall_s = time.perf_counter() - self.t0
+        s.target_forwards = server_stats.target_forwards
+        s.rtt_ms = 1000 * statistics.median(self.rtts) if self.rtts else 0.0
+        total = s.rounds + self.decoded_in_flight
+        s.hidden_rtt_fraction = self.decoded_in_flight / total if total else 0.0
+        s.reconnects = self.resumes
+        return s
+
+
 class EdgeClient:
     def __init__(
         self,
@@ -100,14 +128,19 @@ class EdgeClient:
         token: str | None = None,
         tls_cert: str | None = None,
         tls_key: str | None = None,
+        max_retries: int = 5,
+        backoff_s: float = 0.1,
+        backoff_max_s: float = 2.0,
     ):
         """server: "host:port"; drafter: any Drafter sharing the target's tokenizer.
         tls_ca: connect with TLS, trusting this CA (PEM); tls_cert/tls_key: this client's
-        certificate for mutual TLS; token: bearer token sent with every call."""
+        certificate for mutual TLS; token: bearer token sent with every call;
+        max_retries, backoff_s, backoff_max_s: reconnection after a broken stream."""
         if gamma < 1:
             raise ValueError(f"gamma must be >= 1, got {gamma}")
         self.server, self.drafter, self.gamma = server, drafter, gamma
         self.overlap, self.timeout_s = overlap, timeout_s
+        self.max_retries, self.backoff_s, self.backoff_max_s = max_retries, backoff_s, backoff_max_s
         self._metadata = [("authorization", f"Bearer {token}")] if token else []
         if tls_ca or tls_cert:
             credentials = grpc.ssl_channel_credentials(
@@ -131,7 +164,8 @@ class EdgeClient:
         prompt_token_ids: list[int] | None = None,
     ) -> Iterator[EdgeStep]:
         """Stream the verified tokens: prompt (raw text), messages ((role, content); the
-        server applies the chat template) or prompt_token_ids."""
+        server applies the chat template) or prompt_token_ids. A broken connection is
+        re-established with backoff and the session resumed from the last verified token."""
         open_ = pb.OpenSession(
             keep_decoding=self.overlap,
             prompt=prompt or "",
@@ -139,74 +173,86 @@ class EdgeClient:
             prompt_token_ids=prompt_token_ids or [],
             sampling=_sampling_options(params),
         )
-        requests: queue.Queue = queue.Queue()
-        requests.put(pb.SpeculateRequest(open=open_))
-        responses = self._stub.Speculate(
-            iter(requests.get, None), timeout=self.timeout_s, metadata=self._metadata
-        )
+        run = _Run(params)
+        failures = 0
         try:
-            yield from self._run(responses, requests, params)
-        finally:
-            requests.put(None)
-            responses.cancel()
-
-    def _run(self, responses, requests: queue.Queue, params: SamplingParams):
-        t0 = time.perf_counter()
-        opened = next(responses).opened
-        verified = list(opened.prompt_token_ids)
-        stats = EdgeStats(prompt_tokens=len(verified))
-        max_chunk = opened.max_draft_tokens
-        self.drafter.start(verified, _draft_params(params))
-        in_flight: tuple[float, int] | None = None  # (sent at, tokens sent)
-        rtts: list[float] = []
-        step_gaps: list[float] = []  # time between verdicts: the server's pace
-        last_verdict = None
-        decoded_in_flight = 0  # verdicts that came while a chunk was travelling
-        try:
-            for response in responses:
-                verdict = response.verdict
-                now = time.perf_counter()
-                if verdict.position != len(verified):
-                    raise RuntimeError(
-                        f"verdict at position {verdict.position}, expected {len(verified)}"
-                    )
-                new = list(verdict.token_ids)
-                verified += new
-                stats.new_tokens += len(new)
-                if last_verdict is None:
-                    stats.time_to_first_token_s = now - t0
-                else:
-                    step_gaps.append(now - last_verdict)
-                last_verdict = now
-                if in_flight is not None:
-                    if verdict.chunk_done:
-                        rtts.append(now - in_flight[0])
-                        stats.rounds += 1
-                        stats.draft_tokens += in_flight[1]
-                        stats.accepted_tokens += verdict.num_accepted
-                        in_flight = None
-                    else:
-                        decoded_in_flight += 1
-                finish = FINISH.get(verdict.finish_reason)
-                if finish:
-                    stats.wall_s = time.perf_counter() - t0
-                    stats.target_forwards = verdict.stats.target_forwards
-                    stats.rtt_ms = 1000 * statistics.median(rtts) if rtts else 0.0
-                    total = stats.rounds + decoded_in_flight
-                    stats.hidden_rtt_fraction = decoded_in_flight / total if total else 0.0
-                    yield EdgeStep(new, verdict.text, finish, stats)
+            while True:
+                requests: queue.Queue = queue.Queue()
+                requests.put(pb.SpeculateRequest(open=open_))
+                responses = self._stub.Speculate(
+                    iter(requests.get, None), timeout=self.timeout_s, metadata=self._metadata
+                )
+                try:
+                    for step in self._run(responses, requests, run):
+                        failures = 0
+                        yield step
                     return
-                yield EdgeStep(new, verdict.text)
-                if in_flight is not None:
-                    continue
-                remaining = params.max_new_tokens - stats.new_tokens
-                lead = self._lead(rtts, step_gaps, max_chunk) if self.overlap else 0
-                k = max(0, min(lead + self.gamma, max_chunk, remaining - 1))
-                chunk = self.drafter.propose(verified, k) if k else Draft([])
-                requests.put(pb.SpeculateRequest(draft=_chunk_message(len(verified), chunk)))
-                in_flight = (time.perf_counter(), len(chunk))
+                except grpc.RpcError as e:
+                    resumable = e.code() == grpc.StatusCode.UNAVAILABLE and run.session_id
+                    if not resumable or failures >= self.max_retries:
+                        raise
+                    failures += 1
+                    run.resumes += 1
+                    time.sleep(min(self.backoff_max_s, self.backoff_s * 2 ** (failures - 1)))
+                    open_ = pb.OpenSession(
+                        resume_session_id=run.session_id,
+                        resume_secret=run.secret,
+                        resume_position=len(run.verified),
+                    )
+                finally:
+                    requests.put(None)
+                    responses.cancel()
         finally:
-            self.drafter.finish()
+            if run.session_id is not None:
+                self.drafter.finish()
+
+    def _run(self, responses, requests: queue.Queue, run: _Run) -> Iterator[EdgeStep]:
+        opened = next(responses).opened
+        stats, params = run.stats, run.params
+        if run.session_id is None:
+            run.session_id, run.secret = opened.session_id, opened.resume_secret
+            run.verified = list(opened.prompt_token_ids)
+            stats.prompt_tokens = len(run.verified)
+            self.drafter.start(run.verified, _draft_params(params))
+        max_chunk = opened.max_draft_tokens
+        in_flight: tuple[float, int] | None = None  # (sent at, tokens sent)
+        for response in responses:
+            verdict = response.verdict
+            now = time.perf_counter()
+            if verdict.position != len(run.verified):
+                raise RuntimeError(
+                    f"verdict at position {verdict.position}, expected {len(run.verified)}"
+                )
+            new = list(verdict.token_ids)
+            run.verified += new
+            stats.new_tokens += len(new)
+            if run.last_verdict is None:
+                stats.time_to_first_token_s = now - run.t0
+            else:
+                run.step_gaps.append(now - run.last_verdict)
+            run.last_verdict = now
+            if in_flight is not None:
+                if verdict.chunk_done:
+                    run.rtts.append(now - in_flight[0])
+                    stats.rounds += 1
+                    stats.draft_tokens += in_flight[1]
+                    stats.accepted_tokens += verdict.num_accepted
+                    in_flight = None
+                else:
+                    run.decoded_in_flight += 1
+            finish = FINISH.get(verdict.finish_reason)
+            if finish:
+                yield EdgeStep(new, verdict.text, finish, run.finish(verdict.stats))
+                return
+            yield EdgeStep(new, verdict.text)
+            if in_flight is not None:
+                continue
+            remaining = params.max_new_tokens - stats.new_tokens
+            lead = self._lead(run.rtts, run.step_gaps, max_chunk) if self.overlap else 0
+            k = max(0, min(lead + self.gamma, max_chunk, remaining - 1))
+            chunk = self.drafter.propose(run.verified, k) if k else Draft([])
+            requests.put(pb.SpeculateRequest(draft=_chunk_message(len(run.verified), chunk)))
+            in_flight = (time.perf_counter(), len(chunk))
 
     def _lead(self, rtts: list[float], step_gaps: list[float], max_chunk: int) -> int:
         """Tokens the server decodes while a chunk travels: the first ones of a chunk stand

@@ -8,11 +8,15 @@ deadline pass cancels its session, which frees its KV slot.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import math
+import secrets
 import threading
+import time
 from collections.abc import Iterator
 from concurrent import futures
+from dataclasses import dataclass
 
 import grpc
 import torch
@@ -30,7 +34,7 @@ from distspec.scheduler.security import (
     client_id,
 )
 from distspec.scheduler.session import Session, SessionError
-from distspec.spec.decoding import GenerationStats
+from distspec.spec.decoding import GenerationStats, StepOutput
 from distspec.spec.drafter import Draft
 from distspec.spec.sampling import SamplingParams
 from distspec.v1 import speculative_decoding_pb2 as pb
@@ -54,9 +58,24 @@ class InvalidRequest(ValueError):
     pass
 
 
+@dataclass
+class _Resumable:
+    """A Speculate session that a new stream of the same client may take over."""
+
+    session: Session
+    secret: str
+    client: str
+    detached_at: float | None = None
+
+
 class SpeculativeDecodingServicer(pb_grpc.SpeculativeDecodingServicer):
-    def __init__(self, runtime: Runtime, limits: ClientLimits | None = None):
+    def __init__(
+        self, runtime: Runtime, limits: ClientLimits | None = None, resume_timeout_s: float = 30
+    ):
         self.runtime = runtime
+        self.resume_timeout_s = resume_timeout_s
+        self._resumable: dict[str, _Resumable] = {}
+        self._lock = threading.Lock()
         self.scheduler = runtime.scheduler
         self.tokenizer = runtime.tokenizer
         self.ledger = ClientLedger(limits or ClientLimits())
@@ -74,19 +93,38 @@ class SpeculativeDecodingServicer(pb_grpc.SpeculativeDecodingServicer):
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("kind") != "open":
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be open")
-        try:
-            prompt_ids = self._open_prompt_ids(first.open)
-            params = self._sampling(first.open.sampling)
-        except (InvalidRequest, ValueError) as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        session = self._submit(
-            prompt_ids, params, context, external=True, keep_decoding=first.open.keep_decoding
-        )
+        if first.open.resume_session_id:
+            session, resumable = self._resume(first.open, context)
+            position = first.open.resume_position
+        else:
+            try:
+                prompt_ids = self._open_prompt_ids(first.open)
+                params = self._sampling(first.open.sampling)
+            except (InvalidRequest, ValueError) as e:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            session = self._submit(
+                prompt_ids,
+                params,
+                context,
+                external=True,
+                keep_decoding=first.open.keep_decoding,
+                cancel_on_end=False,
+            )
+            resumable = _Resumable(session, secrets.token_hex(16), client_id(context))
+            with self._lock:
+                self._resumable[str(session.id)] = resumable
+            position = len(prompt_ids)
+        with self._lock:
+            session.epoch += 1
+            epoch = session.epoch
+            resumable.detached_at = None
+        context.add_callback(lambda: self._detach(resumable, epoch))
         yield pb.SpeculateResponse(
             opened=pb.SessionOpened(
                 session_id=str(session.id),
-                prompt_token_ids=prompt_ids,
+                prompt_token_ids=session.prompt_ids,
                 max_draft_tokens=self.scheduler.config.max_draft,
+                resume_secret=resumable.secret,
             )
         )
         problem: list[str] = []  # a bad chunk, found by the reader thread
@@ -98,9 +136,19 @@ class SpeculativeDecodingServicer(pb_grpc.SpeculativeDecodingServicer):
         )
         reader.start()
         decoder = StreamDecoder(self.tokenizer)
-        position = len(prompt_ids)
+        decoder.ids = list(session.tokens[len(session.prompt_ids) : position])
+        decoder.emitted = self.tokenizer.decode(decoder.ids)
+        catch_up = session.tokens[position:]  # what a resumed client missed
+        if session.finished:  # resumed after the end: the rest and the end
+            last = StepOutput([], session.finish_reason, session.stats, position=position)
+            yield self._verdict(decoder, position, catch_up, last, chunk_done=True)
+            return
+        if first.open.resume_session_id:
+            # always answered, even with no tokens: a stop-and-wait client drafts on this
+            yield self._verdict(decoder, position, catch_up, None, chunk_done=True)
+            position += len(catch_up)
         try:
-            for step in session.stream(timeout_s=None):
+            for step in session.stream(timeout_s=None, epoch=epoch):
                 if problem:
                     break
                 if step.finish_reason == "cancelled" and session.idle:
@@ -108,23 +156,72 @@ class SpeculativeDecodingServicer(pb_grpc.SpeculativeDecodingServicer):
                     context.abort(
                         grpc.StatusCode.DEADLINE_EXCEEDED, f"no draft chunk for {timeout:g} s"
                     )
-                final = step.finish_reason is not None
-                verdict = pb.Verdict(
-                    position=position,
-                    num_accepted=step.num_accepted,
-                    token_ids=step.token_ids,
-                    text=decoder.push(step.token_ids, final=final),
-                    finish_reason=FINISH[step.finish_reason],
-                    chunk_done=step.chunk_done,
-                )
-                if step.stats is not None:
-                    verdict.stats.CopyFrom(stats_message(step.stats))
-                position = len(session.tokens) if final else position + len(step.token_ids)
-                yield pb.SpeculateResponse(verdict=verdict)
+                # steps already covered by the catch-up (or taken by a stream that broke)
+                tokens = step.token_ids[max(0, position - step.position) :]
+                if step.position + len(step.token_ids) < position:
+                    tokens = []
+                if not tokens and step.finish_reason is None and not step.chunk_done:
+                    continue
+                yield self._verdict(decoder, position, tokens, step)
+                position += len(tokens)
         except (SessionError, ShuttingDownError) as e:
             context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         if problem:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem[0])
+
+    def _verdict(self, decoder, position, tokens, step, chunk_done=False) -> pb.SpeculateResponse:
+        final = step is not None and step.finish_reason is not None
+        verdict = pb.Verdict(
+            position=position,
+            num_accepted=step.num_accepted if step else 0,
+            token_ids=tokens,
+            text=decoder.push(tokens, final=final),
+            finish_reason=FINISH[step.finish_reason if step else None],
+            chunk_done=chunk_done or (step is not None and step.chunk_done),
+        )
+        if step is not None and step.stats is not None:
+            verdict.stats.CopyFrom(stats_message(step.stats))
+        return pb.SpeculateResponse(verdict=verdict)
+
+    def _resume(self, open_: pb.OpenSession, context) -> tuple[Session, _Resumable]:
+        with self._lock:
+            r = self._resumable.get(open_.resume_session_id)
+        # the same answer for an unknown id, a wrong secret and another client's session
+        ok = r is not None and hmac.compare_digest(r.secret, open_.resume_secret)
+        if not ok or r.client != client_id(context):
+            context.abort(grpc.StatusCode.NOT_FOUND, "no session to resume with that id")
+        session = r.session
+        if not len(session.prompt_ids) <= open_.resume_position <= len(session.tokens):
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"resume_position must be in [{len(session.prompt_ids)}, {len(session.tokens)}]",
+            )
+        client = r.client
+        refused = self.ledger.admit(client)
+        if refused:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refused)
+        context.add_callback(lambda: self.ledger.release(client))
+        return session, r
+
+    def _detach(self, r: _Resumable, epoch: int) -> None:
+        """The stream ended: a finished session is forgotten; an unfinished one waits
+        resume_timeout_s for its client to come back, then is cancelled."""
+        with self._lock:
+            if r.session.epoch != epoch:
+                return  # a newer stream took over
+            # finished too: the stream may have broken before the last verdict got through
+            r.detached_at = time.monotonic()
+        timer = threading.Timer(self.resume_timeout_s, self._expire, args=(r, epoch))
+        timer.daemon = True
+        timer.start()
+
+    def _expire(self, r: _Resumable, epoch: int) -> None:
+        with self._lock:
+            if r.session.epoch != epoch or r.detached_at is None:
+                return
+            self._resumable.pop(str(r.session.id), None)
+        if not r.session.finished:
+            self.scheduler.cancel(r.session.id)
 
     def _read_chunks(self, requests, session: Session, problem: list[str]) -> None:
         """Offer each draft chunk of the stream; a bad one ends the session."""
@@ -133,17 +230,28 @@ class SpeculativeDecodingServicer(pb_grpc.SpeculativeDecodingServicer):
                 if request.WhichOneof("kind") != "draft":
                     raise InvalidRequest("only draft chunks may follow open")
                 position, draft = self._draft(request.draft)
-                self.scheduler.offer(session.id, position, draft)
+                try:
+                    self.scheduler.offer(session.id, position, draft)
+                except ValueError:
+                    if not session.finished:
+                        raise
+                    # a chunk that crossed the last verdict on the wire: nothing to do
         except (InvalidRequest, ValueError) as e:
             problem.append(str(e))
             self.scheduler.cancel(session.id)
-        except grpc.RpcError:  # the client went away; the RPC's callback cancels the session
+        except grpc.RpcError:  # the client went away; the RPC callback detaches the session
             pass
 
     # -- helpers ---------------------------------------------------------------------------
 
     def _submit(
-        self, prompt_ids, params, context, external: bool = False, keep_decoding: bool = False
+        self,
+        prompt_ids,
+        params,
+        context,
+        external: bool = False,
+        keep_decoding: bool = False,
+        cancel_on_end: bool = True,
     ) -> Session:
         client = client_id(context)
         refused = self.ledger.admit(client)
@@ -162,7 +270,8 @@ class SpeculativeDecodingServicer(pb_grpc.SpeculativeDecodingServicer):
             context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        context.add_callback(lambda: self.scheduler.cancel(session.id))
+        if cancel_on_end:
+            context.add_callback(lambda: self.scheduler.cancel(session.id))
         return session
 
     def _stream(self, session: Session, context) -> Iterator[pb.GenerateResponse]:
@@ -286,16 +395,19 @@ class GrpcServer:
         tls: TlsConfig | None = None,
         tokens: set[str] | None = None,
         limits: ClientLimits | None = None,
+        resume_timeout_s: float = 30.0,
     ):
         """tls: serve TLS (mutual with a client CA); tokens: bearer tokens the distspec
-        service requires (health and reflection stay open); limits: per client."""
+        service requires (health and reflection stay open); limits: per client;
+        resume_timeout_s: how long a Speculate session whose stream broke waits for its
+        client to resume it before it is cancelled."""
         slots = runtime.info.num_slots + runtime.config.scheduler.max_waiting
         interceptors = [BearerTokenInterceptor(tokens)] if tokens else []
         # one thread per open stream, and a few to answer admission refusals and health
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=slots + 8), interceptors=interceptors
         )
-        self.servicer = SpeculativeDecodingServicer(runtime, limits)
+        self.servicer = SpeculativeDecodingServicer(runtime, limits, resume_timeout_s)
         pb_grpc.add_SpeculativeDecodingServicer_to_server(self.servicer, self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -179,10 +179,10 @@ class Scheduler:
             )
             if s is None or s.finished or not s.external:
                 raise ValueError(f"session {session_id} is not open for drafts")
-            if s.chunk is not None and not s.keep_decoding:
-                raise ValueError("a chunk is already waiting for its verdict")
-            stale_ok = s.keep_decoding and position <= len(s.tokens)
-            if position != len(s.tokens) and not stale_ok:
+            # A chunk may follow fewer tokens than are verified (keep_decoding, or a resumed
+            # stream): its overlap is matched in _reconcile. A newer chunk replaces one
+            # still waiting.
+            if position > len(s.tokens):
                 raise ValueError(
                     f"the chunk follows {position} tokens but {len(s.tokens)} are verified"
                 )
@@ -459,6 +459,7 @@ class Scheduler:
 
     def _advance(self, s: Session, new: list[int], accepted: int = 0) -> None:
         new, finish = clip_new_tokens(new, self._room(s), s.stops)
+        position = len(s.tokens)
         now = time.perf_counter()
         self.metrics.on_tokens(len(new), now - s.last_emit if s.last_emit else None)
         s.last_emit = now
@@ -468,7 +469,8 @@ class Scheduler:
             s.finish_reason = finish
             s.stats.wall_s = time.perf_counter() - s.created
             self._session_s = _ema(self._session_s, s.stats.wall_s)
-        s.emit(StepOutput(new, finish, s.stats if finish else None, accepted, s.settling))
+        stats = s.stats if finish else None
+        s.emit(StepOutput(new, finish, stats, accepted, s.settling, position))
         s.settling = False
 
     def _release_done(self) -> None:

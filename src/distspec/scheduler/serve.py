@@ -48,6 +48,7 @@ class ServeConfig:
     tokens_file: str | None = None  # bearer tokens, one per line: required when set
     max_sessions_per_client: int = 0  # 0: no limit
     requests_per_minute: float = 0  # new sessions per client per minute; 0: no limit
+    resume_timeout_s: float = 30.0  # a broken Speculate stream's session waits this long
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ServeConfig:
@@ -104,7 +105,9 @@ def serve(config: ServeConfig) -> None:
     limits = ClientLimits(config.max_sessions_per_client, config.requests_per_minute)
     runtime = Runtime(config.runtime_config())
     try:
-        server = GrpcServer(runtime, config.port, config.host, tls, tokens, limits)
+        server = GrpcServer(
+            runtime, config.port, config.host, tls, tokens, limits, config.resume_timeout_s
+        )
         if config.metrics_port is not None:
             from distspec.scheduler.metrics import start_metrics_server
 

@@ -32,6 +32,7 @@ class Session:
     settling: bool = False  # this round took the offered chunk
     last_offer: float | None = None
     idle: bool = False  # ended for offering no chunk within the idle timeout
+    epoch: int = 0  # streams attached so far (a resumed stream takes over)
     slot: int = -1  # KV slot in target and drafter; -1 while waiting for one
     tokens: list[int] = field(default_factory=list)  # verified: prompt + output
     stats: GenerationStats = field(default_factory=GenerationStats)
@@ -58,11 +59,17 @@ class Session:
         self.finish_reason = "error"
         self.outputs.put(error)
 
-    def stream(self, timeout_s: float | None = None) -> Iterator[StepOutput]:
+    def stream(
+        self, timeout_s: float | None = None, epoch: int | None = None
+    ) -> Iterator[StepOutput]:
         """The session's steps until the last one (finish_reason set); raises SessionError if
-        the server failed it. Leaving the loop early does not cancel: call Scheduler.cancel."""
+        the server failed it. Leaving the loop early does not cancel: call Scheduler.cancel.
+        epoch: stop (handing the item back) once a newer reader attached (a resumed stream)."""
         while True:
             item = self.outputs.get(timeout=timeout_s)
+            if epoch is not None and epoch != self.epoch:
+                self.outputs.put(item)
+                return
             if isinstance(item, Exception):
                 raise item
             yield item

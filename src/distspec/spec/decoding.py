@@ -73,6 +73,7 @@ class StepOutput:
     stats: GenerationStats | None = None  # set on the last step
     num_accepted: int = 0  # draft tokens accepted in this step
     chunk_done: bool = False  # this step settled an externally offered chunk (Speculate)
+    position: int = 0  # index of token_ids[0] in prompt + output (set by the scheduler)
 
 
 class SpeculativeDecoder:
