@@ -281,3 +281,129 @@ def test_resume_needs_the_sessions_secret(server):
         assert next(owner).verdict.token_ids  # the owner's session is unharmed
         requests.put(None)
         owner.cancel()
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling over the wire is exact; bad clients do not harm good ones
+
+
+@pytest.fixture(scope="module")
+def small_server(small):
+    """A server for the 8-token-vocabulary target of the `small` pair."""
+    tgt, _ = small
+    cluster = ClusterConfig(target=TargetSpec(str(tgt.path), num_slots=8, max_len=64), drafter=None)
+    runtime = Runtime(RuntimeConfig(cluster, SchedulerConfig(mode="ar"), use_ray=False))
+    srv = GrpcServer(runtime, port=0, host="127.0.0.1")
+    port = srv.start()
+    yield f"127.0.0.1:{port}"
+    srv.stop(grace_s=1)
+    runtime.close()
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_edge_sampling_matches_the_target_distribution(small, small_server, overlap):
+    """Sampled drafts travel with their sparse q (the drafter's top-k truncation)."""
+    from collections import Counter
+
+    from distspec.spec.drafters import ModelDrafter
+    from test_decoding import ALPHA, SMALL_PROMPT, exact_joint, gof_pvalue, marginal
+
+    tgt, dft = small
+    client = EdgeClient(small_server, ModelDrafter(dft.model), gamma=2, overlap=overlap)
+    params = SamplingParams(max_new_tokens=4, temperature=1.0)
+    counts, drafted, accepted = Counter(), 0, 0
+    try:
+        for seed in range(1500):
+            p = SamplingParams(max_new_tokens=4, temperature=1.0, seed=600_000 + seed)
+            steps = list(client.generate(p, prompt_token_ids=SMALL_PROMPT))
+            out = [t for s in steps for t in s.token_ids]
+            counts[tuple(out[:3])] += 1
+            drafted += steps[-1].stats.draft_tokens
+            accepted += steps[-1].stats.accepted_tokens
+    finally:
+        client.close()
+    assert drafted > 0 and 0 < accepted < drafted
+    exact = exact_joint(tgt.model, SMALL_PROMPT, params)
+    pvalues = [gof_pvalue(counts, exact)]
+    pvalues += [gof_pvalue(marginal(counts, i), marginal(exact, i)) for i in range(3)]
+    print(f"edge overlap={overlap}: p = {', '.join(f'{p:.3g}' for p in pvalues)}")
+    assert min(pvalues) > ALPHA
+
+
+def test_bad_clients_do_not_harm_a_good_session(server, target, tiny_dir, tiny_drafter_dir):
+    import queue
+    import threading
+
+    import grpc
+
+    from distspec.v1 import speculative_decoding_pb2 as pb
+    from distspec.v1 import speculative_decoding_pb2_grpc as pb_grpc
+
+    runtime, address = server
+    relay = DelayRelay(address, delay_s=0.003).start()
+    good = EdgeClient(relay.address, edge_drafter(tiny_dir, tiny_drafter_dir, "model"))
+    result = {}
+
+    def run_good():
+        steps = list(good.generate(SamplingParams(max_new_tokens=150), prompt="Once upon a time"))
+        result["out"] = [t for s in steps for t in s.token_ids]
+
+    thread = threading.Thread(target=run_good)
+    thread.start()
+    bad_chunks = [
+        pb.DraftChunk(position=10**6, token_ids=[1]),  # a position never reached
+        pb.DraftChunk(position=20, token_ids=[10**7]),  # a token outside the vocabulary
+        pb.DraftChunk(position=20, token_ids=[1] * 100),  # oversized
+        pb.DraftChunk(
+            position=20,
+            token_ids=[1],
+            q=[pb.SparseDistribution(token_ids=[1, 2], probs=[0.9, float("nan")])],
+        ),  # not a distribution
+    ]
+    try:
+        with grpc.insecure_channel(address) as channel:
+            stub = pb_grpc.SpeculativeDecodingStub(channel)
+            for chunk in bad_chunks:
+                requests: queue.Queue = queue.Queue()
+                requests.put(pb.SpeculateRequest(open=pb.OpenSession(prompt="Hi there, friend")))
+                responses = stub.Speculate(iter(requests.get, None), timeout=30)
+                next(responses)
+                requests.put(pb.SpeculateRequest(draft=chunk))
+                with pytest.raises(grpc.RpcError) as err:
+                    list(responses)
+                requests.put(None)
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            # resuming someone else's session
+            resume = pb.OpenSession(resume_session_id="1", resume_secret="x", resume_position=3)
+            with pytest.raises(grpc.RpcError) as err:
+                list(stub.Speculate(iter([pb.SpeculateRequest(open=resume)]), timeout=10))
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        thread.join(timeout=60)
+        expected = greedy_ar(target, runtime.tokenizer.encode("Once upon a time"), 150)
+        assert result["out"] == expected
+    finally:
+        good.close()
+        relay.stop()
+
+
+def test_the_edge_side_needs_no_ray(tiny_dir):
+    """Devices do not run a cluster: the edge client and `distspec edge` import without Ray
+    (nor the server's health, reflection and metrics packages)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "for name in ('ray', 'grpc_health', 'grpc_reflection', 'prometheus_client', 'yaml'):\n"
+        "    sys.modules[name] = None  # any import of them fails\n"
+        "import distspec.edge_client, distspec.bench.relay\n"
+        "from distspec.cli import main\n"
+        "rc = main(['edge', '--server', '127.0.0.1:1', '--prompt', 'x', '--drafter', 'ngram',\n"
+        "           '--target', sys.argv[1]])\n"
+        "assert rc == 1, rc  # a connection error, after every import happened\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(tiny_dir)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "UNAVAILABLE" in proc.stderr

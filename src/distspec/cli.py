@@ -140,7 +140,12 @@ def _add_serve(sub) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from distspec.scheduler.serve import ServeConfig, serve
+    try:
+        from distspec.scheduler.serve import ServeConfig, serve
+    except ImportError as e:
+        raise RuntimeError(
+            f"distspec serve needs the server extra (pip install 'distspec[server]'): {e}"
+        ) from None
 
     values = {}
     if args.config:
