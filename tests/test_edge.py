@@ -407,3 +407,32 @@ def test_the_edge_side_needs_no_ray(tiny_dir):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "UNAVAILABLE" in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overlap", [True, False])
+def test_demo_edge_greedy_equals_transformers_through_the_relay(demo_hf, overlap):
+    """The demo pair: the server holds SmolLM2-135M, the edge runs the demo drafter, 20 ms
+    of emulated round trip between them."""
+    import torch
+
+    from test_ray_runtime import hf_greedy
+
+    cluster = ClusterConfig(target=TargetSpec("demo", num_slots=2, max_len=1024), drafter=None)
+    runtime = Runtime(RuntimeConfig(cluster, SchedulerConfig(mode="ar"), use_ray=False))
+    srv = GrpcServer(runtime, port=0, host="127.0.0.1")
+    relay = DelayRelay(f"127.0.0.1:{srv.start()}", delay_s=0.01).start()
+    client = EdgeClient(relay.address, new_drafter(load_drafter("demo", "demo")), overlap=overlap)
+    try:
+        torch.manual_seed(0)
+        for prompt in ("What is the capital of France?", "List three primary colors."):
+            steps = list(
+                client.generate(SamplingParams(max_new_tokens=40), messages=[("user", prompt)])
+            )
+            assert [t for s in steps for t in s.token_ids] == hf_greedy(demo_hf, prompt)
+            assert steps[-1].stats.draft_tokens > 0
+    finally:
+        client.close()
+        relay.stop()
+        srv.stop(grace_s=1)
+        runtime.close()
