@@ -142,12 +142,12 @@ def test_keep_decoding_matches_stale_chunks(server, target):
             out += r.verdict.token_ids
             if r.verdict.finish_reason:
                 break
-            if len(out) >= 10 and sent == 0:  # a right chunk, 5 tokens stale
+            if len(out) >= 10 and sent == 0:  # a right chunk of 16, 5 tokens stale
                 p = len(ids) + len(out) - 5
                 requests.put(
                     pb.SpeculateRequest(
                         draft=pb.DraftChunk(
-                            position=p, token_ids=greedy[len(out) - 5 : len(out) + 5]
+                            position=p, token_ids=greedy[len(out) - 5 : len(out) + 11]
                         )
                     )
                 )

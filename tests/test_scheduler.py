@@ -168,3 +168,18 @@ def test_a_failed_step_ends_the_sessions_in_flight_but_not_the_server(workers, t
     finally:
         del target_worker.step
         sched.close()
+
+
+def test_speculation_switch_takes_the_faster_kind_of_round():
+    from distspec.scheduler.switch import SpeculationSwitch
+
+    switch = SpeculationSwitch(probe_every=4)
+    assert switch.plain(16) is False  # speculate first
+    switch.observe(16, False, tokens=20, seconds=0.2)  # 100 tok/s
+    assert switch.plain(16) is True  # then try plain once
+    switch.observe(16, True, tokens=16, seconds=0.1)  # 160 tok/s
+    choices = [switch.plain(16) for _ in range(8)]
+    assert choices.count(False) == 2 and choices.count(True) == 6  # probes every 4th round
+    # buckets: 9..16 share one, a batch of one has its own
+    assert switch.plain(12) is True
+    assert switch.plain(1) is False

@@ -139,7 +139,7 @@ class SpeculativeDecodingServicer(pb_grpc.SpeculativeDecodingServicer):
         decoder.ids = list(session.tokens[len(session.prompt_ids) : position])
         decoder.emitted = self.tokenizer.decode(decoder.ids)
         catch_up = session.tokens[position:]  # what a resumed client missed
-        if session.finished:  # resumed after the end: the rest and the end
+        if first.open.resume_session_id and session.finished:  # resumed after the end
             last = StepOutput([], session.finish_reason, session.stats, position=position)
             yield self._verdict(decoder, position, catch_up, last, chunk_done=True)
             return

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from distspec.scheduler.metrics import SchedulerMetrics
 from distspec.scheduler.remote import Remote
 from distspec.scheduler.session import Session, SessionError
+from distspec.scheduler.switch import SpeculationSwitch
 from distspec.spec.decoding import StepOutput, clip_new_tokens
 from distspec.spec.draft_policy import DraftCosts, DraftLengthPolicy
 from distspec.spec.drafter import EMPTY_DRAFT, Draft
@@ -124,6 +125,7 @@ class Scheduler:
         self._session_s: float | None = None  # typical session duration, for retry hints
         self.counters = {"rounds": 0, "drafts": 0, "draft_tokens": 0, "accepted_tokens": 0}
         self.target_busy_s = 0.0  # the target's compute time, summed over steps
+        self.switch = SpeculationSwitch()
         self.metrics = SchedulerMetrics()
         self.metrics.watch(
             lambda: len(self._running), lambda: len(self._waiting), lambda: self.target_busy_s
@@ -296,6 +298,21 @@ class Scheduler:
             self._advance(s, [verdict.next_token])
 
     def _round(self, sessions: list[Session]) -> None:
+        """One round; for sd and pearl, the switch may make it a plain one (when only
+        sessions whose draft lengths may depend on load take part)."""
+        internal = [s for s in sessions if not s.external]
+        adaptive = (
+            self.config.mode != "ar" and internal and not any(s.reproducible for s in internal)
+        )
+        plain = bool(adaptive) and self.switch.plain(len(internal))
+        before = sum(s.stats.new_tokens for s in internal)
+        t = time.perf_counter()
+        self._run_round(sessions, plain)
+        if adaptive:
+            tokens = sum(s.stats.new_tokens for s in internal) - before
+            self.switch.observe(len(internal), plain, tokens, time.perf_counter() - t)
+
+    def _run_round(self, sessions: list[Session], plain: bool) -> None:
         self.counters["rounds"] += 1
         external = [s for s in sessions if s.external]
         sessions = [s for s in sessions if not s.external]
@@ -306,7 +323,7 @@ class Scheduler:
             s.settling = taken is not None
             offered[s.id] = self._reconcile(s, taken)
         if self.config.mode == "pearl" and sessions:
-            self._pearl_round(sessions, external, offered)
+            self._pearl_round(sessions, external, offered, plain)
             return
         drafts, draft_s = dict(offered), 0.0
         sessions = sessions + external
@@ -315,7 +332,7 @@ class Scheduler:
             for s in sessions:
                 if s.external:
                     continue
-                k = min(s.policy.next_k(), self._room(s) - 1)
+                k = 0 if plain else min(s.policy.next_k(), self._room(s) - 1)
                 if k > 0:
                     requests[s.id] = DraftRequest(s.id, s.tokens, k)
             t = time.perf_counter()
@@ -340,9 +357,13 @@ class Scheduler:
             self._advance(s, verdict.tokens(item.draft), verdict.num_accepted)
 
     def _pearl_round(
-        self, sessions: list[Session], external: list[Session], offered: dict[int, Draft]
+        self,
+        sessions: list[Session],
+        external: list[Session],
+        offered: dict[int, Draft],
+        plain: bool = False,
     ) -> None:
-        live_gamma = self._pearl_gamma(sessions)
+        live_gamma = 0 if plain else self._pearl_gamma(sessions)
         items, requests = [], {}
         for s in external:  # verified at once, in the same batched step
             draft = offered[s.id]
