@@ -111,6 +111,7 @@ def test_overlap_hides_the_round_trip(server, target):
         fast, slow = results[True], results[False]
         assert slow.hidden_rtt_fraction == 0.0 and fast.hidden_rtt_fraction > 0
         assert fast.accepted_tokens > 0  # chunks arriving late were matched and verified
+        assert fast.prepared_chunks > 0  # drafted during the previous chunk's flight
         assert fast.rtt_ms >= 4 and slow.rtt_ms >= 4
     finally:
         relay.stop()

@@ -24,6 +24,7 @@ import queue
 import statistics
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +57,7 @@ class EdgeStats:
     rtt_ms: float = 0.0  # median time from sending a chunk to its verdict
     hidden_rtt_fraction: float = 0.0  # target steps taken while a chunk was on the way
     reconnects: int = 0  # broken streams resumed
+    prepared_chunks: int = 0  # chunks drafted during the previous one's flight and sent at once
     round_ms: list[float] = field(default_factory=list)
 
     @property
@@ -104,6 +106,8 @@ class _Run:
     step_gaps: list[float] = field(default_factory=list)  # between verdicts: the server's pace
     decoded_in_flight: int = 0  # verdicts that came while a chunk was travelling
     resumes: int = 0
+    reused: int = 0  # chunks that went out already drafted
+    prepared: tuple | None = None  # (verified, chunk sent, future draft after it)
 
     def finish(self, server_stats) -> EdgeStats:
         s = self.stats
@@ -113,6 +117,7 @@ class _Run:
         total = s.rounds + self.decoded_in_flight
         s.hidden_rtt_fraction = self.decoded_in_flight / total if total else 0.0
         s.reconnects = self.resumes
+        s.prepared_chunks = self.reused
         return s
 
 
@@ -152,9 +157,11 @@ class EdgeClient:
         else:
             self._channel = grpc.insecure_channel(server)
         self._stub = pb_grpc.SpeculativeDecodingStub(self._channel)
+        self._drafting = ThreadPoolExecutor(1, thread_name_prefix="edge-drafter")
 
     def close(self) -> None:
         self._channel.close()
+        self._drafting.shutdown(wait=True)
 
     def generate(
         self,
@@ -203,6 +210,8 @@ class EdgeClient:
                     requests.put(None)
                     responses.cancel()
         finally:
+            if run.prepared is not None:
+                run.prepared[2].result()  # the drafter is free again before the next request
             if run.session_id is not None:
                 self.drafter.finish()
 
@@ -250,9 +259,31 @@ class EdgeClient:
             remaining = params.max_new_tokens - stats.new_tokens
             lead = self._lead(run.rtts, run.step_gaps, max_chunk) if self.overlap else 0
             k = max(0, min(lead + self.gamma, max_chunk, remaining - 1))
-            chunk = self.drafter.propose(run.verified, k) if k else Draft([])
+            chunk = self._ready_chunk(run, k)
+            if chunk is None:
+                chunk = self.drafter.propose(run.verified, k) if k else Draft([])
             requests.put(pb.SpeculateRequest(draft=_chunk_message(len(run.verified), chunk)))
             in_flight = (time.perf_counter(), len(chunk))
+            if self.overlap and k:
+                # draft on while the chunk travels, as if it were all verified
+                context = run.verified + chunk.tokens
+                future = self._drafting.submit(self.drafter.propose, context, self.gamma)
+                run.prepared = (list(run.verified), chunk, future)
+
+    def _ready_chunk(self, run: _Run, k: int) -> Draft | None:
+        """The chunk drafted during the last flight, if the verified tokens so far are the
+        ones it assumed: its part after them goes out at once. (Each token of it was drawn
+        given the tokens before it, so that part is still a draft of the verified text.)"""
+        if run.prepared is None:
+            return None
+        base, sent, future = run.prepared
+        run.prepared = None
+        predicted = sent + future.result()
+        full = base + predicted.tokens
+        if k == 0 or len(run.verified) >= len(full) or run.verified != full[: len(run.verified)]:
+            return None
+        run.reused += 1
+        return predicted[len(run.verified) - len(base) :][:k]
 
     def _lead(self, rtts: list[float], step_gaps: list[float], max_chunk: int) -> int:
         """Tokens the server decodes while a chunk travels: the first ones of a chunk stand
