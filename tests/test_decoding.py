@@ -647,9 +647,11 @@ def exact_joint(model, prompt, params) -> dict[tuple[int, ...], float]:
     return {k: v / total for k, v in joint.items()}
 
 
-def sample_outcomes(model, drafter, params, seeds, gamma=3, **decoder_kw) -> tuple[Counter, dict]:
+def sample_outcomes(
+    model, drafter, params, seeds, gamma=3, decoder_cls=SpeculativeDecoder, **decoder_kw
+) -> tuple[Counter, dict]:
     """Counts of the first 3 generated tokens over seeds, and draft/accepted totals."""
-    dec = SpeculativeDecoder(model, drafter, gamma=gamma, eos_token_ids=[], **decoder_kw)
+    dec = decoder_cls(model, drafter, gamma=gamma, eos_token_ids=[], **decoder_kw)
     counts: Counter = Counter()
     totals = Counter()
     for seed in seeds:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
-
 import pytest
 import torch
 
@@ -24,6 +22,7 @@ from test_decoding import (
     greedy_ar,
     make_drafter,
     marginal,
+    sample_outcomes,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -141,24 +140,6 @@ def test_max_new_tokens_exact(target, draft_model, max_new):
         assert len(out) == max_new and last.finish_reason == "length"
 
 
-def pearl_outcomes(model, drafter, params, seeds, gamma=3) -> tuple[Counter, Counter]:
-    dec = PearlDecoder(model, drafter, gamma=gamma, eos_token_ids=[])
-    counts, totals = Counter(), Counter()
-    for seed in seeds:
-        p = SamplingParams(
-            max_new_tokens=4,
-            temperature=params.temperature,
-            top_k=params.top_k,
-            top_p=params.top_p,
-            seed=seed,
-        )
-        out, last = dec.generate(SMALL_PROMPT, p)
-        counts[tuple(out[:3])] += 1
-        totals["draft"] += last.stats.draft_tokens
-        totals["accepted"] += last.stats.accepted_tokens
-    return counts, totals
-
-
 @pytest.mark.parametrize(
     "params",
     [SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_k=5, top_p=0.9)],
@@ -170,7 +151,8 @@ def test_pearl_sampling_matches_exact_target_distribution(small, params, kind):
     tgt, dft = small
     exact = exact_joint(tgt.model, SMALL_PROMPT, params)
     seeds = range(500_000, 500_000 + SAMPLES)
-    counts, totals = pearl_outcomes(tgt.model, make_drafter(kind, dft), params, seeds)
+    drafter = make_drafter(kind, dft)
+    counts, totals = sample_outcomes(tgt.model, drafter, params, seeds, decoder_cls=PearlDecoder)
     assert 0.1 * totals["draft"] < totals["accepted"] < 0.9 * totals["draft"]
     pvalues = [gof_pvalue(counts, exact)]
     pvalues += [gof_pvalue(marginal(counts, i), marginal(exact, i)) for i in range(3)]

@@ -28,7 +28,6 @@ from distspec.workers.drafter import DrafterSpec
 from distspec.workers.target import TargetSpec
 from test_decoding import ALPHA, SMALL_PROMPT, exact_joint, gof_pvalue, marginal
 from test_tensor_parallel import free_port
-from tiny import SMALL_V, make_tiny_model_dir
 
 pytestmark = pytest.mark.slow
 
@@ -150,24 +149,12 @@ def test_sigterm_shuts_down_cleanly(served):
 # PEARL sampling through the distributed runtime: tiny models over an 8-token vocabulary
 
 
-@pytest.fixture(scope="module")
-def small_pair(tmp_path_factory):
-    root = tmp_path_factory.mktemp("small-ray")
-    t = make_tiny_model_dir(root / "target", vocab_size=SMALL_V)
-    d = make_tiny_model_dir(
-        root / "drafter", vocab_size=SMALL_V, num_layers=1, hidden_size=32, seed=1
-    )
-    return t, d
-
-
 SAMPLES = 2000
 WAVE = 16
 
 
-def test_pearl_sampling_on_ray_matches_the_target_distribution(small_pair):
-    from distspec.models.loader import load_model
-
-    t, d = small_pair
+def test_pearl_sampling_on_ray_matches_the_target_distribution(small):
+    t, d = small[0].path, small[1].path
     cluster = ClusterConfig(
         target=TargetSpec(str(t), num_slots=WAVE, max_len=64),
         target_tp=2,
@@ -191,7 +178,7 @@ def test_pearl_sampling_on_ray_matches_the_target_distribution(small_pair):
         assert 0.1 * c["draft_tokens"] < c["accepted_tokens"] < 0.9 * c["draft_tokens"]
     finally:
         runtime.close()
-    exact = exact_joint(load_model(str(t), max_len=32).model, SMALL_PROMPT, params)
+    exact = exact_joint(small[0].model, SMALL_PROMPT, params)
     pvalues = [gof_pvalue(counts, exact)]
     pvalues += [gof_pvalue(marginal(counts, i), marginal(exact, i)) for i in range(3)]
     print(f"pearl on ray: p = {', '.join(f'{p:.3g}' for p in pvalues)}")

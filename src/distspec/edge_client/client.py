@@ -31,6 +31,7 @@ from pathlib import Path
 import grpc
 import torch
 
+from distspec.spec.decoding import GenerationStats
 from distspec.spec.drafter import Draft, Drafter
 from distspec.spec.sampling import SamplingParams
 from distspec.v1 import speculative_decoding_pb2 as pb
@@ -45,42 +46,14 @@ FINISH = {
 
 
 @dataclass
-class EdgeStats:
-    prompt_tokens: int = 0
-    new_tokens: int = 0
+class EdgeStats(GenerationStats):
+    """GenerationStats (target_forwards: the server's steps for this session) plus the link."""
+
     rounds: int = 0  # chunks verified
-    target_forwards: int = 0  # the server's steps for this session (from its final stats)
-    draft_tokens: int = 0
-    accepted_tokens: int = 0
-    wall_s: float = 0.0
-    time_to_first_token_s: float = 0.0
     rtt_ms: float = 0.0  # median time from sending a chunk to its verdict
     hidden_rtt_fraction: float = 0.0  # target steps taken while a chunk was on the way
     reconnects: int = 0  # broken streams resumed
     prepared_chunks: int = 0  # chunks drafted during the previous one's flight and sent at once
-    round_ms: list[float] = field(default_factory=list)
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.new_tokens / self.wall_s if self.wall_s else 0.0
-
-    @property
-    def tokens_per_target_forward(self) -> float:
-        return self.new_tokens / self.target_forwards if self.target_forwards else 0.0
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d.pop("round_ms")
-        d.update(
-            tokens_per_s=self.tokens_per_s,
-            tokens_per_target_forward=self.tokens_per_target_forward,
-            acceptance_rate=self.acceptance_rate,
-        )
-        return d
 
 
 @dataclass
