@@ -16,8 +16,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"distspec: error: {message}\n")
 
 
-def _add_generate(sub) -> None:
-    p = sub.add_parser("generate", help="generate text from a prompt")
+def _add_prompt_and_sampling(p) -> None:
     p.add_argument("--prompt", required=True, help="user message (chat template applied)")
     p.add_argument("--raw", action="store_true", help="feed --prompt as is, no chat template")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -25,6 +24,25 @@ def _add_generate(sub) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--seed", type=int, default=None)
+
+
+def _sampling_params(args: argparse.Namespace):
+    from distspec.spec.sampling import SamplingParams
+
+    if not args.prompt.strip():
+        raise ValueError("the prompt is empty")
+    return SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate text from a prompt")
+    _add_prompt_and_sampling(p)
     p.add_argument(
         "--mode",
         choices=["ar", "sd", "pearl"],
@@ -54,17 +72,8 @@ def _add_generate(sub) -> None:
 
 def _generate(args: argparse.Namespace) -> int:
     from distspec.engine import Engine, EngineConfig
-    from distspec.spec.sampling import SamplingParams
 
-    if not args.prompt.strip():
-        raise ValueError("the prompt is empty")
-    params = SamplingParams(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        seed=args.seed,
-    )
+    params = _sampling_params(args)
     config = EngineConfig(
         target=args.target,
         mode=args.mode,
@@ -165,15 +174,9 @@ def _serve(args: argparse.Namespace) -> int:
 def _add_edge(sub) -> None:
     p = sub.add_parser("edge", help="draft on this device; the server's target verifies")
     p.add_argument("--server", required=True, help="HOST:PORT of a distspec server")
-    p.add_argument("--prompt", required=True, help="user message (chat template applied)")
-    p.add_argument("--raw", action="store_true", help="send --prompt as is, no chat template")
+    _add_prompt_and_sampling(p)
     p.add_argument("--drafter", default="demo", help="demo | ngram | a model path")
     p.add_argument("--target", default="demo", help="the server's target (tokenizer/embedding)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
     p.add_argument("--gamma", type=int, default=4, help="draft tokens per chunk")
     p.add_argument(
         "--overlap",
@@ -194,17 +197,8 @@ def _edge(args: argparse.Namespace) -> int:
 
     from distspec.edge_client import EdgeClient
     from distspec.engine import load_drafter, new_drafter
-    from distspec.spec.sampling import SamplingParams
 
-    if not args.prompt.strip():
-        raise ValueError("the prompt is empty")
-    params = SamplingParams(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        seed=args.seed,
-    )
+    params = _sampling_params(args)
     drafter = new_drafter(load_drafter(args.drafter, args.target, max_len=4096))
     client = EdgeClient(
         args.server,
