@@ -536,9 +536,9 @@ def record_forwards(drafter: ModelDrafter) -> list[tuple[int, int]]:
     calls: list[tuple[int, int]] = []
     inner = drafter._forward
 
-    def forward(tokens, start):
+    def forward(tokens, start, fuzzy_groups=()):
         calls.append((start, len(tokens)))
-        return inner(tokens, start)
+        return inner(tokens, start, fuzzy_groups)
 
     drafter._forward = forward
     return calls

@@ -101,7 +101,14 @@ class Block(nn.Module):
         self.mlp = MLP(config, tp)
 
     def forward(self, x, cos, sin, slots, pos, kv_len, mask):
-        h = x + self.attn(rms_norm(x, self.attn_norm, self.eps), cos, sin, slots, pos, kv_len, mask)
+        return self.finish(x + self.attend(x, cos, sin, slots, pos, kv_len, mask))
+
+    def attend(self, x, cos, sin, slots, pos, kv_len, mask):
+        """The attention sublayer's output (to be added to the residual stream)."""
+        return self.attn(rms_norm(x, self.attn_norm, self.eps), cos, sin, slots, pos, kv_len, mask)
+
+    def finish(self, h):
+        """The MLP sublayer on the residual stream h (attention already added)."""
         return h + self.mlp(rms_norm(h, self.mlp_norm, self.eps))
 
 
@@ -206,11 +213,16 @@ class Transformer(nn.Module):
         pos: torch.Tensor,
         slots: torch.Tensor | None = None,
         last_only: bool = False,
+        fuzzy_groups: tuple[tuple[int, int], ...] = (),
     ) -> torch.Tensor:
         """tokens, pos: [B, T] int64; slots: [B] cache rows (default 0..B-1).
 
         Returns logits [B, T, V] (or [B, 1, V] with last_only). Rows of a ragged batch are
         right-padded; padding must use positions past the row's real ones (see `pad_positions`).
+
+        fuzzy_groups: layer ranges [start, end) run the EasySpec way: every attention of a
+        group reads the group's input (so they could run at once), their outputs are added
+        back in order with the MLPs in between. Approximate, K/V included (see easyspec_groups).
         """
         if self.max_len == 0:
             raise RuntimeError("call setup_cache() before forward()")
@@ -226,8 +238,19 @@ class Transformer(nn.Module):
         need_mask = t > 1 or bsz > 1 or (window is not None and kv_len > window)
         mask = self._mask(pos, kv_len) if need_mask else None
         x = self.embed(tokens)
-        for layer in self.layers:
-            x = layer(x, cos, sin, slots, pos, kv_len, mask)
+        starts = dict(fuzzy_groups)
+        i = 0
+        while i < len(self.layers):
+            end = starts.get(i)
+            if end is None:
+                x = self.layers[i](x, cos, sin, slots, pos, kv_len, mask)
+                i += 1
+                continue
+            group = self.layers[i:end]
+            outs = [layer.attend(x, cos, sin, slots, pos, kv_len, mask) for layer in group]
+            for layer, out in zip(group, outs, strict=True):
+                x = layer.finish(x + out)
+            i = end
         if last_only:
             x = x[:, -1:]
         logits = self.head_logits(x)
@@ -320,3 +343,15 @@ def load_hf_weights(model: Transformer, weights: Mapping[str, torch.Tensor]) -> 
             copy(mlp.w_down.bias, down_b if tp.rank == 0 else torch.zeros_like(down_b))
         copy(layer.attn_norm, get(f"{p}input_layernorm.weight"))
         copy(layer.mlp_norm, get(f"{p}post_attention_layernorm.weight"))
+
+
+def easyspec_groups(num_layers: int, group: int, exact_first: int = 1, exact_last: int = 1):
+    """EasySpec's layer groups: the middle layers in runs of `group` (the first `exact_first`
+    and last `exact_last` layers stay exact; a shorter tail run stays exact too)."""
+    if group < 2:
+        return ()
+    groups, start = [], exact_first
+    while start + group <= num_layers - exact_last:
+        groups.append((start, start + group))
+        start += group
+    return tuple(groups)

@@ -26,20 +26,28 @@ class ModelDrafter(Drafter):
         slot: int = 0,
         min_confidence: float = 0.0,
         lookup: NgramDrafter | None = None,
+        fuzzy_groups: tuple[tuple[int, int], ...] = (),
     ):
         """min_confidence: stop drafting after a token whose probability under the drafter is
         below this (an early stop on low confidence, as in SpecDec++ / SVIP).
-        lookup: prompt lookup to follow first (see the module docstring)."""
+        lookup: prompt lookup to follow first (see the module docstring).
+        fuzzy_groups: EasySpec layer groups (models.llama.easyspec_groups) for the draft
+        steps. The first forward of each draft, over the tokens verified since the last one,
+        is exact and overwrites their fuzzy K/V: EasySpec's calibration, at no extra
+        forward."""
         self.model = model
         self.min_confidence = min_confidence
         self.lookup = lookup
+        self.fuzzy_groups = tuple(fuzzy_groups)
         self.slot = torch.tensor([slot])
         self.cached: list[int] = []  # tokens whose K/V are in the drafter's cache, in order
+        self.exact_upto = 0  # cached[:exact_upto] have exact K/V (the rest: fuzzy steps)
         self.params = SamplingParams()
         self.generator: torch.Generator | None = None
 
     def start(self, prompt_ids: list[int], params: SamplingParams) -> None:
         self.cached = []
+        self.exact_upto = 0
         self.params = params
         self.generator = None if params.greedy else params.generator(stream=1)
         if self.lookup is not None:
@@ -49,14 +57,18 @@ class ModelDrafter(Drafter):
         k = min(k, self.model.max_len - len(context))
         if k <= 0:
             return Draft([])
-        keep = _common_prefix(self.cached, context, limit=len(context) - 1)
+        keep = _common_prefix(self.cached, context, limit=min(len(context) - 1, self.exact_upto))
         self.cached = context[:keep]
         tokens = self.lookup.propose(context, k).tokens if self.lookup is not None else []
         probs = [self._point_mass(t) for t in tokens] if self.generator is not None else []
         pending = context[keep:] + tokens  # fed to the model before its next prediction
+        exact = True  # the first forward: verified tokens (and lookup ones), exactly
         while len(tokens) < k:
-            logits = self._forward(pending, len(self.cached))
+            logits = self._forward(pending, len(self.cached), () if exact else self.fuzzy_groups)
             self.cached += pending
+            if exact or not self.fuzzy_groups:
+                self.exact_upto = len(self.cached)
+            exact = False
             tok, confidence = self._pick(logits, probs)
             tokens.append(tok)
             if confidence < self.min_confidence:
@@ -64,10 +76,10 @@ class ModelDrafter(Drafter):
             pending = [tok]
         return Draft(tokens, torch.stack(probs) if probs else None)
 
-    def _forward(self, tokens: list[int], start: int) -> torch.Tensor:
+    def _forward(self, tokens: list[int], start: int, fuzzy_groups=()) -> torch.Tensor:
         t = torch.tensor([tokens])
         pos = torch.arange(start, start + len(tokens))[None]
-        return self.model(t, pos, self.slot, last_only=True)[0, -1]
+        return self.model(t, pos, self.slot, last_only=True, fuzzy_groups=fuzzy_groups)[0, -1]
 
     def _point_mass(self, tok: int) -> torch.Tensor:
         q = torch.zeros(self.model.config.vocab_size, device=self.model.device)

@@ -1,0 +1,111 @@
+"""EasySpec's fuzzy drafting (layer groups whose attentions share an input) and its KV
+calibration, on tiny random models: lossless, and calibrated K/V equal exact ones."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distspec.models.llama import easyspec_groups
+from distspec.models.loader import load_model
+from distspec.spec.decoding import SpeculativeDecoder
+from distspec.spec.drafters import ModelDrafter
+from distspec.spec.pearl import PearlDecoder
+from distspec.spec.sampling import SamplingParams
+from test_decoding import PROMPTS, encode, greedy_ar
+from tiny import make_tiny_model_dir
+
+
+@pytest.fixture(scope="module")
+def deep_drafter(tmp_path_factory):
+    """A 6-layer drafter with the tiny target's tokenizer: room for groups of 2 to 4."""
+    path = make_tiny_model_dir(tmp_path_factory.mktemp("deep") / "d", num_layers=6, seed=3)
+    return str(path)
+
+
+def test_groups():
+    assert easyspec_groups(30, 4) == (
+        (1, 5),
+        (5, 9),
+        (9, 13),
+        (13, 17),
+        (17, 21),
+        (21, 25),
+        (25, 29),
+    )
+    assert easyspec_groups(6, 2) == ((1, 3), (3, 5))
+    assert easyspec_groups(6, 3) == ((1, 4),)
+    assert easyspec_groups(6, 1) == () and easyspec_groups(2, 2) == ()
+
+
+def test_fuzzy_forward_differs_but_stays_close(deep_drafter):
+    model = load_model(deep_drafter, max_len=64).model
+    tokens = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(20)[None]
+    exact = model(tokens, pos)
+    fuzzy = model(tokens, pos, fuzzy_groups=easyspec_groups(6, 2))
+    assert not torch.allclose(exact, fuzzy)
+    # a single-layer "group" is the exact computation
+    same = model(tokens, pos, fuzzy_groups=((2, 3),))
+    torch.testing.assert_close(same, exact)
+
+
+@pytest.mark.parametrize("engine", [SpeculativeDecoder, PearlDecoder])
+@pytest.mark.parametrize("group", [2, 4])
+def test_fuzzy_drafting_is_lossless_greedy(target, deep_drafter, group, engine):
+    model = load_model(deep_drafter, max_len=256).model
+    drafter = ModelDrafter(model, fuzzy_groups=easyspec_groups(6, group))
+    for text in PROMPTS:
+        ids = encode(target, text)
+        dec = engine(target.model, drafter, 4, eos_token_ids=[])
+        out, last = dec.generate(ids, SamplingParams(max_new_tokens=30))
+        assert out == greedy_ar(target, ids, 30)
+        assert last.stats.draft_tokens > 0
+
+
+def kv(model, slot: int, n: int) -> list[torch.Tensor]:
+    return [layer.attn.kv_cache.k[slot, :, :n].clone() for layer in model.layers] + [
+        layer.attn.kv_cache.v[slot, :, :n].clone() for layer in model.layers
+    ]
+
+
+def test_calibration_makes_verified_kv_exact(deep_drafter):
+    """After a draft, the next one first runs exactly over the tokens verified since: the
+    K/V of every position before the new context's end equal an exact drafter's."""
+    fuzzy_model = load_model(deep_drafter, max_len=64).model
+    exact_model = load_model(deep_drafter, max_len=64).model
+    fuzzy = ModelDrafter(fuzzy_model, fuzzy_groups=easyspec_groups(6, 2))
+    exact = ModelDrafter(exact_model)
+    context = list(range(40, 52))
+    for d in (fuzzy, exact):
+        d.start(context, SamplingParams())
+    draft = fuzzy.propose(context, 5)
+    exact.propose(context, 5)
+    n = len(context) + 4  # the fed draft tokens' K/V came from fuzzy steps
+    assert not all(
+        torch.allclose(a, b, atol=1e-5)
+        for a, b in zip(kv(fuzzy_model, 0, n), kv(exact_model, 0, n), strict=True)
+    )
+    # the verifier accepted 3 draft tokens and added a correction
+    context = context + draft.tokens[:3] + [7]
+    fuzzy.propose(context, 4)
+    exact.propose(context, 4)
+    for a, b in zip(
+        kv(fuzzy_model, 0, len(context)), kv(exact_model, 0, len(context)), strict=True
+    ):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_fuzzy_sampling_matches_the_target_distribution(small, tmp_path):
+    from test_decoding import ALPHA, SMALL_PROMPT, exact_joint, gof_pvalue, sample_outcomes
+    from tiny import SMALL_V
+
+    tgt, _ = small
+    path = make_tiny_model_dir(tmp_path / "d", vocab_size=SMALL_V, num_layers=4, seed=4)
+    drafter = ModelDrafter(load_model(str(path), max_len=32).model, fuzzy_groups=((1, 3),))
+    params = SamplingParams(temperature=1.0)
+    counts, totals = sample_outcomes(tgt.model, drafter, params, range(700_000, 702_000))
+    assert 0 < totals["accepted"] < totals["draft"]
+    pvalue = gof_pvalue(counts, exact_joint(tgt.model, SMALL_PROMPT, params))
+    print(f"fuzzy drafting t=1: p={pvalue:.3g}")
+    assert pvalue > ALPHA
