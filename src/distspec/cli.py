@@ -366,6 +366,31 @@ def _bench_edge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_bench_easyspec(sub) -> None:
+    p = sub.add_parser(
+        "bench-easyspec", help="top-1 agreement of fuzzy (EasySpec) vs exact drafting"
+    )
+    p.add_argument("--model", default="demo", help="the deep drafter to measure")
+    p.add_argument("--groups", default="2,3,4,5", help="comma list of group sizes N")
+    p.add_argument("--num-prompts", type=int, default=6)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.set_defaults(func=_bench_easyspec)
+
+
+def _bench_easyspec(args: argparse.Namespace) -> int:
+    from distspec.bench.easyspec import run_easyspec_bench
+
+    sizes = tuple(int(g) for g in args.groups.split(",") if g.strip())
+    rows = run_easyspec_bench(args.model, sizes, args.num_prompts, args.max_new_tokens)
+    print(f"{'N':>3} {'groups':>6} {'calibrated':>11} {'uncalibrated':>13}")
+    for r in rows:
+        print(
+            f"{r['group']:>3} {r['groups']:>6} {r['agreement_calibrated']:>11.3f} "
+            f"{r['agreement_uncalibrated']:>13.3f}"
+        )
+    return 0
+
+
 def _add_train_drafter(sub) -> None:
     from distspec.train.pipeline import DrafterRecipe
     from distspec.train.trainer import TrainConfig
@@ -448,6 +473,7 @@ COMMANDS: list[Callable] = [
     _add_bench,
     _add_bench_serve,
     _add_bench_edge,
+    _add_bench_easyspec,
     _add_train_drafter,
 ]
 
