@@ -39,6 +39,8 @@ class ClusterConfig:
         for name in ("target_tp", "drafter_tp", "num_drafters"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.drafter is not None:  # a session drafts in the KV slot it has on the target
+            self.drafter = replace(self.drafter, num_slots=self.target.num_slots)
 
     @property
     def gpu(self) -> bool:
@@ -80,10 +82,9 @@ class RayCluster:
             self.target = self._start_group("target", TargetWorker, config.target, config.target_tp)
             self.drafters = []
             if config.drafter is not None:
-                spec = replace(config.drafter, num_slots=config.target.num_slots)
                 for i in range(config.num_drafters):
                     group = self._start_group(
-                        f"drafter-{i}", DrafterWorker, spec, config.drafter_tp
+                        f"drafter-{i}", DrafterWorker, config.drafter, config.drafter_tp
                     )
                     self.drafters.append(group)
         except BaseException:

@@ -89,10 +89,11 @@ def _token_text(tok) -> str | None:
 class StreamDecoder:
     """Incremental detokenisation: text deltas that never split a multi-byte character."""
 
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: Tokenizer, sent_ids: list[int] | None = None):
+        """sent_ids: tokens whose text the reader already has (a resumed stream)."""
         self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.emitted = ""
+        self.ids: list[int] = list(sent_ids or [])
+        self.emitted = tokenizer.decode(self.ids) if self.ids else ""
 
     def push(self, ids: list[int], final: bool = False) -> str:
         """The text the new ids complete; final: the last push, whatever bytes are left."""

@@ -135,9 +135,7 @@ class SpeculativeDecodingServicer(pb_grpc.SpeculativeDecodingServicer):
             daemon=True,
         )
         reader.start()
-        decoder = StreamDecoder(self.tokenizer)
-        decoder.ids = list(session.tokens[len(session.prompt_ids) : position])
-        decoder.emitted = self.tokenizer.decode(decoder.ids)
+        decoder = StreamDecoder(self.tokenizer, session.tokens[len(session.prompt_ids) : position])
         catch_up = session.tokens[position:]  # what a resumed client missed
         if first.open.resume_session_id and session.finished:  # resumed after the end
             last = StepOutput([], session.finish_reason, session.stats, position=position)

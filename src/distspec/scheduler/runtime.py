@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from distspec.cluster.ray_cluster import ClusterConfig, RayCluster
 from distspec.models.loader import load_tokenizer
@@ -36,7 +36,7 @@ class Runtime:
         self._local: list[Remote] = []
         drafter_spec = c.drafter if config.scheduler.mode != "ar" else None
         if config.use_ray:
-            self.cluster = RayCluster(c if drafter_spec else _without_drafters(c))
+            self.cluster = RayCluster(c if drafter_spec else replace(c, drafter=None))
             target = self.cluster.target.leader
             drafters = [g.leader for g in self.cluster.drafters]
         else:
@@ -46,8 +46,9 @@ class Runtime:
             target = Remote.local(TargetWorker(c.target))
             drafters = []
             if drafter_spec:
-                spec = _sized(drafter_spec, c.target.num_slots)
-                drafters = [Remote.local(DrafterWorker(spec)) for _ in range(c.num_drafters)]
+                drafters = [
+                    Remote.local(DrafterWorker(drafter_spec)) for _ in range(c.num_drafters)
+                ]
             self._local = [target, *drafters]
         self.target, self.drafters = target, drafters
         self.info = target("model_info")
@@ -66,15 +67,3 @@ class Runtime:
             remote.close()
         if self.cluster is not None:
             self.cluster.shutdown()
-
-
-def _without_drafters(c: ClusterConfig) -> ClusterConfig:
-    from dataclasses import replace
-
-    return replace(c, drafter=None)
-
-
-def _sized(spec, num_slots: int):
-    from dataclasses import replace
-
-    return replace(spec, num_slots=num_slots)

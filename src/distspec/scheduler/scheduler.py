@@ -36,7 +36,7 @@ from distspec.scheduler.remote import Remote
 from distspec.scheduler.session import Session, SessionError
 from distspec.scheduler.switch import SpeculationSwitch
 from distspec.spec.decoding import StepOutput, clip_new_tokens
-from distspec.spec.draft_policy import DraftCosts, DraftLengthPolicy
+from distspec.spec.draft_policy import DraftCosts, DraftLengthPolicy, ema
 from distspec.spec.drafter import EMPTY_DRAFT, Draft
 from distspec.spec.pearl import pearl_gamma
 from distspec.spec.sampling import SamplingParams
@@ -95,9 +95,9 @@ class _Timing:
     def observe(self, step_s: float, draft_s: float, drafted: float) -> None:
         """step_s: the target's forward; draft_s: the drafters' time for `drafted` tokens
         each (on average)."""
-        self.step_s = _ema(self.step_s, step_s)
+        self.step_s = ema(self.step_s, step_s)
         if drafted:
-            self.draft_token_s = _ema(self.draft_token_s, draft_s / drafted)
+            self.draft_token_s = ema(self.draft_token_s, draft_s / drafted)
 
 
 class Scheduler:
@@ -338,14 +338,7 @@ class Scheduler:
             t = time.perf_counter()
             drafts.update(self._draft(sessions, requests))
             draft_s = time.perf_counter() - t
-        items = []
-        for s in sessions:
-            draft = drafts.get(s.id, EMPTY_DRAFT)
-            items.append(
-                ForwardItem(
-                    s.id, s.slot, len(s.tokens) - 1, [s.tokens[-1], *draft.tokens], draft=draft
-                )
-            )
+        items = [_verify_item(s, drafts.get(s.id, EMPTY_DRAFT)) for s in sessions]
         t = time.perf_counter()
         verdicts = self._step(items)
         verify_s = time.perf_counter() - t
@@ -364,11 +357,8 @@ class Scheduler:
         plain: bool = False,
     ) -> None:
         live_gamma = 0 if plain else self._pearl_gamma(sessions)
-        items, requests = [], {}
-        for s in external:  # verified at once, in the same batched step
-            draft = offered[s.id]
-            chunk = [s.tokens[-1], *draft.tokens]
-            items.append(ForwardItem(s.id, s.slot, len(s.tokens) - 1, chunk, draft=draft))
+        requests = {}
+        items = [_verify_item(s, offered[s.id]) for s in external]  # verified at once
         for s in sessions:
             gamma = pearl_gamma(self.costs, self.config.gamma) if s.reproducible else live_gamma
             start, chunk = s.pearl.target_chunk(s.tokens)
@@ -489,7 +479,7 @@ class Scheduler:
         if finish:
             s.finish_reason = finish
             s.stats.wall_s = time.perf_counter() - s.created
-            self._session_s = _ema(self._session_s, s.stats.wall_s)
+            self._session_s = ema(self._session_s, s.stats.wall_s)
         stats = s.stats if finish else None
         s.emit(StepOutput(new, finish, stats, accepted, s.settling, position))
         s.settling = False
@@ -533,8 +523,9 @@ class Scheduler:
             )
 
 
-def _ema(old: float | None, new: float, decay: float = 0.8) -> float:
-    return new if old is None else decay * old + (1 - decay) * new
+def _verify_item(s: Session, draft: Draft) -> ForwardItem:
+    """The chunk [newest verified token, *draft], to verify in the step itself."""
+    return ForwardItem(s.id, s.slot, len(s.tokens) - 1, [s.tokens[-1], *draft.tokens], draft=draft)
 
 
 def calibrate(target: Remote, drafter: Remote, info: ModelInfo, k: int) -> DraftCosts | None:

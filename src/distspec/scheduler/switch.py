@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from distspec.spec.draft_policy import ema
+
 
 def _bucket(batch: int) -> int:
     return batch if batch <= 4 else 1 << (batch - 1).bit_length()
@@ -38,6 +40,4 @@ class SpeculationSwitch:
         if seconds <= 0:
             return
         key = (_bucket(batch), plain)
-        rate = tokens / seconds
-        old = self._rates.get(key)
-        self._rates[key] = rate if old is None else self.decay * old + (1 - self.decay) * rate
+        self._rates[key] = ema(self._rates.get(key), tokens / seconds, self.decay)

@@ -85,15 +85,16 @@ class DraftLengthPolicy:
         if self.costs is not None:
             return
         if k == 0:
-            self._t_step = _ema(self._t_step, verify_s, d)
+            self._t_step = ema(self._t_step, verify_s, d)
         else:
-            self._t_draft = _ema(self._t_draft, draft_s / k, d)
+            self._t_draft = ema(self._t_draft, draft_s / k, d)
             if self._t_step is not None:
                 beta = (verify_s / self._t_step - 1) / k
                 self._beta = d * self._beta + (1 - d) * min(max(beta, 0.0), 1.0)
 
 
-def _ema(old: float | None, new: float, decay: float) -> float:
+def ema(old: float | None, new: float, decay: float = 0.8) -> float:
+    """Exponential moving average; the first value starts it."""
     return new if old is None else decay * old + (1 - decay) * new
 
 
