@@ -23,6 +23,8 @@ from distspec.workers.target import TargetSpec, TargetWorker
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 600.0
+# Workers exchange token ids and small drafts through Ray, never weights or logits.
+LOCAL_OBJECT_STORE_BYTES = 256 * 1024**2
 
 
 @dataclass
@@ -69,12 +71,7 @@ class RayCluster:
         self._started_ray = not ray.is_initialized()
         if self._started_ray:
             if config.address is None:
-                ray.init(
-                    num_cpus=self._local_cpus(),
-                    include_dashboard=False,
-                    log_to_driver=False,
-                    configure_logging=False,
-                )
+                self._start_local_ray()
             else:
                 ray.init(address=config.address, log_to_driver=False, configure_logging=False)
         self.groups: list[WorkerGroup] = []
@@ -90,6 +87,27 @@ class RayCluster:
         except BaseException:
             self.shutdown()
             raise
+
+    def _start_local_ray(self) -> None:
+        """A local instance; a raylet that fails to come up in time (seen on loaded small
+        machines, right after another instance stopped) gets one more try."""
+        import ray
+
+        for attempt in range(2):
+            try:
+                ray.init(
+                    num_cpus=self._local_cpus(),
+                    object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+                    include_dashboard=False,
+                    log_to_driver=False,
+                    configure_logging=False,
+                )
+                return
+            except Exception as e:
+                ray.shutdown()
+                if attempt:
+                    raise
+                log.warning("the local Ray instance did not start (%s); trying again", e)
 
     def _local_cpus(self) -> int:
         """Logical CPUs for a local instance: at least one per rank, even on a small machine
