@@ -3,6 +3,8 @@ calibration, on tiny random models: lossless, and calibrated K/V equal exact one
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -109,3 +111,86 @@ def test_fuzzy_sampling_matches_the_target_distribution(small, tmp_path):
     pvalue = gof_pvalue(counts, exact_joint(tgt.model, SMALL_PROMPT, params))
     print(f"fuzzy drafting t=1: p={pvalue:.3g}")
     assert pvalue > ALPHA
+
+
+@pytest.mark.parametrize("group", [2, 3])
+def test_two_rank_group_drafts_as_the_single_process_reference(tiny_dir, deep_drafter, group):
+    """A 2-rank gloo drafter group (attentions of a group on different ranks) proposes what
+    one process running the same fuzzy groups proposes: same tokens, same q."""
+    from distspec.engine import load_drafter, new_drafter
+    from distspec.workers.drafter import DrafterSpec, DrafterWorker, WorkerDrafter
+    from distspec.workers.local_group import LocalGroup
+
+    groups = easyspec_groups(6, group)
+    loaded = load_drafter(deep_drafter, str(tiny_dir), max_len=64)
+    reference = new_drafter(loaded, lookup=False, fuzzy_groups=groups)
+    exact = new_drafter(load_drafter(deep_drafter, str(tiny_dir), max_len=64), lookup=False)
+    spec = DrafterSpec(
+        deep_drafter, str(tiny_dir), num_slots=1, max_len=64, lookup=False,
+        parallel="layer", easyspec_group=group,
+    )  # fmt: skip
+    prompt = list(range(60, 72))
+    with LocalGroup(DrafterWorker, spec, world_size=2) as local:
+        assert local.leader.fuzzy_groups == groups
+        ranked = WorkerDrafter(local.leader)
+        for params in (SamplingParams(), SamplingParams(temperature=1.0, seed=5)):
+            ranked.start(prompt, params)
+            contexts, drafts = [list(prompt)], []
+            for accept in (2, 0, 4):  # then a correction token: the calibration path
+                drafts.append(ranked.propose(contexts[-1], 5))
+                contexts.append(contexts[-1] + drafts[-1].tokens[:accept] + [9])
+            for other in (reference, exact):
+                other.start(prompt, params)
+                same = [other.propose(c, 5) for c in contexts[:-1]]
+                if other is exact:
+                    if not params.greedy:  # the comparison can tell fuzzy from exact
+                        assert not all(
+                            torch.allclose(a.probs, b.probs, atol=1e-4)
+                            for a, b in zip(drafts, same, strict=True)
+                        )
+                    continue
+                for a, b in zip(drafts, same, strict=True):
+                    assert a.tokens == b.tokens
+                    if not params.greedy:
+                        torch.testing.assert_close(a.probs, b.probs, atol=1e-5, rtol=1e-4)
+        ranked.finish()
+
+
+@pytest.mark.parametrize("mode", ["sd", "pearl"])
+def test_generate_with_a_layer_parallel_drafter(capsys, tiny_dir, deep_drafter, mode):
+    """`distspec generate --drafter-parallel layer --easyspec-group 2`: the drafter's groups
+    run over 2 processes; greedy output is the target's own."""
+    from distspec.cli import main
+
+    args = ["generate", "--target", str(tiny_dir), "--drafter", deep_drafter, "--mode", mode]
+    args += ["--prompt", "abcabcab", "--raw", "--json", "--max-new-tokens", "24"]
+    args += ["--drafter-parallel", "layer", "--easyspec-group", "2", "--no-lookup"]
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    loaded = load_model(str(tiny_dir), max_len=4096)
+    plain = SpeculativeDecoder(loaded.model, None, eos_token_ids=loaded.tokenizer.eos_token_ids)
+    expected, _ = plain.generate(loaded.tokenizer.encode("abcabcab"), SamplingParams(24))
+    assert result["token_ids"] == expected
+    assert result["stats"]["draft_tokens"] > 0
+
+
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        (["--drafter-parallel", "layer"], "needs --easyspec-group"),
+        (["--easyspec-group", "1"], "easyspec_group must be 0 (off) or >= 2"),
+        (["--easyspec-group", "2", "--drafter", "ngram"], "EasySpec needs a model drafter"),
+        (["--drafter-parallel", "layer", "--easyspec-group", "2", "--drafter-ranks", "0"],
+         "drafter_ranks must be >= 1"),
+    ],
+)  # fmt: skip
+def test_easyspec_flag_errors_are_one_line(capsys, tiny_dir, deep_drafter, extra, fragment):
+    from distspec.cli import main
+
+    args = ["generate", "--target", str(tiny_dir), "--prompt", "abc", "--raw"]
+    if "--drafter" not in extra:
+        args += ["--drafter", deep_drafter]
+    rc = main(args + extra)
+    err = capsys.readouterr().err
+    assert rc != 0 and err.count("\n") == 1 and "Traceback" not in err
+    assert fragment in err, err

@@ -63,6 +63,20 @@ def _add_generate(sub) -> None:
         default=True,
         help="model drafters start drafts with prompt-lookup matches of 2+ tokens",
     )
+    p.add_argument(
+        "--easyspec-group",
+        type=int,
+        default=0,
+        metavar="N",
+        help="EasySpec: draft with the attentions of each N middle layers sharing one input",
+    )
+    p.add_argument(
+        "--drafter-parallel",
+        choices=["layer"],
+        default=None,
+        help="layer: run each EasySpec group's attentions on --drafter-ranks processes",
+    )
+    p.add_argument("--drafter-ranks", type=int, default=2, help="with --drafter-parallel layer")
     p.add_argument("--target", default="demo", help="demo | PATH (HF dir or .gguf)")
     p.add_argument("--max-len", type=int, default=4096, help="KV cache length (context)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -74,6 +88,8 @@ def _generate(args: argparse.Namespace) -> int:
     from distspec.engine import Engine, EngineConfig
 
     params = _sampling_params(args)
+    if args.drafter_parallel == "layer" and not args.easyspec_group:
+        raise ValueError("--drafter-parallel layer needs --easyspec-group N (N >= 2)")
     config = EngineConfig(
         target=args.target,
         mode=args.mode,
@@ -83,8 +99,17 @@ def _generate(args: argparse.Namespace) -> int:
         lookup=args.lookup,
         max_len=args.max_len,
         threads=args.threads,
+        easyspec_group=args.easyspec_group,
+        drafter_ranks=args.drafter_ranks if args.drafter_parallel == "layer" else 1,
     )
     engine = Engine(config)
+    try:
+        return _stream_generation(args, engine, params)
+    finally:
+        engine.close()
+
+
+def _stream_generation(args: argparse.Namespace, engine, params) -> int:
     prompt_ids = engine.encode(args.prompt, raw=args.raw)
     token_ids: list[int] = []
     text = ""
@@ -127,7 +152,19 @@ def _add_serve(sub) -> None:
     p.add_argument("--target", help="demo | a model path (default demo)")
     p.add_argument("--target-tp", type=int, help="tensor-parallel ranks of the target")
     p.add_argument("--drafter", help="demo | ngram | a model path | none (default demo)")
-    p.add_argument("--drafter-tp", type=int, help="tensor-parallel ranks of each drafter")
+    p.add_argument("--drafter-tp", type=int, help="ranks of each drafter group (default 1)")
+    p.add_argument(
+        "--drafter-parallel",
+        choices=["tensor", "layer"],
+        help="how a drafter group splits the drafter: tensor parallelism (default) or "
+        "EasySpec's layer parallelism (needs --easyspec-group)",
+    )
+    p.add_argument(
+        "--easyspec-group",
+        type=int,
+        metavar="N",
+        help="EasySpec: draft with the attentions of each N middle layers sharing one input",
+    )
     p.add_argument("--num-drafters", type=int, help="drafter groups (sessions are spread)")
     p.add_argument(
         "--mode", choices=["ar", "sd", "pearl"], help="default: pearl with a drafter, else ar"
@@ -368,26 +405,67 @@ def _bench_edge(args: argparse.Namespace) -> int:
 
 def _add_bench_easyspec(sub) -> None:
     p = sub.add_parser(
-        "bench-easyspec", help="top-1 agreement of fuzzy (EasySpec) vs exact drafting"
+        "bench-easyspec",
+        help="EasySpec: fuzzy vs exact top-1 agreement, and drafting step latency on ranks",
     )
     p.add_argument("--model", default="demo", help="the deep drafter to measure")
     p.add_argument("--groups", default="2,3,4,5", help="comma list of group sizes N")
-    p.add_argument("--num-prompts", type=int, default=6)
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--parts", default="agreement,timing", help="agreement and/or timing")
+    p.add_argument("--num-prompts", type=int, default=6, help="agreement: benchmark prompts")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="agreement: tokens each")
+    p.add_argument("--ranks", type=int, default=2, help="timing: processes of the drafter group")
+    p.add_argument("--repeats", type=int, default=5, help="timing: alternating repetitions")
+    p.add_argument("--out", default="bench-results", help="directory for JSON and PNG")
     p.set_defaults(func=_bench_easyspec)
 
 
 def _bench_easyspec(args: argparse.Namespace) -> int:
-    from distspec.bench.easyspec import run_easyspec_bench
+    from pathlib import Path
+
+    from distspec.bench.easyspec import plot_easyspec, run_easyspec_bench
+    from distspec.bench.easyspec_timing import run_easyspec_timing
 
     sizes = tuple(int(g) for g in args.groups.split(",") if g.strip())
-    rows = run_easyspec_bench(args.model, sizes, args.num_prompts, args.max_new_tokens)
-    print(f"{'N':>3} {'groups':>6} {'calibrated':>11} {'uncalibrated':>13}")
-    for r in rows:
+    parts = {p.strip() for p in args.parts.split(",") if p.strip()}
+    if not parts or parts - {"agreement", "timing"}:
+        raise ValueError(f"--parts takes agreement and/or timing, got {args.parts!r}")
+    if any(g < 2 for g in sizes) or not sizes:
+        raise ValueError(f"--groups needs sizes >= 2, got {args.groups!r}")
+    if args.ranks < 2:
+        raise ValueError(f"--ranks must be >= 2, got {args.ranks}")
+    report: dict = {"model": args.model}
+    if "agreement" in parts:
+        rows = run_easyspec_bench(args.model, sizes, args.num_prompts, args.max_new_tokens)
+        report["agreement"] = rows
+        print(f"{'N':>3} {'groups':>6} {'calibrated':>11} {'uncalibrated':>13}")
+        for r in rows:
+            print(
+                f"{r['group']:>3} {r['groups']:>6} {r['agreement_calibrated']:>11.3f} "
+                f"{r['agreement_uncalibrated']:>13.3f}"
+            )
+    if "timing" in parts:
+        timing = run_easyspec_timing(args.model, sizes, args.ranks, repeats=args.repeats)
+        report["timing"] = timing
+        sub = timing["sublayers_ms"]
         print(
-            f"{r['group']:>3} {r['groups']:>6} {r['agreement_calibrated']:>11.3f} "
-            f"{r['agreement_uncalibrated']:>13.3f}"
+            f"per layer: attention {sub['attn']:.3f} ms, MLP {sub['mlp']:.3f} ms; "
+            f"embedding + head {sub['outside']:.2f} ms (one thread)"
         )
+        print(
+            f"{'N':>3} {'exact':>7} {'exact 1t':>9} {'fuzzy 1 rank':>13} "
+            f"{f'fuzzy {args.ranks} ranks':>14} {'model':>7} {'gather':>7}   (ms per step)"
+        )
+        for r in timing["rows"]:
+            print(
+                f"{r['group']:>3} {r['exact_ms']:>7.2f} {r['exact_1thread_ms']:>9.2f} "
+                f"{r['fuzzy_1rank_ms']:>13.2f} {r['fuzzy_ms']:>14.2f} "
+                f"{r['model_fuzzy_ms']:>7.2f} {r['gather_ms']:>7.2f}"
+            )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "easyspec.json").write_text(json.dumps(report, indent=2))
+    plot_easyspec(report, out / "easyspec.png")
+    print(f"wrote {out}/easyspec.json and easyspec.png")
     return 0
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from distspec.models.llama import pack_for_cpu
+from distspec.models.llama import easyspec_groups, pack_for_cpu
 from distspec.models.loader import (
     LoadedModel,
     load_drafter_model,
@@ -25,6 +25,7 @@ from distspec.spec.drafter import Drafter
 from distspec.spec.drafters import ModelDrafter, NgramDrafter
 from distspec.spec.pearl import PearlDecoder
 from distspec.spec.sampling import SamplingParams
+from distspec.workers.local_group import LocalGroup
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +48,20 @@ class EngineConfig:
     device: str = "cpu"
     dtype: str = "float32"
     threads: int | None = None
+    easyspec_group: int = 0  # EasySpec: draft with fuzzy groups of this many layers (0: off)
+    drafter_ranks: int = 1  # > 1: the drafter's fuzzy groups run over this many processes
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.gamma < 1:
             raise ValueError(f"gamma must be >= 1, got {self.gamma}")
+        if self.easyspec_group < 0 or self.easyspec_group == 1:
+            raise ValueError(f"easyspec_group must be 0 (off) or >= 2, got {self.easyspec_group}")
+        if self.drafter_ranks < 1:
+            raise ValueError(f"drafter_ranks must be >= 1, got {self.drafter_ranks}")
+        if self.drafter_ranks > 1 and not self.easyspec_group:
+            raise ValueError("a drafter on several ranks needs an EasySpec group size (>= 2)")
 
 
 class Engine:
@@ -63,14 +72,38 @@ class Engine:
         dtype = getattr(torch, config.dtype)
         self.target = load_for_inference(config.target, config.device, dtype, config.max_len)
         self.tokenizer = self.target.tokenizer
-        self.drafter = (
-            build_drafter(config.drafter, self.target, config.max_len, config.lookup)
-            if config.mode != "ar"
-            else None
-        )
+        self._group: LocalGroup | None = None
+        self.drafter = self._build_drafter(config) if config.mode != "ar" else None
         self.decoder = make_decoder(
             self.target, self.drafter, config.gamma, config.adaptive, pearl=config.mode == "pearl"
         )
+
+    def _build_drafter(self, config: EngineConfig) -> Drafter:
+        if config.drafter_ranks == 1:
+            return build_drafter(
+                config.drafter, self.target, config.max_len, config.lookup, config.easyspec_group
+            )
+        from distspec.workers.drafter import DrafterSpec, DrafterWorker, WorkerDrafter
+
+        spec = DrafterSpec(
+            config.drafter,
+            config.target,
+            num_slots=1,
+            max_len=config.max_len,
+            lookup=config.lookup,
+            device=config.device,
+            dtype=config.dtype,
+            parallel="layer",
+            easyspec_group=config.easyspec_group,
+        )
+        self._group = LocalGroup(DrafterWorker, spec, config.drafter_ranks)
+        return WorkerDrafter(self._group.leader)
+
+    def close(self) -> None:
+        """Stop the drafter's other ranks, if it has any."""
+        if self._group is not None:
+            self._group.close()
+            self._group = None
 
     def encode(self, prompt: str, raw: bool) -> list[int]:
         if not prompt.strip():
@@ -108,12 +141,23 @@ def load_for_inference(
 
 
 def build_drafter(
-    name: str, target: LoadedModel, max_len: int = 4096, lookup: bool = True
+    name: str,
+    target: LoadedModel,
+    max_len: int = 4096,
+    lookup: bool = True,
+    easyspec_group: int = 0,
 ) -> Drafter:
     """ngram | demo | a model path (HF directory or .gguf) sharing the target's tokenizer.
     Model drafters go on the target's device, in its dtype; with `lookup` they follow prompt
-    lookup matches of 2+ tokens first (see ModelDrafter)."""
-    return new_drafter(load_drafter(name, target, max_len), lookup)
+    lookup matches of 2+ tokens first (see ModelDrafter); with `easyspec_group` N >= 2 they
+    draft with EasySpec's fuzzy groups of N layers, in this process."""
+    model = load_drafter(name, target, max_len)
+    if easyspec_group and model is None:
+        raise ValueError("EasySpec needs a model drafter, not ngram")
+    groups = ()
+    if easyspec_group:
+        groups = easyspec_groups(model.model.config.num_hidden_layers, easyspec_group)
+    return new_drafter(model, lookup, fuzzy_groups=groups)
 
 
 def load_drafter(
@@ -140,11 +184,18 @@ def load_drafter(
     return loaded
 
 
-def new_drafter(model: LoadedModel | None, lookup: bool = True, slot: int = 0) -> Drafter:
-    """A drafter for one request at a time, drafting in KV slot `slot` of model."""
+def new_drafter(
+    model: LoadedModel | None,
+    lookup: bool = True,
+    slot: int = 0,
+    fuzzy_groups: tuple[tuple[int, int], ...] = (),
+) -> Drafter:
+    """A drafter for one request at a time, drafting in KV slot `slot` of model
+    (fuzzy_groups: EasySpec's layer groups, see ModelDrafter)."""
     if model is None:
         return NgramDrafter()
-    return ModelDrafter(model.model, slot, lookup=NgramDrafter(min_ngram=2) if lookup else None)
+    ngram = NgramDrafter(min_ngram=2) if lookup else None
+    return ModelDrafter(model.model, slot, lookup=ngram, fuzzy_groups=fuzzy_groups)
 
 
 def make_decoder(

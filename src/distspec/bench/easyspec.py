@@ -66,3 +66,44 @@ def run_easyspec_bench(model_name="demo", group_sizes=(2, 3, 4, 5), num_prompts=
             row[key] = fuzzy_agreement(model, sequences, groups, calibrate)
         results.append(row)
     return results
+
+
+def plot_easyspec(report: dict, path) -> None:
+    """Agreement and step latency against the group size N (whichever parts the report has)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [key for key in ("agreement", "timing") if key in report]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, key in zip(axes[0], panels, strict=True):
+        if key == "agreement":
+            rows = report["agreement"]
+            sizes = [r["group"] for r in rows]
+            ax.plot(sizes, [r["agreement_calibrated"] for r in rows], "o-", label="calibrated")
+            ax.plot(sizes, [r["agreement_uncalibrated"] for r in rows], "s--", label="uncalibrated")
+            ax.set_ylabel("top-1 agreement with exact drafting")
+            ax.set_ylim(0, 1.05)
+        else:
+            rows = report["timing"]["rows"]
+            sizes = [r["group"] for r in rows]
+            ranks = rows[0]["ranks"]
+            series = [
+                ("exact_ms", f"exact, 1 process x {ranks} threads", "k-"),
+                ("exact_1thread_ms", "exact, 1 thread", "k:"),
+                ("fuzzy_1rank_ms", "fuzzy, 1 rank", "o-"),
+                ("fuzzy_ms", f"fuzzy, {ranks} ranks", "s-"),
+                ("model_fuzzy_ms", f"model: fuzzy, {ranks} ranks", "s--"),
+            ]
+            for field, label, style in series:
+                ax.plot(sizes, [r[field] for r in rows], style, label=label)
+            ax.set_ylabel("ms per drafting step (median)")
+            ax.set_ylim(bottom=0)
+        ax.set_xlabel("layers per group N")
+        ax.set_xticks(sizes)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"EasySpec, drafter = {report.get('model', '?')} (30 layers), CPU", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

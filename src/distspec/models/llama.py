@@ -164,6 +164,8 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed.weight
         self.max_len = 0
         self.num_slots = 0
+        # EasySpec: the ranks that share a fuzzy group's attentions (each holds every layer)
+        self.layer_parallel = TPContext()
 
     @classmethod
     def empty(cls, config: ModelConfig, tp: TPContext | None = None, device="cpu", dtype=None):
@@ -247,7 +249,7 @@ class Transformer(nn.Module):
                 i += 1
                 continue
             group = self.layers[i:end]
-            outs = [layer.attend(x, cos, sin, slots, pos, kv_len, mask) for layer in group]
+            outs = self._attend_group(group, x, cos, sin, slots, pos, kv_len, mask)
             for layer, out in zip(group, outs, strict=True):
                 x = layer.finish(x + out)
             i = end
@@ -258,6 +260,22 @@ class Transformer(nn.Module):
             return logits
         full = logits.new_full((*logits.shape[:-1], self.config.vocab_size), float("-inf"))
         return full.index_copy_(-1, self.head_token_ids, logits)
+
+    def _attend_group(self, group, x: torch.Tensor, *args) -> list[torch.Tensor]:
+        """The attention outputs of a fuzzy group's layers, all from the group's input x.
+
+        Over a layer-parallel drafter group (`self.layer_parallel`) rank r runs attentions
+        r, r + R, ... and one all-reduce gathers them: every output has exactly one non-zero
+        contributor, so the sum is the output itself. Each attention's K/V is then written
+        only on its rank, which is the only one that reads it until the next exact forward
+        (run on every rank) overwrites those positions."""
+        lp = self.layer_parallel
+        if not lp.enabled:
+            return [layer.attend(x, *args) for layer in group]
+        outs = x.new_zeros((len(group), *x.shape))
+        for j in range(lp.rank, len(group), lp.world_size):
+            outs[j] = group[j].attend(x, *args)
+        return list(lp.all_reduce(outs).unbind(0))
 
     def head_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm + output head: [..., len(head)] logits (the reduced vocabulary if any)."""

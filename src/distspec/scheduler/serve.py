@@ -29,7 +29,9 @@ class ServeConfig:
     target: str = "demo"
     target_tp: int = 1
     drafter: str | None = "demo"  # demo | ngram | PATH | None (plain decoding)
-    drafter_tp: int = 1
+    drafter_tp: int = 1  # ranks of each drafter group
+    drafter_parallel: str = "tensor"  # how they split it: tensor | layer (EasySpec)
+    easyspec_group: int = 0  # EasySpec: fuzzy groups of this many drafter layers (0: off)
     num_drafters: int = 1
     lookup: bool = True
     mode: str | None = None  # default: pearl with a drafter, ar without
@@ -77,6 +79,8 @@ class ServeConfig:
                 self.device,
                 self.dtype,
                 self.threads,
+                self.drafter_parallel,
+                self.easyspec_group,
             )
         cluster = ClusterConfig(
             target=target,

@@ -1,14 +1,20 @@
-"""A drafter on one rank of its own tensor-parallel group (its TP size need not be the
-target's), drafting for many sessions, each in its own KV slot."""
+"""A drafter on one rank of its own group, drafting for many sessions, each in its own KV slot.
+
+The group's ranks split the drafter by tensor parallelism (its size need not be the
+target's) or, with EasySpec, by layers: every rank holds the whole drafter and a fuzzy
+group's attentions run on different ranks (Transformer.layer_parallel)."""
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass
 
 import torch
 
 from distspec.engine import load_drafter, new_drafter
+from distspec.models.llama import easyspec_groups
+from distspec.models.tensor_parallel import TPContext
 from distspec.spec.draft_policy import time_drafter
 from distspec.spec.drafter import Draft, Drafter
 from distspec.spec.sampling import SamplingParams
@@ -26,6 +32,23 @@ class DrafterSpec:
     device: str = "cpu"
     dtype: str = "float32"
     threads: int | None = None
+    parallel: str = "tensor"  # how the group's ranks split the drafter: tensor | layer
+    easyspec_group: int = 0  # EasySpec: fuzzy groups of this many layers (0: exact drafting)
+
+    def __post_init__(self) -> None:
+        if self.parallel not in PARALLEL:
+            raise ValueError(
+                f"drafter parallelism must be one of {', '.join(PARALLEL)}, got {self.parallel!r}"
+            )
+        if self.easyspec_group < 0 or self.easyspec_group == 1:
+            raise ValueError(f"easyspec_group must be 0 (off) or >= 2, got {self.easyspec_group}")
+        if self.easyspec_group and self.model == "ngram":
+            raise ValueError("EasySpec needs a model drafter, not ngram")
+        if self.parallel == "layer" and not self.easyspec_group:
+            raise ValueError("layer-parallel drafting needs an EasySpec group size (>= 2)")
+
+
+PARALLEL = ("tensor", "layer")
 
 
 class DrafterWorker(GroupMember):
@@ -34,15 +57,22 @@ class DrafterWorker(GroupMember):
             torch.set_num_threads(spec.threads)
         self.spec = spec
         self.tp = join_group(group or GroupSpec())
+        layer_parallel = spec.parallel == "layer"
         self.model = load_drafter(
             spec.model,
             spec.target,
             max_len=spec.max_len,
             num_slots=spec.num_slots,
-            tp=self.tp,
+            tp=TPContext() if layer_parallel else self.tp,
             device=spec.device,
             dtype=getattr(torch, spec.dtype),
         )
+        self.fuzzy_groups: tuple[tuple[int, int], ...] = ()
+        if self.model is not None and spec.easyspec_group:
+            num_layers = self.model.model.config.num_hidden_layers
+            self.fuzzy_groups = easyspec_groups(num_layers, spec.easyspec_group)
+            if layer_parallel:
+                self.model.model.layer_parallel = self.tp
         self._drafters: dict[int, Drafter] = {}
         self.busy_s = 0.0
 
@@ -72,13 +102,23 @@ class DrafterWorker(GroupMember):
         """Seconds per drafted token (time_drafter); before any session uses slot 0."""
         return self.collective("_time_drafter", k, vocab_size)
 
+    def time_steps(self, group_size: int, context_len: int = 256, steps: int = 32) -> float:
+        """Benchmarks: median seconds of one single-token drafting forward after context_len
+        tokens, exact (group_size 0) or with EasySpec groups of group_size layers (over the
+        group's ranks when layer-parallel). Uses KV slot 0."""
+        return self.collective("_time_steps", group_size, context_len, steps)
+
+    def time_all_reduce(self, numel: int, repeats: int = 50) -> float:
+        """Benchmarks: median seconds of one all-reduce of numel values over the group."""
+        return self.collective("_time_all_reduce", numel, repeats)
+
     def _time_drafter(self, k: int, vocab_size: int) -> float:
-        return time_drafter(new_drafter(self.model, self.spec.lookup), vocab_size, k)
+        return time_drafter(self._new_drafter(0), vocab_size, k)
 
     # -- every rank ------------------------------------------------------------------------
 
     def _open(self, session: int, slot: int, prompt_ids: list[int], params: SamplingParams):
-        drafter = new_drafter(self.model, self.spec.lookup, slot)
+        drafter = self._new_drafter(slot)
         drafter.start(prompt_ids, params)
         self._drafters[session] = drafter
 
@@ -89,3 +129,62 @@ class DrafterWorker(GroupMember):
 
     def _propose(self, requests: list[DraftRequest]) -> list[Draft]:
         return [self._drafters[r.session].propose(r.context, r.k) for r in requests]
+
+    def _new_drafter(self, slot: int) -> Drafter:
+        return new_drafter(self.model, self.spec.lookup, slot, self.fuzzy_groups)
+
+    def _time_steps(self, group_size: int, context_len: int, steps: int) -> float:
+        model = self.model.model
+        groups = easyspec_groups(model.config.num_hidden_layers, group_size)
+        generator = torch.Generator().manual_seed(0)
+        n = context_len + steps
+        tokens = torch.randint(0, model.config.vocab_size, (1, n), generator=generator)
+        tokens, pos, slot = tokens.to(model.device), torch.arange(n)[None], torch.tensor([0])
+        pos, slot = pos.to(model.device), slot.to(model.device)
+        model(tokens[:, :context_len], pos[:, :context_len], slot, last_only=True)
+        times = []
+        for i in range(context_len, n):
+            start = time.perf_counter()
+            model(tokens[:, i : i + 1], pos[:, i : i + 1], slot, True, fuzzy_groups=groups)
+            _synchronize(model.device)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    def _time_all_reduce(self, numel: int, repeats: int) -> float:
+        x = torch.zeros(numel, device=self.model.model.device)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            self.tp.all_reduce(x)
+            _synchronize(x.device)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class WorkerDrafter(Drafter):
+    """The Drafter interface over a DrafterWorker (the leader of its group): one request at a
+    time, in KV slot 0."""
+
+    name = "worker"
+
+    def __init__(self, worker: DrafterWorker):
+        self.worker = worker
+        self._open = False
+
+    def start(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        self.finish()
+        self.worker.open_session(0, 0, list(prompt_ids), params)
+        self._open = True
+
+    def propose(self, context: list[int], k: int) -> Draft:
+        return self.worker.propose([DraftRequest(0, list(context), k)])[0]
+
+    def finish(self) -> None:
+        if self._open:
+            self.worker.close_session(0)
+            self._open = False
