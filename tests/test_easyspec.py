@@ -178,7 +178,8 @@ def test_generate_with_a_layer_parallel_drafter(capsys, tiny_dir, deep_drafter, 
     "extra, fragment",
     [
         (["--drafter-parallel", "layer"], "needs --easyspec-group"),
-        (["--easyspec-group", "1"], "easyspec_group must be 0 (off) or >= 2"),
+        (["--easyspec-group", "1"], "group size must be 0 (off) or >= 2"),
+        (["--easyspec-group", "2", "--easyspec-exact", "1"], "expected FIRST,LAST"),
         (["--easyspec-group", "2", "--drafter", "ngram"], "EasySpec needs a model drafter"),
         (["--drafter-parallel", "layer", "--easyspec-group", "2", "--drafter-ranks", "0"],
          "drafter_ranks must be >= 1"),
@@ -190,7 +191,10 @@ def test_easyspec_flag_errors_are_one_line(capsys, tiny_dir, deep_drafter, extra
     args = ["generate", "--target", str(tiny_dir), "--prompt", "abc", "--raw"]
     if "--drafter" not in extra:
         args += ["--drafter", deep_drafter]
-    rc = main(args + extra)
+    try:
+        rc = main(args + extra)
+    except SystemExit as e:  # argparse's own errors
+        rc = e.code
     err = capsys.readouterr().err
     assert rc != 0 and err.count("\n") == 1 and "Traceback" not in err
     assert fragment in err, err

@@ -26,6 +26,16 @@ def _add_prompt_and_sampling(p) -> None:
     p.add_argument("--seed", type=int, default=None)
 
 
+def _exact_layers(text: str) -> tuple[int, int]:
+    try:
+        first, last = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected FIRST,LAST (two integers), got {text!r}"
+        ) from None
+    return first, last
+
+
 def _sampling_params(args: argparse.Namespace):
     from distspec.spec.sampling import SamplingParams
 
@@ -71,6 +81,13 @@ def _add_generate(sub) -> None:
         help="EasySpec: draft with the attentions of each N middle layers sharing one input",
     )
     p.add_argument(
+        "--easyspec-exact",
+        type=_exact_layers,
+        default=(1, 1),
+        metavar="FIRST,LAST",
+        help="EasySpec: how many first and last drafter layers stay exact (default 1,1)",
+    )
+    p.add_argument(
         "--drafter-parallel",
         choices=["layer"],
         default=None,
@@ -100,6 +117,7 @@ def _generate(args: argparse.Namespace) -> int:
         max_len=args.max_len,
         threads=args.threads,
         easyspec_group=args.easyspec_group,
+        easyspec_exact=args.easyspec_exact,
         drafter_ranks=args.drafter_ranks if args.drafter_parallel == "layer" else 1,
     )
     engine = Engine(config)
@@ -140,6 +158,12 @@ def _add_serve(sub) -> None:
     )
     p.add_argument("--config", help="YAML file of settings (flags override it)")
     p.add_argument("--port", type=int, help="gRPC port (default 50051; 0 picks a free one)")
+    p.add_argument(
+        "--http-port",
+        type=int,
+        help="also serve the OpenAI-compatible HTTP API (/v1/completions, "
+        "/v1/chat/completions, /v1/models) on this port (0 picks a free one)",
+    )
     p.add_argument("--host", help="interface to listen on (default all)")
     p.add_argument("--address", help="Ray cluster to join (default: start a local one)")
     p.add_argument(
@@ -164,6 +188,12 @@ def _add_serve(sub) -> None:
         type=int,
         metavar="N",
         help="EasySpec: draft with the attentions of each N middle layers sharing one input",
+    )
+    p.add_argument(
+        "--easyspec-exact",
+        type=_exact_layers,
+        metavar="FIRST,LAST",
+        help="EasySpec: how many first and last drafter layers stay exact (default 1,1)",
     )
     p.add_argument("--num-drafters", type=int, help="drafter groups (sessions are spread)")
     p.add_argument(
@@ -410,6 +440,13 @@ def _add_bench_easyspec(sub) -> None:
     )
     p.add_argument("--model", default="demo", help="the deep drafter to measure")
     p.add_argument("--groups", default="2,3,4,5", help="comma list of group sizes N")
+    p.add_argument(
+        "--exact",
+        type=_exact_layers,
+        default=(1, 1),
+        metavar="FIRST,LAST",
+        help="first and last layers kept exact (default 1,1)",
+    )
     p.add_argument("--parts", default="agreement,timing", help="agreement and/or timing")
     p.add_argument("--num-prompts", type=int, default=6, help="agreement: benchmark prompts")
     p.add_argument("--max-new-tokens", type=int, default=64, help="agreement: tokens each")
@@ -433,9 +470,11 @@ def _bench_easyspec(args: argparse.Namespace) -> int:
         raise ValueError(f"--groups needs sizes >= 2, got {args.groups!r}")
     if args.ranks < 2:
         raise ValueError(f"--ranks must be >= 2, got {args.ranks}")
-    report: dict = {"model": args.model}
+    report: dict = {"model": args.model, "exact_layers": list(args.exact)}
     if "agreement" in parts:
-        rows = run_easyspec_bench(args.model, sizes, args.num_prompts, args.max_new_tokens)
+        rows = run_easyspec_bench(
+            args.model, sizes, args.num_prompts, args.max_new_tokens, args.exact
+        )
         report["agreement"] = rows
         print(f"{'N':>3} {'groups':>6} {'calibrated':>11} {'uncalibrated':>13}")
         for r in rows:
@@ -444,7 +483,9 @@ def _bench_easyspec(args: argparse.Namespace) -> int:
                 f"{r['agreement_uncalibrated']:>13.3f}"
             )
     if "timing" in parts:
-        timing = run_easyspec_timing(args.model, sizes, args.ranks, repeats=args.repeats)
+        timing = run_easyspec_timing(
+            args.model, sizes, args.ranks, repeats=args.repeats, exact=args.exact
+        )
         report["timing"] = timing
         sub = timing["sublayers_ms"]
         print(

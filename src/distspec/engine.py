@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from distspec.models.llama import easyspec_groups, pack_for_cpu
+from distspec.models.llama import check_easyspec, easyspec_groups, pack_for_cpu
 from distspec.models.loader import (
     LoadedModel,
     load_drafter_model,
@@ -49,6 +49,7 @@ class EngineConfig:
     dtype: str = "float32"
     threads: int | None = None
     easyspec_group: int = 0  # EasySpec: draft with fuzzy groups of this many layers (0: off)
+    easyspec_exact: tuple[int, int] = (1, 1)  # EasySpec: first and last layers kept exact
     drafter_ranks: int = 1  # > 1: the drafter's fuzzy groups run over this many processes
 
     def __post_init__(self) -> None:
@@ -56,8 +57,8 @@ class EngineConfig:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.gamma < 1:
             raise ValueError(f"gamma must be >= 1, got {self.gamma}")
-        if self.easyspec_group < 0 or self.easyspec_group == 1:
-            raise ValueError(f"easyspec_group must be 0 (off) or >= 2, got {self.easyspec_group}")
+        self.easyspec_exact = tuple(self.easyspec_exact)
+        check_easyspec(self.easyspec_group, self.easyspec_exact)
         if self.drafter_ranks < 1:
             raise ValueError(f"drafter_ranks must be >= 1, got {self.drafter_ranks}")
         if self.drafter_ranks > 1 and not self.easyspec_group:
@@ -81,7 +82,12 @@ class Engine:
     def _build_drafter(self, config: EngineConfig) -> Drafter:
         if config.drafter_ranks == 1:
             return build_drafter(
-                config.drafter, self.target, config.max_len, config.lookup, config.easyspec_group
+                config.drafter,
+                self.target,
+                config.max_len,
+                config.lookup,
+                config.easyspec_group,
+                config.easyspec_exact,
             )
         from distspec.workers.drafter import DrafterSpec, DrafterWorker, WorkerDrafter
 
@@ -95,6 +101,7 @@ class Engine:
             dtype=config.dtype,
             parallel="layer",
             easyspec_group=config.easyspec_group,
+            easyspec_exact=config.easyspec_exact,
         )
         self._group = LocalGroup(DrafterWorker, spec, config.drafter_ranks)
         return WorkerDrafter(self._group.leader)
@@ -146,17 +153,20 @@ def build_drafter(
     max_len: int = 4096,
     lookup: bool = True,
     easyspec_group: int = 0,
+    easyspec_exact: tuple[int, int] = (1, 1),
 ) -> Drafter:
     """ngram | demo | a model path (HF directory or .gguf) sharing the target's tokenizer.
     Model drafters go on the target's device, in its dtype; with `lookup` they follow prompt
     lookup matches of 2+ tokens first (see ModelDrafter); with `easyspec_group` N >= 2 they
-    draft with EasySpec's fuzzy groups of N layers, in this process."""
+    draft with EasySpec's fuzzy groups of N layers, in this process (easyspec_exact: the
+    first and last layers kept exact)."""
     model = load_drafter(name, target, max_len)
     if easyspec_group and model is None:
         raise ValueError("EasySpec needs a model drafter, not ngram")
     groups = ()
     if easyspec_group:
-        groups = easyspec_groups(model.model.config.num_hidden_layers, easyspec_group)
+        layers = model.model.config.num_hidden_layers
+        groups = easyspec_groups(layers, easyspec_group, *easyspec_exact)
     return new_drafter(model, lookup, fuzzy_groups=groups)
 
 

@@ -42,7 +42,14 @@ def fuzzy_agreement(
     return agree / total
 
 
-def run_easyspec_bench(model_name="demo", group_sizes=(2, 3, 4, 5), num_prompts=6, new_tokens=64):
+def run_easyspec_bench(
+    model_name: str = "demo",
+    group_sizes: tuple[int, ...] = (2, 3, 4, 5),
+    num_prompts: int = 6,
+    new_tokens: int = 64,
+    exact: tuple[int, int] = (1, 1),
+) -> list[dict]:
+    """exact: how many first and last layers stay exact."""
     from distspec.engine import load_for_inference
     from distspec.spec.decoding import SpeculativeDecoder
     from distspec.spec.sampling import SamplingParams
@@ -59,7 +66,7 @@ def run_easyspec_bench(model_name="demo", group_sizes=(2, 3, 4, 5), num_prompts=
     n = model.config.num_hidden_layers
     results = []
     for g in tqdm(group_sizes, desc="bench-easyspec"):
-        groups = easyspec_groups(n, g)
+        groups = easyspec_groups(n, g, *exact)
         row = {"group": g, "groups": len(groups)}
         for calibrate in (True, False):
             key = "agreement_calibrated" if calibrate else "agreement_uncalibrated"

@@ -39,8 +39,10 @@ class SublayerTimes:
     def exact_s(self) -> float:
         return self.outside_s + self.num_layers * (self.attn_s + self.mlp_s)
 
-    def fuzzy_s(self, group: int, ranks: int, gather_s: float) -> float:
-        groups = len(easyspec_groups(self.num_layers, group))
+    def fuzzy_s(
+        self, group: int, ranks: int, gather_s: float, exact: tuple[int, int] = (1, 1)
+    ) -> float:
+        groups = len(easyspec_groups(self.num_layers, group, *exact))
         exact_layers = self.num_layers - group * groups
         per_group = math.ceil(group / ranks) * self.attn_s + group * self.mlp_s
         if ranks > 1:
@@ -97,6 +99,7 @@ def sublayer_times(model: Transformer, context_len: int = 256, steps: int = 32) 
 class TimingRow:
     group: int
     ranks: int
+    groups: int  # fuzzy groups in the drafter
     exact_ms: float  # one process, as many threads as ranks (the same cores, used by TP-free BLAS)
     exact_1thread_ms: float  # one process, one thread (one rank's share of the machine)
     fuzzy_1rank_ms: float  # the same fuzzy groups, sequentially, one thread
@@ -113,6 +116,7 @@ def run_easyspec_timing(
     context_len: int = 256,
     steps: int = 32,
     repeats: int = 5,
+    exact: tuple[int, int] = (1, 1),
 ) -> dict:
     """Measures every contender `repeats` times, alternating them, and keeps medians."""
     from distspec.models.loader import demo_gguf_path
@@ -128,6 +132,7 @@ def run_easyspec_timing(
         lookup=False,
         parallel="layer",
         easyspec_group=max(group_sizes),
+        easyspec_exact=exact,
     )
     threads = torch.get_num_threads()
     local = DrafterWorker(spec)  # one process: exact and sequential fuzzy steps
@@ -158,13 +163,14 @@ def run_easyspec_timing(
             TimingRow(
                 group=g,
                 ranks=ranks,
+                groups=len(easyspec_groups(sublayers.num_layers, g, *exact)),
                 exact_ms=med["exact"],
                 exact_1thread_ms=med["exact_1thread"],
                 fuzzy_1rank_ms=med[f"fuzzy_1rank_{g}"],
                 fuzzy_ms=med[f"fuzzy_{g}"],
                 gather_ms=med[f"gather_{g}"],
-                model_fuzzy_ms=sublayers.fuzzy_s(g, ranks, gather_s) * 1e3,
-                model_fuzzy_1rank_ms=sublayers.fuzzy_s(g, 1, 0.0) * 1e3,
+                model_fuzzy_ms=sublayers.fuzzy_s(g, ranks, gather_s, exact) * 1e3,
+                model_fuzzy_1rank_ms=sublayers.fuzzy_s(g, 1, 0.0, exact) * 1e3,
             )
         )
     return {

@@ -363,6 +363,14 @@ def load_hf_weights(model: Transformer, weights: Mapping[str, torch.Tensor]) -> 
         copy(layer.mlp_norm, get(f"{p}post_attention_layernorm.weight"))
 
 
+def check_easyspec(group: int, exact: tuple[int, int] = (1, 1)) -> None:
+    """ValueError unless group is 0 (off) or >= 2 and exact holds two counts >= 0."""
+    if group < 0 or group == 1:
+        raise ValueError(f"the EasySpec group size must be 0 (off) or >= 2, got {group}")
+    if len(exact) != 2 or min(exact) < 0:
+        raise ValueError(f"EasySpec's exact layers are two counts (first, last) >= 0, got {exact}")
+
+
 def easyspec_groups(num_layers: int, group: int, exact_first: int = 1, exact_last: int = 1):
     """EasySpec's layer groups: the middle layers in runs of `group` (the first `exact_first`
     and last `exact_last` layers stay exact; a shorter tail run stays exact too)."""

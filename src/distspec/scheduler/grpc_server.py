@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import math
 import secrets
 import threading
 import time
@@ -23,7 +22,8 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from distspec.models.tokenizer import ChatMessage, StreamDecoder
+from distspec.models.tokenizer import StreamDecoder
+from distspec.scheduler.gateway import ClientLimitError, Gateway, InvalidRequest, StalledError
 from distspec.scheduler.runtime import Runtime
 from distspec.scheduler.scheduler import AdmissionError, ShuttingDownError
 from distspec.scheduler.security import (
@@ -43,19 +43,12 @@ from distspec.v1 import speculative_decoding_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 SERVICE = pb.DESCRIPTOR.services_by_name["SpeculativeDecoding"].full_name
-DEFAULT_MAX_NEW_TOKENS = 128
-ROLES = ("system", "user", "assistant")
 FINISH = {
     None: pb.FINISH_REASON_UNSPECIFIED,
     "stop": pb.FINISH_REASON_STOP,
     "length": pb.FINISH_REASON_LENGTH,
     "cancelled": pb.FINISH_REASON_CANCELLED,
 }
-STEP_TIMEOUT_S = 300.0  # a session that makes no progress this long has lost its workers
-
-
-class InvalidRequest(ValueError):
-    pass
 
 
 @dataclass
@@ -70,19 +63,25 @@ class _Resumable:
 
 class SpeculativeDecodingServicer(pb_grpc.SpeculativeDecodingServicer):
     def __init__(
-        self, runtime: Runtime, limits: ClientLimits | None = None, resume_timeout_s: float = 30
+        self,
+        runtime: Runtime,
+        limits: ClientLimits | None = None,
+        resume_timeout_s: float = 30,
+        gateway: Gateway | None = None,
     ):
+        """gateway: shared with the other front doors (then limits are its own)."""
         self.runtime = runtime
         self.resume_timeout_s = resume_timeout_s
         self._resumable: dict[str, _Resumable] = {}
         self._lock = threading.Lock()
         self.scheduler = runtime.scheduler
         self.tokenizer = runtime.tokenizer
-        self.ledger = ClientLedger(limits or ClientLimits())
+        self.gateway = gateway or Gateway(runtime, limits)
+        self.ledger: ClientLedger = self.gateway.ledger
 
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext):
         try:
-            prompt_ids = self._prompt_ids(request.prompt, request.messages)
+            prompt_ids = self.gateway.prompt_ids(request.prompt, request.messages)
             params = self._sampling(request)
         except (InvalidRequest, ValueError) as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
@@ -252,12 +251,10 @@ class SpeculativeDecodingServicer(pb_grpc.SpeculativeDecodingServicer):
         cancel_on_end: bool = True,
     ) -> Session:
         client = client_id(context)
-        refused = self.ledger.admit(client)
-        if refused:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refused)
-        context.add_callback(lambda: self.ledger.release(client))
         try:
-            session = self.scheduler.submit(prompt_ids, params, external, keep_decoding)
+            session = self.gateway.submit(client, prompt_ids, params, external, keep_decoding)
+        except ClientLimitError as e:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except AdmissionError as e:
             context.set_trailing_metadata((("retry-after-s", f"{e.retry_after_s:g}"),))
             context.abort(
@@ -268,43 +265,24 @@ class SpeculativeDecodingServicer(pb_grpc.SpeculativeDecodingServicer):
             context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        context.add_callback(lambda: self.gateway.release(client))
         if cancel_on_end:
             context.add_callback(lambda: self.scheduler.cancel(session.id))
         return session
 
     def _stream(self, session: Session, context) -> Iterator[pb.GenerateResponse]:
-        decoder = StreamDecoder(self.tokenizer)
         try:
-            for step in session.stream(timeout_s=STEP_TIMEOUT_S):
+            for delta in self.gateway.deltas(session):
                 response = pb.GenerateResponse(
-                    token_ids=step.token_ids,
-                    text=decoder.push(step.token_ids, final=step.finish_reason is not None),
-                    finish_reason=FINISH[step.finish_reason],
+                    token_ids=delta.token_ids,
+                    text=delta.text,
+                    finish_reason=FINISH[delta.finish_reason],
                 )
-                if step.stats is not None:
-                    response.stats.CopyFrom(stats_message(step.stats))
+                if delta.stats is not None:
+                    response.stats.CopyFrom(stats_message(delta.stats))
                 yield response
-        except (SessionError, ShuttingDownError) as e:
+        except (SessionError, ShuttingDownError, StalledError) as e:
             context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
-        except TimeoutError:
-            self.scheduler.cancel(session.id)
-            context.abort(grpc.StatusCode.UNAVAILABLE, "generation stalled on the server")
-
-    def _prompt_ids(self, prompt: str, messages) -> list[int]:
-        if bool(prompt) == bool(messages):
-            raise InvalidRequest("give exactly one of prompt and messages")
-        if prompt:
-            return self.tokenizer.encode(prompt)
-        chat = []
-        for i, m in enumerate(messages):
-            if m.role not in ROLES:
-                raise InvalidRequest(
-                    f"messages[{i}].role must be one of {', '.join(ROLES)}, got {m.role!r}"
-                )
-            if not m.content:
-                raise InvalidRequest(f"messages[{i}].content is empty")
-            chat.append(ChatMessage(m.role, m.content))
-        return self.tokenizer.encode_chat(chat)
 
     def _open_prompt_ids(self, open_: pb.OpenSession) -> list[int]:
         given = [bool(open_.prompt), bool(open_.messages), bool(open_.prompt_token_ids)]
@@ -312,7 +290,7 @@ class SpeculativeDecodingServicer(pb_grpc.SpeculativeDecodingServicer):
             raise InvalidRequest("give exactly one of prompt, messages and prompt_token_ids")
         if open_.prompt_token_ids:
             return list(open_.prompt_token_ids)  # the scheduler checks them against the vocab
-        return self._prompt_ids(open_.prompt, open_.messages)
+        return self.gateway.prompt_ids(open_.prompt, open_.messages)
 
     def _draft(self, chunk: pb.DraftChunk) -> tuple[int, Draft]:
         """(position, Draft) of a chunk; its sparse q become dense rows (exact: the entries
@@ -343,25 +321,15 @@ class SpeculativeDecodingServicer(pb_grpc.SpeculativeDecodingServicer):
         return chunk.position, Draft(tokens, probs)
 
     def _sampling(self, r) -> SamplingParams:
-        max_new = r.max_new_tokens if r.HasField("max_new_tokens") else DEFAULT_MAX_NEW_TOKENS
-        if max_new < 1:
-            raise InvalidRequest("max_new_tokens must be >= 1")
-        temperature = r.temperature if r.HasField("temperature") else 0.0
-        if not math.isfinite(temperature) or temperature < 0:
-            raise InvalidRequest(f"temperature must be a finite number >= 0, got {temperature}")
-        top_p = r.top_p if r.HasField("top_p") else 1.0
-        if not (0 < top_p <= 1):
-            raise InvalidRequest(f"top_p must be in (0, 1], got {top_p}")
-        vocab = self.runtime.info.vocab_size
-        bad = [t for t in r.stop_token_ids if t >= vocab]
-        if bad:
-            raise InvalidRequest(f"stop_token_ids: {bad[0]} is outside the vocabulary")
-        return SamplingParams(
-            max_new_tokens=max_new,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=r.top_k if r.HasField("top_k") else 0,
-            seed=r.seed if r.HasField("seed") else None,
+        def given(name: str):
+            return getattr(r, name) if r.HasField(name) else None
+
+        return self.gateway.sampling(
+            max_new_tokens=given("max_new_tokens"),
+            temperature=given("temperature"),
+            top_p=given("top_p"),
+            top_k=given("top_k"),
+            seed=given("seed"),
             stop_token_ids=list(r.stop_token_ids),
         )
 
@@ -394,18 +362,20 @@ class GrpcServer:
         tokens: set[str] | None = None,
         limits: ClientLimits | None = None,
         resume_timeout_s: float = 30.0,
+        gateway: Gateway | None = None,
     ):
         """tls: serve TLS (mutual with a client CA); tokens: bearer tokens the distspec
         service requires (health and reflection stay open); limits: per client;
         resume_timeout_s: how long a Speculate session whose stream broke waits for its
-        client to resume it before it is cancelled."""
+        client to resume it before it is cancelled; gateway: shared with the HTTP API (its
+        per-client limits then apply, not `limits`)."""
         slots = runtime.info.num_slots + runtime.config.scheduler.max_waiting
         interceptors = [BearerTokenInterceptor(tokens)] if tokens else []
         # one thread per open stream, and a few to answer admission refusals and health
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=slots + 8), interceptors=interceptors
         )
-        self.servicer = SpeculativeDecodingServicer(runtime, limits, resume_timeout_s)
+        self.servicer = SpeculativeDecodingServicer(runtime, limits, resume_timeout_s, gateway)
         pb_grpc.add_SpeculativeDecodingServicer_to_server(self.servicer, self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -1,7 +1,9 @@
-"""`distspec serve`: the runtime behind the gRPC server, until SIGTERM or SIGINT."""
+"""`distspec serve`: the runtime behind the gRPC server (and the OpenAI-compatible HTTP API),
+until SIGTERM or SIGINT."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import signal
@@ -32,6 +34,7 @@ class ServeConfig:
     drafter_tp: int = 1  # ranks of each drafter group
     drafter_parallel: str = "tensor"  # how they split it: tensor | layer (EasySpec)
     easyspec_group: int = 0  # EasySpec: fuzzy groups of this many drafter layers (0: off)
+    easyspec_exact: tuple[int, int] = (1, 1)  # EasySpec: first and last drafter layers exact
     num_drafters: int = 1
     lookup: bool = True
     mode: str | None = None  # default: pearl with a drafter, ar without
@@ -44,6 +47,8 @@ class ServeConfig:
     cpus_per_rank: float = 1.0
     threads: int | None = None  # torch threads per worker (default: one per CPU of its bundle)
     metrics_port: int | None = None
+    http_port: int | None = None  # the OpenAI-compatible HTTP API (0: a free port)
+    served_model_name: str | None = None  # the model id of the HTTP API (default: target)
     tls_cert: str | None = None  # with tls_key: serve TLS
     tls_key: str | None = None
     tls_client_ca: str | None = None  # mutual TLS: clients need a certificate from this CA
@@ -81,6 +86,7 @@ class ServeConfig:
                 self.threads,
                 self.drafter_parallel,
                 self.easyspec_group,
+                tuple(self.easyspec_exact),
             )
         cluster = ClusterConfig(
             target=target,
@@ -96,6 +102,7 @@ class ServeConfig:
 
 
 def serve(config: ServeConfig) -> None:
+    from distspec.scheduler.gateway import Gateway
     from distspec.scheduler.grpc_server import GrpcServer
 
     if bool(config.tls_cert) != bool(config.tls_key):
@@ -108,22 +115,41 @@ def serve(config: ServeConfig) -> None:
     tokens = read_tokens(config.tokens_file) if config.tokens_file else None
     limits = ClientLimits(config.max_sessions_per_client, config.requests_per_minute)
     runtime = Runtime(config.runtime_config())
-    try:
+    # unwound in reverse: the gRPC server stops, then the HTTP API, then the runtime
+    with contextlib.ExitStack() as stack:
+        stack.callback(runtime.close)
+        gateway = Gateway(runtime, limits)  # one engine, two front doors: limits span both
         server = GrpcServer(
-            runtime, config.port, config.host, tls, tokens, limits, config.resume_timeout_s
+            runtime, config.port, config.host, tls, tokens, limits, config.resume_timeout_s, gateway
         )
+        http = None
+        if config.http_port is not None:
+            from distspec.scheduler.http_api import HttpServer
+
+            model = config.served_model_name or config.target
+            http = HttpServer(gateway, config.http_port, config.host, model, tokens, tls)
         if config.metrics_port is not None:
             from distspec.scheduler.metrics import start_metrics_server
 
             start_metrics_server(runtime, config.metrics_port)
+        if http is not None:
+            http_port = http.start()
+            stack.callback(http.stop)
         port = server.start()
+        stack.callback(server.stop)
         stop = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
         mode = runtime.config.scheduler.mode
         print(f"distspec: serving {config.target} ({mode}) on {config.host}:{port}", flush=True)
+        if http is not None:
+            scheme = "https" if tls else "http"
+            print(
+                f"distspec: OpenAI-compatible HTTP API ({http.api.model}) on "
+                f"{scheme}://{config.host}:{http_port}/v1",
+                flush=True,
+            )
         stop.wait()
         print("distspec: shutting down", file=sys.stderr, flush=True)
-        server.stop()
-    finally:
-        runtime.close()
+        if http is not None:
+            http.drain()  # new HTTP requests get 503 while the gRPC server drains

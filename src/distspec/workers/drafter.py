@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from distspec.engine import load_drafter, new_drafter
-from distspec.models.llama import easyspec_groups
+from distspec.models.llama import check_easyspec, easyspec_groups
 from distspec.models.tensor_parallel import TPContext
 from distspec.spec.draft_policy import time_drafter
 from distspec.spec.drafter import Draft, Drafter
@@ -34,14 +34,15 @@ class DrafterSpec:
     threads: int | None = None
     parallel: str = "tensor"  # how the group's ranks split the drafter: tensor | layer
     easyspec_group: int = 0  # EasySpec: fuzzy groups of this many layers (0: exact drafting)
+    easyspec_exact: tuple[int, int] = (1, 1)  # EasySpec: first and last layers kept exact
 
     def __post_init__(self) -> None:
         if self.parallel not in PARALLEL:
             raise ValueError(
                 f"drafter parallelism must be one of {', '.join(PARALLEL)}, got {self.parallel!r}"
             )
-        if self.easyspec_group < 0 or self.easyspec_group == 1:
-            raise ValueError(f"easyspec_group must be 0 (off) or >= 2, got {self.easyspec_group}")
+        self.easyspec_exact = tuple(self.easyspec_exact)
+        check_easyspec(self.easyspec_group, self.easyspec_exact)
         if self.easyspec_group and self.model == "ngram":
             raise ValueError("EasySpec needs a model drafter, not ngram")
         if self.parallel == "layer" and not self.easyspec_group:
@@ -70,7 +71,9 @@ class DrafterWorker(GroupMember):
         self.fuzzy_groups: tuple[tuple[int, int], ...] = ()
         if self.model is not None and spec.easyspec_group:
             num_layers = self.model.model.config.num_hidden_layers
-            self.fuzzy_groups = easyspec_groups(num_layers, spec.easyspec_group)
+            self.fuzzy_groups = easyspec_groups(
+                num_layers, spec.easyspec_group, *spec.easyspec_exact
+            )
             if layer_parallel:
                 self.model.model.layer_parallel = self.tp
         self._drafters: dict[int, Drafter] = {}
@@ -105,7 +108,7 @@ class DrafterWorker(GroupMember):
     def time_steps(self, group_size: int, context_len: int = 256, steps: int = 32) -> float:
         """Benchmarks: median seconds of one single-token drafting forward after context_len
         tokens, exact (group_size 0) or with EasySpec groups of group_size layers (over the
-        group's ranks when layer-parallel). Uses KV slot 0."""
+        group's ranks when layer-parallel; the spec's exact layers). Uses KV slot 0."""
         return self.collective("_time_steps", group_size, context_len, steps)
 
     def time_all_reduce(self, numel: int, repeats: int = 50) -> float:
@@ -135,7 +138,9 @@ class DrafterWorker(GroupMember):
 
     def _time_steps(self, group_size: int, context_len: int, steps: int) -> float:
         model = self.model.model
-        groups = easyspec_groups(model.config.num_hidden_layers, group_size)
+        groups = easyspec_groups(
+            model.config.num_hidden_layers, group_size, *self.spec.easyspec_exact
+        )
         generator = torch.Generator().manual_seed(0)
         n = context_len + steps
         tokens = torch.randint(0, model.config.vocab_size, (1, n), generator=generator)
