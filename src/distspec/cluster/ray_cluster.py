@@ -9,9 +9,11 @@ target's and a drafter's TP size may differ from the target's.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
+import threading
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -23,6 +25,7 @@ from distspec.workers.target import TargetSpec, TargetWorker
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 600.0
+HEALTH_TIMEOUT_S = 30.0
 # Workers exchange token ids and small drafts through Ray, never weights or logits.
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024**2
 
@@ -57,10 +60,34 @@ class WorkerGroup:
     actors: list[Any]
     follow_refs: list[Any]
     placement_group: Any
+    cls: type | None = None  # what it runs, to rebuild it
+    spec: Any = None
 
     @property
     def leader(self) -> Remote:
         return Remote.ray(self.actors[0])
+
+    def followers_gone(self) -> bool:
+        """A follower left follow(): its process died, or the group broke under it (a dead
+        leader closes the group's connections). Instant: no call to any actor."""
+        import ray
+
+        if not self.follow_refs:
+            return False
+        ready, _ = ray.wait(self.follow_refs, num_returns=1, timeout=0)
+        return bool(ready)
+
+    def healthy(self, timeout_s: float = HEALTH_TIMEOUT_S) -> bool:
+        """Every rank still in the group and the leader answering (it answers after the
+        call it is running, if any)."""
+        import ray
+
+        if self.followers_gone():
+            return False
+        try:
+            return bool(ray.get(self.actors[0].ready.remote(), timeout=timeout_s))
+        except Exception:  # died, or hung
+            return False
 
 
 class RayCluster:
@@ -75,6 +102,7 @@ class RayCluster:
             else:
                 ray.init(address=config.address, log_to_driver=False, configure_logging=False)
         self.groups: list[WorkerGroup] = []
+        self._lock = threading.Lock()  # groups are rebuilt from more than one thread
         try:
             self.target = self._start_group("target", TargetWorker, config.target, config.target_tp)
             self.drafters = []
@@ -146,30 +174,53 @@ class RayCluster:
                 num_gpus=1 if gpu else 0,
             ).remote(spec, group)
             actors.append(actor)
-        group = WorkerGroup(name, actors, [], pg)
-        self.groups.append(group)
+        group = WorkerGroup(name, actors, [], pg, cls, spec)
+        with self._lock:
+            self.groups.append(group)
         ray.get([a.ready.remote() for a in actors], timeout=READY_TIMEOUT_S)
         group.follow_refs = [a.follow.remote() for a in actors[1:]]
         log.info("%s: %d rank(s) ready", name, tp)
         return group
 
+    def rebuild(self, group: WorkerGroup) -> WorkerGroup:
+        """A broken group's actors killed and its placement freed, then a new group of the
+        same kind and size (fresh processes, empty KV caches) in its place."""
+        log.warning("%s: rebuilding its %d rank(s)", group.name, len(group.actors))
+        self._stop_group(group, graceful=False)
+        new = self._start_group(group.name, group.cls, group.spec, len(group.actors))
+        with self._lock:
+            if self.target is group:
+                self.target = new
+            self.drafters = [new if g is group else g for g in self.drafters]
+        return new
+
     def shutdown(self) -> None:
+        import ray
+
+        for group in list(self.groups):
+            self._stop_group(group, graceful=True)
+        if self._started_ray and ray.is_initialized():
+            ray.shutdown()
+
+    def _stop_group(self, group: WorkerGroup, graceful: bool) -> None:
         import ray
         from ray.util.placement_group import remove_placement_group
 
-        for group in self.groups:
+        if graceful and group.follow_refs:
             try:
-                if group.follow_refs:
-                    ray.get(group.actors[0].leave.remote(), timeout=30)
-                    ray.get(group.follow_refs, timeout=30)
+                ray.get(group.actors[0].leave.remote(), timeout=30)
+                ray.get(group.follow_refs, timeout=30)
             except Exception as e:  # a broken group: killing its actors is all that is left
                 log.warning("%s did not leave its group cleanly: %s", group.name, e)
-            for actor in group.actors:
+        for actor in group.actors:
+            with contextlib.suppress(Exception):  # already gone
                 ray.kill(actor)
+        try:
             remove_placement_group(group.placement_group)
-        self.groups = []
-        if self._started_ray and ray.is_initialized():
-            ray.shutdown()
+        except Exception as e:
+            log.warning("%s: could not free its placement group: %s", group.name, e)
+        with self._lock:
+            self.groups = [g for g in self.groups if g is not group]
 
 
 def _rendezvous() -> tuple[str, int]:

@@ -57,7 +57,14 @@ class Runtime:
             costs = calibrate(target, drafters[0], self.info, config.scheduler.gamma)
             log.info("measured costs: %s", costs)
         self.costs = costs
-        self.scheduler = Scheduler(target, drafters, self.info, config.scheduler, costs)
+        repairer = None
+        if self.cluster is not None:
+            from distspec.cluster.recovery import ClusterRepairer
+
+            repairer = ClusterRepairer(self.cluster)
+        self.scheduler = Scheduler(
+            target, drafters, self.info, config.scheduler, costs, repairer=repairer
+        )
         tokenizer, _ = load_tokenizer(c.target.model)
         self.tokenizer: Tokenizer = tokenizer
 

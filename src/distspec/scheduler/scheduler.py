@@ -32,13 +32,14 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from distspec.scheduler.metrics import SchedulerMetrics
+from distspec.scheduler.recovery import Repair, Repairer
 from distspec.scheduler.remote import Remote
 from distspec.scheduler.session import Session, SessionError
 from distspec.scheduler.switch import SpeculationSwitch
 from distspec.spec.decoding import StepOutput, clip_new_tokens
 from distspec.spec.draft_policy import DraftCosts, DraftLengthPolicy, ema
 from distspec.spec.drafter import EMPTY_DRAFT, Draft
-from distspec.spec.pearl import pearl_gamma
+from distspec.spec.pearl import PearlState, pearl_gamma
 from distspec.spec.sampling import SamplingParams
 from distspec.workers.messages import DraftRequest, ForwardItem, ModelInfo
 
@@ -57,6 +58,17 @@ class AdmissionError(RuntimeError):
 
 class ShuttingDownError(RuntimeError):
     pass
+
+
+class WorkerFailedError(RuntimeError):
+    pass
+
+
+CHECK_INTERVAL_S = 1.0  # how often an idle loop checks its workers
+REPLAY_MESSAGE = (
+    "a worker failed mid-generation and a seeded sampled request cannot be continued with "
+    "the same random draws on new workers; retry the request"
+)
 
 
 @dataclass
@@ -108,13 +120,17 @@ class Scheduler:
         info: ModelInfo,
         config: SchedulerConfig | None = None,
         costs: DraftCosts | None = None,
+        repairer: Repairer | None = None,
     ):
-        """costs: target and drafter timings measured at start-up (see calibrate)."""
+        """costs: target and drafter timings measured at start-up (see calibrate);
+        repairer: replaces failed workers (without one, a failure ends the sessions in flight)."""
         self.config = config or SchedulerConfig()
         self.costs = costs
         if self.config.mode != "ar" and not drafters:
             raise ValueError(f"mode {self.config.mode!r} needs at least one drafter")
         self.target, self.drafters, self.info = target, drafters, info
+        self.repairer = repairer
+        self._rebuilt: dict[int, Remote] = {}  # rebuilt drafters waiting to take over
         self._cv = threading.Condition()
         self._free_slots = list(range(info.num_slots - 1, -1, -1))
         self._waiting: deque[Session] = deque()
@@ -123,7 +139,13 @@ class Scheduler:
         self._closed = False
         self._timing = _Timing()
         self._session_s: float | None = None  # typical session duration, for retry hints
-        self.counters = {"rounds": 0, "drafts": 0, "draft_tokens": 0, "accepted_tokens": 0}
+        self.counters = {
+            "rounds": 0,
+            "drafts": 0,
+            "draft_tokens": 0,
+            "accepted_tokens": 0,
+            "repairs": 0,  # worker failures repaired
+        }
         self.target_busy_s = 0.0  # the target's compute time, summed over steps
         self.switch = SpeculationSwitch()
         self.metrics = SchedulerMetrics()
@@ -247,12 +269,18 @@ class Scheduler:
     # -- the loop --------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        # with a repairer, wake every second even when idle: a dead worker is noticed then
+        idle_wait = CHECK_INTERVAL_S if self.repairer is not None else None
         while True:
             with self._cv:
                 self._end_idle()
                 while not self._closed and not self._waiting and not self._has_work():
-                    self._cv.wait(timeout=1.0 if self._running else None)
+                    if self._cv.wait(timeout=CHECK_INTERVAL_S if self._running else idle_wait):
+                        self._end_idle()
+                        continue
                     self._end_idle()
+                    if self._worker_died():
+                        break
                 if self._closed:
                     return
                 new = []
@@ -262,6 +290,9 @@ class Scheduler:
                     self._running[session.id] = session
                     new.append(session)
             try:
+                if self._worker_died():
+                    raise WorkerFailedError("a worker process died")
+                self._take_back_drafters()
                 self._release_done()
                 if new:
                     self._start(new)
@@ -269,12 +300,84 @@ class Scheduler:
                 if ready:
                     self._round(ready)
                 self._release_done()
-            except Exception as e:  # a worker failed: end the sessions in flight, keep serving
-                log.exception("scheduler round failed")
-                for s in list(self._running.values()):
-                    if not s.finished:
-                        s.fail(SessionError(f"generation failed on the server: {e}"))
-                self._release_done()
+            except Exception as e:
+                self._on_failure(e)
+
+    def _worker_died(self) -> bool:
+        return self.repairer is not None and self.repairer.broken()
+
+    def _on_failure(self, error: Exception) -> None:
+        """A round failed. If a worker broke, it is replaced and every session resumes from
+        its verified tokens; otherwise the sessions in flight end with the error."""
+        try:
+            repair = self.repairer.repair() if self.repairer is not None else None
+            if repair is not None:
+                log.warning("a worker failed (%s); replaced it, resuming", error)
+                self.counters["repairs"] += 1
+                if repair.target is not None:
+                    self.target = repair.target
+                for i, remote in repair.drafters.items():
+                    self.drafters[i] = remote
+                self._resume(repair)
+                return
+            log.error("scheduler round failed", exc_info=error)
+        except Exception as e:
+            log.exception("repairing the workers failed")
+            error = e
+        for s in list(self._running.values()):
+            if not s.finished:
+                s.fail(SessionError(f"generation failed on the server: {error}"))
+        self._release_done()
+
+    def _resume(self, repair: Repair) -> None:
+        """Sessions go on from their verified tokens on the repaired workers: the target's
+        KV is rebuilt in one batched step (its verdicts are not used; the next round
+        verifies from the newest verified token as always)."""
+        resumed, unstarted = [], []
+        for s in list(self._running.values()):
+            if s.finished or s.cancelled.is_set():
+                continue
+            if s.reproducible:
+                s.fail(SessionError(REPLAY_MESSAGE))
+                continue
+            s.pearl = PearlState()
+            (resumed if s.stats.target_forwards else unstarted).append(s)
+            if repair.target is not None:
+                self.target.call("open_session", s.id, s.params)
+            drafter = s.slot % len(self.drafters) if self.drafters else None
+            if not s.external and self.config.mode != "ar" and drafter in repair.drafters:
+                self._drafter(s).call("open_session", s.id, s.slot, s.prompt_ids, s.params)
+        if resumed:
+            log.info("resuming %d session(s) from their verified tokens", len(resumed))
+            items = [
+                ForwardItem(s.id, s.slot, 0, s.tokens[:-1], draft=EMPTY_DRAFT) for s in resumed
+            ]
+            self._step(items)
+        if unstarted:
+            self._start(unstarted)
+        self._release_done()
+
+    def _take_back_drafters(self) -> None:
+        """Rebuilt drafters replace their stand-ins, once no seeded sampled session drafts
+        with the stand-in (its output must not change mid-way)."""
+        if self.repairer is None:
+            return
+        self._rebuilt.update(self.repairer.rebuilt_drafters())
+        for i, remote in list(self._rebuilt.items()):
+            users = [
+                s
+                for s in self._running.values()
+                if not s.external and not s.finished and s.slot % len(self.drafters) == i
+            ]
+            if any(s.reproducible for s in users):
+                continue
+            del self._rebuilt[i]
+            stand_in, self.drafters[i] = self.drafters[i], remote
+            if self.config.mode != "ar":
+                for s in users:
+                    remote.call("open_session", s.id, s.slot, s.prompt_ids, s.params)
+            stand_in.close()
+            log.info("drafter %d is back", i)
 
     def _start(self, sessions: list[Session]) -> None:
         for s in sessions:
