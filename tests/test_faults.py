@@ -13,7 +13,6 @@ from distspec.cluster.ray_cluster import ClusterConfig
 from distspec.models.loader import load_model
 from distspec.scheduler.runtime import Runtime, RuntimeConfig
 from distspec.scheduler.scheduler import REPLAY_MESSAGE, SchedulerConfig
-from distspec.scheduler.session import SessionError
 from distspec.spec.sampling import SamplingParams
 from distspec.workers.drafter import DrafterSpec
 from distspec.workers.target import TargetSpec
@@ -103,19 +102,41 @@ def test_a_dead_drafter_degrades_to_lookup_then_comes_back(runtime, reference):
     assert runtime.scheduler.counters["draft_tokens"] > before
 
 
-def test_a_seeded_sampled_session_ends_with_a_clear_error(runtime, reference):
-    ids, _ = reference
-    scheduler = runtime.scheduler
-    scheduler.set_mode("sd")
-    params = SamplingParams(max_new_tokens=NEW_TOKENS, temperature=1.0, seed=7)
-    session = scheduler.submit(ids[0], params)
-    stream = session.stream(timeout_s=120)
-    next(stream)
-    _kill(runtime.cluster.target.actors[1])
-    with pytest.raises(SessionError, match="seeded sampled request"):
-        for _ in stream:
-            pass
-    assert "retry" in REPLAY_MESSAGE
+def test_a_seeded_sampled_stream_ends_unavailable_over_grpc(runtime, reference):
+    """Through the gRPC front door: the stream ends with UNAVAILABLE and a message that says
+    to retry; a greedy stream running at the same time finishes exactly."""
+    import grpc
+
+    from distspec.scheduler.grpc_server import GrpcServer
+    from distspec.v1 import speculative_decoding_pb2 as pb
+    from distspec.v1 import speculative_decoding_pb2_grpc as pb_grpc
+
+    _, expected = reference
+    runtime.scheduler.set_mode("sd")
+    server = GrpcServer(runtime, port=0, host="127.0.0.1")
+    port = server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.SpeculativeDecodingStub(channel)
+
+            def request(prompt: str, **sampling) -> pb.GenerateRequest:
+                return pb.GenerateRequest(prompt=prompt, max_new_tokens=NEW_TOKENS, **sampling)
+
+            seeded = stub.Generate(request(PROMPTS[0], temperature=1.0, seed=7), timeout=120)
+            greedy = stub.Generate(request(PROMPTS[1]), timeout=120)
+            out = list(next(greedy).token_ids)
+            next(seeded)
+            _kill(runtime.cluster.target.actors[1])
+            with pytest.raises(grpc.RpcError) as failed:
+                for _ in seeded:
+                    pass
+            assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "retry the request" in failed.value.details()
+            out += [t for r in greedy for t in r.token_ids]
+            assert out == expected[1]
+    finally:
+        server.stop(grace_s=1)
+    assert REPLAY_MESSAGE in failed.value.details()
     _new_requests_succeed(runtime, reference)
 
 
