@@ -155,11 +155,7 @@ class RayCluster:
         ray.get(pg.ready(), timeout=READY_TIMEOUT_S)
         init = None
         if tp > 1:
-            on_first = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)
-            rendezvous = ray.remote(_rendezvous)
-            host, port = ray.get(
-                rendezvous.options(scheduling_strategy=on_first, num_cpus=0).remote()
-            )
+            host, port = self._rendezvous(pg)
             init = f"tcp://{host}:{port}"
         actor_cls = ray.remote(cls)
         threads = max(1, int(self.config.cpus_per_rank))
@@ -193,6 +189,20 @@ class RayCluster:
                 self.target = new
             self.drafters = [new if g is group else g for g in self.drafters]
         return new
+
+    def _rendezvous(self, pg: Any) -> tuple[str, int]:
+        """A free port on the node of the group's rank 0: found here when that is this node
+        (no task to start: seconds on a small machine), else by a task placed there."""
+        import ray
+        from ray.util.placement_group import placement_group_table
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        first_node = placement_group_table(pg)["bundles_to_node_id"][0]
+        if first_node == ray.get_runtime_context().get_node_id():
+            return _rendezvous()
+        on_first = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0)
+        task = ray.remote(_rendezvous).options(scheduling_strategy=on_first, num_cpus=0)
+        return ray.get(task.remote())
 
     def shutdown(self) -> None:
         import ray
