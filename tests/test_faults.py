@@ -145,3 +145,14 @@ def _new_requests_succeed(runtime, reference) -> None:
     session = runtime.scheduler.submit(ids[2], SamplingParams(max_new_tokens=NEW_TOKENS))
     out = [t for step in session.stream(timeout_s=120) for t in step.token_ids]
     assert out == expected[2]
+
+
+def test_an_idle_cluster_notices_a_dead_rank_within_seconds(runtime, reference):
+    repairs = runtime.scheduler.counters["repairs"]
+    _kill(runtime.cluster.target.actors[1])
+    killed = time.perf_counter()
+    while runtime.scheduler.counters["repairs"] == repairs:
+        assert time.perf_counter() - killed < 60, "the dead rank went unnoticed"
+        time.sleep(0.1)
+    print(f"idle: noticed and rebuilt within {time.perf_counter() - killed:.1f} s")
+    _new_requests_succeed(runtime, reference)
