@@ -212,6 +212,19 @@ def _add_serve(sub) -> None:
     p.add_argument("--tokens-file", help="bearer tokens (one per line) the API then requires")
     p.add_argument("--max-sessions-per-client", type=int, help="open sessions per client")
     p.add_argument("--requests-per-minute", type=float, help="new sessions per client per minute")
+    p.add_argument(
+        "--request-timeout-s",
+        type=float,
+        metavar="S",
+        help="end requests still running after S seconds, queueing included (default 0: never)",
+    )
+    p.add_argument(
+        "--stall-timeout-s",
+        type=float,
+        metavar="S",
+        help="end calls whose client sends no request or takes no response for S seconds "
+        "(default 60; 0: never)",
+    )
     p.set_defaults(func=_serve)
 
 
@@ -395,6 +408,99 @@ def _bench_serve(args: argparse.Namespace) -> int:
             f"{s['tau']:>6.2f} {s['ttft_median_s']:>7.2f}"
         )
     print(f"wrote {config.out_dir}/serving.json and serving.png")
+    return 0
+
+
+def _positive_ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a comma list of integers, got {text!r}"
+        ) from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    return values
+
+
+def _add_bench_load(sub) -> None:
+    from distspec.bench.load_config import LoadConfig
+
+    d = LoadConfig()
+    p = sub.add_parser(
+        "bench-load",
+        help="hold N streaming clients against a server for a fixed time (throughput, "
+        "latency percentiles, rejections, queue depth, RSS of every server process)",
+    )
+    p.add_argument(
+        "--clients",
+        type=_positive_ints,
+        default=d.clients,
+        help="comma list of concurrency levels, run one after another (default 4,16,32)",
+    )
+    p.add_argument("--duration-s", type=float, default=d.duration_s, help="per level")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    p.add_argument("--temperature", type=float, default=d.temperature)
+    p.add_argument(
+        "--warmup-s",
+        type=float,
+        help="start of each level left out of the RSS growth (default min(10, duration/5))",
+    )
+    p.add_argument("--server", help="HOST:PORT of a running server (default: start one)")
+    p.add_argument("--metrics", help="with --server: its Prometheus endpoint HOST:PORT")
+    p.add_argument(
+        "--server-pid", type=int, help="with --server: measure this local process and its children"
+    )
+    p.add_argument("--target", default=d.target, help="the started server's target")
+    p.add_argument("--drafter", default=d.drafter, help="demo | ngram | PATH | none")
+    p.add_argument("--mode", choices=["ar", "sd", "pearl"], help="default: pearl with a drafter")
+    p.add_argument(
+        "--num-slots", type=int, default=d.num_slots, help="KV slots (with --server: its own)"
+    )
+    p.add_argument(
+        "--max-waiting",
+        type=int,
+        default=d.max_waiting,
+        help="sessions queued beyond the slots (with --server: its own, for the check)",
+    )
+    p.add_argument("--max-len", type=int, default=d.max_len)
+    p.add_argument("--no-ray", dest="use_ray", action="store_false", help="workers in-process")
+    p.add_argument(
+        "--leak-limit-mb",
+        type=float,
+        default=d.leak_limit_mb,
+        help="most RSS growth of all server processes within a level (after the warm-up)",
+    )
+    p.add_argument("--out", default=d.out_dir, help="directory for JSON and PNG")
+    p.set_defaults(func=_bench_load)
+
+
+def _bench_load(args: argparse.Namespace) -> int:
+    from distspec.bench.load import format_table, run_load_bench
+    from distspec.bench.load_config import LoadConfig
+
+    config = LoadConfig(
+        clients=args.clients,
+        duration_s=args.duration_s,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        warmup_s=args.warmup_s,
+        server=args.server,
+        metrics=args.metrics,
+        server_pid=args.server_pid,
+        target=args.target,
+        drafter=args.drafter,
+        mode=args.mode,
+        num_slots=args.num_slots,
+        max_waiting=args.max_waiting,
+        max_len=args.max_len,
+        use_ray=args.use_ray,
+        leak_limit_mb=args.leak_limit_mb,
+        out_dir=args.out,
+    )
+    report = run_load_bench(config)
+    print(format_table(report))
+    print(f"wrote {config.out_dir}/load.json and load.png")
     return 0
 
 
@@ -591,6 +697,7 @@ COMMANDS: list[Callable] = [
     _add_edge,
     _add_bench,
     _add_bench_serve,
+    _add_bench_load,
     _add_bench_edge,
     _add_bench_easyspec,
     _add_train_drafter,

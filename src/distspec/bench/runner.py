@@ -13,7 +13,6 @@ import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -27,6 +26,7 @@ from distspec.bench.contenders import (
     load_hf_model,
 )
 from distspec.bench.plot import plot_bench
+from distspec.bench.prompts import load_prompts
 from distspec.engine import build_drafter, load_for_inference
 from distspec.models.tokenizer import ChatMessage
 from distspec.spec.sampling import SamplingParams
@@ -64,17 +64,6 @@ class BenchConfig:
             raise ValueError("no contenders given")
         if self.repeats < 1:
             raise ValueError(f"repeats must be >= 1, got {self.repeats}")
-
-
-def load_prompts(path: str | None, limit: int | None) -> list[str]:
-    if path:
-        data = json.loads(Path(path).read_text())
-    else:
-        data = json.loads(resources.files("distspec.bench").joinpath("prompts.json").read_text())
-    prompts = data["prompts"] if isinstance(data, dict) else data
-    if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
-        raise ValueError("the prompt file must hold a non-empty list of non-empty strings")
-    return prompts[:limit] if limit else prompts
 
 
 def build_contenders(config: BenchConfig, target) -> list[Contender]:

@@ -18,11 +18,13 @@ import statistics
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from importlib import resources
 from pathlib import Path
 
 import grpc
 from tqdm import tqdm
+
+from distspec.bench.grpc_client import chat_request, generate_stub
+from distspec.bench.prompts import load_prompts
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +68,7 @@ def run_serving_bench(config: ServingBenchConfig) -> dict:
     )
     from distspec.scheduler.runtime import Runtime
 
-    prompts = json.loads((resources.files("distspec.bench") / "prompts.json").read_text())
-    prompts = prompts["prompts"]
+    prompts = load_prompts()
     t0 = time.perf_counter()
     runtime = Runtime(serve.runtime_config())
     log.info("runtime up in %.1f s; costs %s", time.perf_counter() - t0, runtime.costs)
@@ -114,10 +115,7 @@ def run_serving_bench(config: ServingBenchConfig) -> dict:
 
 def _load(channel, runtime, prompts: list[str], clients: int, config) -> dict:
     """clients threads answer max(len(prompts), clients) requests; aggregate figures."""
-    from distspec.v1 import speculative_decoding_pb2 as pb
-    from distspec.v1 import speculative_decoding_pb2_grpc as pb_grpc
-
-    stub = pb_grpc.SpeculativeDecodingStub(channel)
+    stub = generate_stub(channel)
     work: queue.Queue = queue.Queue()
     for i in range(max(len(prompts), clients)):
         work.put(prompts[i % len(prompts)])
@@ -129,11 +127,7 @@ def _load(channel, runtime, prompts: list[str], clients: int, config) -> dict:
                 prompt = work.get_nowait()
             except queue.Empty:
                 return
-            request = pb.GenerateRequest(
-                messages=[pb.ChatMessage(role="user", content=prompt)],
-                max_new_tokens=config.max_new_tokens,
-                temperature=config.temperature,
-            )
+            request = chat_request(prompt, config.max_new_tokens, config.temperature)
             try:
                 last = list(stub.Generate(request, timeout=600))[-1]
                 stats.append(last.stats)

@@ -1,11 +1,13 @@
 """What both front doors (gRPC, the OpenAI-compatible HTTP API) share: prompt and sampling
-validation, admission (per-client limits, then the scheduler's) and a session's output as
-token ids with their text. One Gateway per runtime, so per-client limits span both doors."""
+validation, admission (per-client limits, then the scheduler's), the server's time limits and
+a session's output as token ids with their text. One Gateway per runtime, so per-client
+limits span both doors."""
 
 from __future__ import annotations
 
 import math
 import queue
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -14,12 +16,14 @@ from distspec.models.tokenizer import ChatMessage, StreamDecoder, Tokenizer
 from distspec.scheduler.runtime import Runtime
 from distspec.scheduler.security import ClientLedger, ClientLimits
 from distspec.scheduler.session import Session
+from distspec.scheduler.watchdog import Watchdog
 from distspec.spec.decoding import GenerationStats
 from distspec.spec.sampling import SamplingParams
 
 DEFAULT_MAX_NEW_TOKENS = 128
 ROLES = ("system", "user", "assistant")
 STEP_TIMEOUT_S = 300.0  # a session that makes no progress this long has lost its workers
+STALL_TIMEOUT_S = 60.0  # default: the longest the server waits on a client's own I/O
 MAX_SEED = 2**63  # SamplingParams.generator seeds torch with 2 * seed + stream
 
 
@@ -39,6 +43,10 @@ class StalledError(RuntimeError):
     """The session made no progress for STEP_TIMEOUT_S; it has been cancelled."""
 
 
+class RequestTimeoutError(RuntimeError):
+    """The request ran past the server's request_timeout_s; its session has been cancelled."""
+
+
 class Message(Protocol):
     role: str
     content: str
@@ -56,11 +64,26 @@ class Delta:
 
 
 class Gateway:
-    def __init__(self, runtime: Runtime, limits: ClientLimits | None = None):
+    def __init__(
+        self,
+        runtime: Runtime,
+        limits: ClientLimits | None = None,
+        request_timeout_s: float = 0.0,
+        stall_timeout_s: float = STALL_TIMEOUT_S,
+    ):
+        """request_timeout_s: a session still running this long after it was submitted
+        (waiting for a slot included) is cancelled, and its request ends with a timeout
+        (0: no limit); stall_timeout_s: the longest either door waits on a client's own
+        I/O: a request message or body to arrive, a response to be taken (0: no limit)."""
+        if request_timeout_s < 0 or stall_timeout_s < 0:
+            raise ValueError("timeouts must be >= 0 (0: no limit)")
         self.runtime = runtime
         self.scheduler = runtime.scheduler
         self.tokenizer: Tokenizer = runtime.tokenizer
         self.ledger = ClientLedger(limits or ClientLimits())
+        self.request_timeout_s = request_timeout_s
+        self.stall_timeout_s = stall_timeout_s
+        self.watchdog = Watchdog("gateway-timers")
 
     # -- validation ------------------------------------------------------------------------
 
@@ -149,10 +172,20 @@ class Gateway:
         if refused:
             raise ClientLimitError(refused)
         try:
-            return self.scheduler.submit(prompt_ids, params, external, keep_decoding)
+            session = self.scheduler.submit(prompt_ids, params, external, keep_decoding)
         except BaseException:
             self.ledger.release(client)
             raise
+        if self.request_timeout_s > 0:
+            ref = weakref.ref(session)  # the alarm must not keep a finished session's tokens
+            ended = lambda: (s := ref()) is None or s.finished  # noqa: E731
+            self.watchdog.after(self.request_timeout_s, lambda: self._time_out(ref()), ended)
+        return session
+
+    def _time_out(self, session: Session | None) -> None:
+        if session is not None and not session.finished:
+            session.timed_out = True
+            self.scheduler.cancel(session.id)
 
     def release(self, client: str) -> None:
         self.ledger.release(client)
@@ -162,10 +195,13 @@ class Gateway:
     ) -> Iterator[Delta]:
         """The session's output until its last step; per_token: one Delta per token (to
         find where a stop string ends). Raises SessionError or ShuttingDownError when the
-        server fails it, StalledError (after cancelling it) when it stops making progress."""
+        server fails it, StalledError (after cancelling it) when it stops making progress,
+        RequestTimeoutError when it ran past request_timeout_s."""
         decoder = StreamDecoder(self.tokenizer)
         try:
             for step in session.stream(timeout_s=timeout_s):
+                if step.finish_reason == "cancelled" and session.timed_out:
+                    raise RequestTimeoutError(self.timeout_message())
                 final = step.finish_reason is not None
                 split = per_token and len(step.token_ids) > 1
                 pieces = [[t] for t in step.token_ids] if split else [step.token_ids]
@@ -180,3 +216,6 @@ class Gateway:
         except queue.Empty:
             self.scheduler.cancel(session.id)
             raise StalledError("generation stalled on the server") from None
+
+    def timeout_message(self) -> str:
+        return f"the request ran past the server's limit of {self.request_timeout_s:g} s"

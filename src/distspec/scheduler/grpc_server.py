@@ -2,8 +2,9 @@
 
 Every field is validated here; a bad request gets INVALID_ARGUMENT with a message naming the
 field, a full server RESOURCE_EXHAUSTED with a retry hint (trailing metadata
-`retry-after-s`), a failure on the server UNAVAILABLE. A client that disconnects or lets its
-deadline pass cancels its session, which frees its KV slot.
+`retry-after-s`), a failure on the server UNAVAILABLE, a request past the server's time
+limits DEADLINE_EXCEEDED. A client that disconnects or lets its deadline pass cancels its
+session, which frees its KV slot.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import hmac
 import logging
 import secrets
 import threading
-import time
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass
@@ -23,7 +23,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from distspec.models.tokenizer import StreamDecoder
-from distspec.scheduler.gateway import ClientLimitError, Gateway, InvalidRequest, StalledError
+from distspec.scheduler.gateway import (
+    ClientLimitError,
+    Gateway,
+    InvalidRequest,
+    RequestTimeoutError,
+    StalledError,
+)
+from distspec.scheduler.grpc_guard import CallGuard
 from distspec.scheduler.runtime import Runtime
 from distspec.scheduler.scheduler import AdmissionError, ShuttingDownError
 from distspec.scheduler.security import (
@@ -34,6 +41,7 @@ from distspec.scheduler.security import (
     client_id,
 )
 from distspec.scheduler.session import Session, SessionError
+from distspec.scheduler.watchdog import Alarm
 from distspec.spec.decoding import GenerationStats, StepOutput
 from distspec.spec.drafter import Draft
 from distspec.spec.sampling import SamplingParams
@@ -43,6 +51,8 @@ from distspec.v1 import speculative_decoding_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 SERVICE = pb.DESCRIPTOR.services_by_name["SpeculativeDecoding"].full_name
+# a stream that ends this close to its deadline ended because of it
+DEADLINE_SLACK_S = 0.1
 FINISH = {
     None: pb.FINISH_REASON_UNSPECIFIED,
     "stop": pb.FINISH_REASON_STOP,
@@ -58,7 +68,7 @@ class _Resumable:
     session: Session
     secret: str
     client: str
-    detached_at: float | None = None
+    expiry: Alarm | None = None  # while detached: when the session is given up
 
 
 class SpeculativeDecodingServicer(pb_grpc.SpeculativeDecodingServicer):
@@ -116,8 +126,12 @@ class SpeculativeDecodingServicer(pb_grpc.SpeculativeDecodingServicer):
         with self._lock:
             session.epoch += 1
             epoch = session.epoch
-            resumable.detached_at = None
-        context.add_callback(lambda: self._detach(resumable, epoch))
+            if resumable.expiry is not None:
+                resumable.expiry.close()
+                resumable.expiry = None
+        if epoch > 1:
+            session.wake_readers()  # a stream this one replaces ends now
+        context.add_callback(lambda: self._detach(resumable, epoch, context))
         yield pb.SpeculateResponse(
             opened=pb.SessionOpened(
                 session_id=str(session.id),
@@ -126,10 +140,10 @@ class SpeculativeDecodingServicer(pb_grpc.SpeculativeDecodingServicer):
                 resume_secret=resumable.secret,
             )
         )
-        problem: list[str] = []  # a bad chunk, found by the reader thread
+        problem: list[tuple[grpc.StatusCode, str]] = []  # found by the reader thread
         reader = threading.Thread(
             target=self._read_chunks,
-            args=(request_iterator, session, problem),
+            args=(request_iterator, session, problem, epoch),
             name=f"speculate-{session.id}",
             daemon=True,
         )
@@ -137,6 +151,7 @@ class SpeculativeDecodingServicer(pb_grpc.SpeculativeDecodingServicer):
         decoder = StreamDecoder(self.tokenizer, session.tokens[len(session.prompt_ids) : position])
         catch_up = session.tokens[position:]  # what a resumed client missed
         if first.open.resume_session_id and session.finished:  # resumed after the end
+            self._abort_if_timed_out(session, context)
             last = StepOutput([], session.finish_reason, session.stats, position=position)
             yield self._verdict(decoder, position, catch_up, last, chunk_done=True)
             return
@@ -144,27 +159,38 @@ class SpeculativeDecodingServicer(pb_grpc.SpeculativeDecodingServicer):
             # always answered, even with no tokens: a stop-and-wait client drafts on this
             yield self._verdict(decoder, position, catch_up, None, chunk_done=True)
             position += len(catch_up)
+        ended = False
         try:
             for step in session.stream(timeout_s=None, epoch=epoch):
                 if problem:
                     break
-                if step.finish_reason == "cancelled" and session.idle:
-                    timeout = self.scheduler.config.idle_timeout_s
-                    context.abort(
-                        grpc.StatusCode.DEADLINE_EXCEEDED, f"no draft chunk for {timeout:g} s"
-                    )
+                if step.finish_reason == "cancelled":
+                    self._abort_if_timed_out(session, context)
                 # steps already covered by the catch-up (or taken by a stream that broke)
                 tokens = step.token_ids[max(0, position - step.position) :]
                 if step.position + len(step.token_ids) < position:
                     tokens = []
                 if not tokens and step.finish_reason is None and not step.chunk_done:
                     continue
+                ended = step.finish_reason is not None
                 yield self._verdict(decoder, position, tokens, step)
                 position += len(tokens)
         except (SessionError, ShuttingDownError) as e:
             context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         if problem:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem[0])
+            context.abort(*problem[0])
+        if not ended:  # the stream loop gave way to a newer stream (the session resumed)
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, "another stream resumed this session"
+            )
+
+    def _abort_if_timed_out(self, session: Session, context) -> None:
+        """A session the server ended for a time limit: DEADLINE_EXCEEDED, saying which."""
+        if session.timed_out:
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, self.gateway.timeout_message())
+        if session.idle:
+            timeout = self.scheduler.config.idle_timeout_s
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"no draft chunk for {timeout:g} s")
 
     def _verdict(self, decoder, position, tokens, step, chunk_done=False) -> pb.SpeculateResponse:
         final = step is not None and step.finish_reason is not None
@@ -184,7 +210,8 @@ class SpeculativeDecodingServicer(pb_grpc.SpeculativeDecodingServicer):
         with self._lock:
             r = self._resumable.get(open_.resume_session_id)
         # the same answer for an unknown id, a wrong secret and another client's session
-        ok = r is not None and hmac.compare_digest(r.secret, open_.resume_secret)
+        # (as bytes: compare_digest refuses str with non-ASCII characters)
+        ok = r is not None and hmac.compare_digest(r.secret.encode(), open_.resume_secret.encode())
         if not ok or r.client != client_id(context):
             context.abort(grpc.StatusCode.NOT_FOUND, "no session to resume with that id")
         session = r.session
@@ -200,30 +227,35 @@ class SpeculativeDecodingServicer(pb_grpc.SpeculativeDecodingServicer):
         context.add_callback(lambda: self.ledger.release(client))
         return session, r
 
-    def _detach(self, r: _Resumable, epoch: int) -> None:
-        """The stream ended: a finished session is forgotten; an unfinished one waits
-        resume_timeout_s for its client to come back, then is cancelled."""
+    def _detach(self, r: _Resumable, epoch: int, context) -> None:
+        """The stream ended: the session waits resume_timeout_s for its client to come back
+        (finished ones too: the stream may have broken before the last verdict got
+        through), then is forgotten and, if unfinished, cancelled. Past the client's
+        deadline there is nothing to come back for: that happens at once."""
         with self._lock:
             if r.session.epoch != epoch:
                 return  # a newer stream took over
-            # finished too: the stream may have broken before the last verdict got through
-            r.detached_at = time.monotonic()
-        timer = threading.Timer(self.resume_timeout_s, self._expire, args=(r, epoch))
-        timer.daemon = True
-        timer.start()
+            if context.time_remaining() > DEADLINE_SLACK_S:
+                expire = lambda: self._expire(r, epoch)  # noqa: E731
+                r.expiry = self.gateway.watchdog.after(self.resume_timeout_s, expire)
+                return
+        self._expire(r, epoch)
 
     def _expire(self, r: _Resumable, epoch: int) -> None:
         with self._lock:
-            if r.session.epoch != epoch or r.detached_at is None:
+            if r.session.epoch != epoch:
                 return
             self._resumable.pop(str(r.session.id), None)
         if not r.session.finished:
             self.scheduler.cancel(r.session.id)
 
-    def _read_chunks(self, requests, session: Session, problem: list[str]) -> None:
-        """Offer each draft chunk of the stream; a bad one ends the session."""
+    def _read_chunks(self, requests, session: Session, problem: list, epoch: int) -> None:
+        """Offer each draft chunk of the stream; a bad one ends the session (problem: the
+        status to end the stream with)."""
         try:
             for request in requests:
+                if session.epoch != epoch:
+                    return  # a newer stream resumed the session: this one's chunks are stale
                 if request.WhichOneof("kind") != "draft":
                     raise InvalidRequest("only draft chunks may follow open")
                 position, draft = self._draft(request.draft)
@@ -234,10 +266,14 @@ class SpeculativeDecodingServicer(pb_grpc.SpeculativeDecodingServicer):
                         raise
                     # a chunk that crossed the last verdict on the wire: nothing to do
         except (InvalidRequest, ValueError) as e:
-            problem.append(str(e))
+            problem.append((grpc.StatusCode.INVALID_ARGUMENT, str(e)))
             self.scheduler.cancel(session.id)
         except grpc.RpcError:  # the client went away; the RPC callback detaches the session
             pass
+        except Exception:  # a bug, not the client's fault: still end the stream, not hang it
+            log.exception("Speculate: a draft chunk could not be handled")
+            problem.append((grpc.StatusCode.INTERNAL, "the server failed to handle a chunk"))
+            self.scheduler.cancel(session.id)
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -283,6 +319,8 @@ class SpeculativeDecodingServicer(pb_grpc.SpeculativeDecodingServicer):
                 yield response
         except (SessionError, ShuttingDownError, StalledError) as e:
             context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        except RequestTimeoutError as e:
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
 
     def _open_prompt_ids(self, open_: pb.OpenSession) -> list[int]:
         given = [bool(open_.prompt), bool(open_.messages), bool(open_.prompt_token_ids)]
@@ -296,15 +334,24 @@ class SpeculativeDecodingServicer(pb_grpc.SpeculativeDecodingServicer):
         """(position, Draft) of a chunk; its sparse q become dense rows (exact: the entries
         left out have probability 0)."""
         tokens = list(chunk.token_ids)
+        # the scheduler checks these too, but the dense rows below cost tokens x vocabulary
+        max_draft = self.scheduler.config.max_draft
+        if len(tokens) > max_draft:
+            raise InvalidRequest(f"the chunk has {len(tokens)} tokens; at most {max_draft}")
+        vocab = self.runtime.info.vocab_size
+        bad = [t for t in tokens if t >= vocab]
+        if bad:
+            raise InvalidRequest(f"draft token {bad[0]} is outside the vocabulary")
         if not chunk.q:
             return chunk.position, Draft(tokens)
         if len(chunk.q) != len(tokens):
             raise InvalidRequest(f"q has {len(chunk.q)} entries for {len(tokens)} draft tokens")
-        vocab = self.runtime.info.vocab_size
         probs = torch.zeros(len(tokens), vocab)
         for i, (tok, q) in enumerate(zip(tokens, chunk.q, strict=True)):
             if len(q.token_ids) != len(q.probs) or not q.token_ids:
                 raise InvalidRequest(f"q[{i}]: token_ids and probs must be non-empty, same length")
+            if len(set(q.token_ids)) != len(q.token_ids):
+                raise InvalidRequest(f"q[{i}]: a token id appears twice")
             ids = torch.tensor(list(q.token_ids))
             values = torch.tensor(list(q.probs))
             if int(ids.max()) >= vocab:
@@ -368,12 +415,18 @@ class GrpcServer:
         service requires (health and reflection stay open); limits: per client;
         resume_timeout_s: how long a Speculate session whose stream broke waits for its
         client to resume it before it is cancelled; gateway: shared with the HTTP API (its
-        per-client limits then apply, not `limits`)."""
+        per-client limits then apply, not `limits`). The gateway's stall_timeout_s bounds
+        how long any call waits on its client (see grpc_guard)."""
+        gateway = gateway or Gateway(runtime, limits)
         slots = runtime.info.num_slots + runtime.config.scheduler.max_waiting
+        guard = CallGuard(
+            gateway.watchdog, gateway.stall_timeout_s, frozenset({f"/{SERVICE}/Speculate"})
+        )
+        # the token check first: a refused call is answered before anything is read
         interceptors = [BearerTokenInterceptor(tokens)] if tokens else []
         # one thread per open stream, and a few to answer admission refusals and health
         self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=slots + 8), interceptors=interceptors
+            futures.ThreadPoolExecutor(max_workers=slots + 8), interceptors=[*interceptors, guard]
         )
         self.servicer = SpeculativeDecodingServicer(runtime, limits, resume_timeout_s, gateway)
         pb_grpc.add_SpeculativeDecodingServicer_to_server(self.servicer, self.server)

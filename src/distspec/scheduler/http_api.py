@@ -4,10 +4,12 @@ bearer tokens and per-client limits) as the gRPC server. Starlette on uvicorn, i
 the serve process.
 
 Errors are OpenAI's body {"error": {message, type, param, code}}: 400 for a bad request, 401
-without a known bearer token (when the server has tokens), 404 for an unknown model, 429 when
-the scheduler or the client's limits refuse (with Retry-After when the scheduler gives a
-hint), 503 while shutting down. A client that disconnects cancels its session, which frees
-its KV slot at the end of the current round."""
+without a known bearer token (when the server has tokens), 404 for an unknown model, 408 when
+the body does not arrive within the stall timeout, 429 when the scheduler or the client's
+limits refuse (with Retry-After when the scheduler gives a hint), 503 while shutting down,
+504 past the server's request timeout (a stream that has begun ends with an error event
+instead). A client that disconnects cancels its session, which frees its KV slot at the end
+of the current round; one that stops reading for the stall timeout is disconnected."""
 
 from __future__ import annotations
 
@@ -29,7 +31,13 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from distspec.scheduler.gateway import ClientLimitError, Gateway, InvalidRequest, StalledError
+from distspec.scheduler.gateway import (
+    ClientLimitError,
+    Gateway,
+    InvalidRequest,
+    RequestTimeoutError,
+    StalledError,
+)
 from distspec.scheduler.openai_protocol import (
     CompletionRequest,
     Reply,
@@ -51,6 +59,10 @@ SSE_HEADERS = [
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),  # proxies must not buffer the stream
 ]
+
+
+class ClientStalled(Exception):
+    """The client took no part of the answer for the stall timeout."""
 
 
 class ApiError(Exception):
@@ -88,6 +100,9 @@ def api_error(e: BaseException) -> ApiError:
         return ApiError(429, str(e), "rate_limit_error", code="rate_limit_exceeded")
     if isinstance(e, ShuttingDownError | StalledError):
         return ApiError(503, str(e), "server_error", code="service_unavailable")
+    if isinstance(e, RequestTimeoutError):
+        # 504, not 408: the request arrived in time, the answer took longer than allowed
+        return ApiError(504, str(e), "server_error", code="request_timeout")
     if isinstance(e, SessionError):
         return ApiError(500, str(e), "server_error")
     log.error("HTTP API: unexpected error", exc_info=e)
@@ -163,7 +178,7 @@ class HttpApi:
             self._authorize(request)
             if self.draining:
                 raise ShuttingDownError("the server is shutting down")
-            req = parse_request(await _read_json(request), chat)
+            req = parse_request(await self._read_json(request), chat)
             self._check_model(req.model)
             client = _client_id(request)
             loop = asyncio.get_running_loop()
@@ -209,6 +224,16 @@ class HttpApi:
             raise InvalidRequest(str(e), param) from None
 
     # -- helpers ---------------------------------------------------------------------------
+
+    async def _read_json(self, request: Request) -> Any:
+        stall_s = self.gateway.stall_timeout_s or None
+        try:
+            async with asyncio.timeout(stall_s):
+                return await _read_body_json(request)
+        except TimeoutError:
+            raise ApiError(
+                408, f"the request body did not arrive within {stall_s:g} s", code="timeout"
+            ) from None
 
     def _authorize(self, request: Request) -> None:
         if self.tokens and client_token(request.headers.items()) not in self.tokens:
@@ -257,11 +282,24 @@ class _Answer:
 
     async def __call__(self, scope, receive, send) -> None:
         watcher = asyncio.ensure_future(self._watch(receive))
+        stall_s = self.api.gateway.stall_timeout_s or None
+
+        async def bounded_send(message) -> None:
+            try:  # (not wait_for: a task of its own would not run once shutdown cancels all)
+                async with asyncio.timeout(stall_s):
+                    await send(message)
+            except TimeoutError:
+                raise ClientStalled from None
+
         try:
             if self.req.stream:
-                await self._stream(send)
+                await self._stream(bounded_send)
             else:
-                await self._whole(scope, send)
+                await self._whole(scope, bounded_send)
+        except ClientStalled:
+            # nothing more can reach it: returning with the answer unfinished makes uvicorn
+            # close the connection
+            log.warning("HTTP API: the client took no data for %g s; disconnecting", stall_s)
         finally:
             watcher.cancel()
             self.api.gateway.scheduler.cancel(self.session.id)
@@ -329,6 +367,8 @@ class _Answer:
             if usage_key:
                 await event(self.reply.usage_chunk(self._usage()))
         except (Exception, asyncio.CancelledError) as e:
+            if isinstance(e, ClientStalled):
+                raise
             await event(api_error(_shutdown_if_cancelled(e)).body())
         await event("[DONE]")
         await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -346,7 +386,7 @@ async def _no_receive() -> dict:
     return {"type": "http.disconnect"}
 
 
-async def _read_json(request: Request) -> Any:
+async def _read_body_json(request: Request) -> Any:
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)

@@ -127,7 +127,7 @@ def _prompt(v: Any) -> str | list[int]:
     if isinstance(v, str):
         if not v:
             raise InvalidRequest("prompt is empty", "prompt")
-        return v
+        return _unicode(v, "prompt")
     if v is None:
         raise InvalidRequest("prompt is required", "prompt")
     if isinstance(v, list) and all(_is_int(t) for t in v):
@@ -159,7 +159,7 @@ def _content(v: Any, i: int) -> str:
     """A message's text: a string, or a list of text parts (joined by newlines)."""
     param = f"messages[{i}].content"
     if v is None or isinstance(v, str):
-        return v or ""
+        return _unicode(v or "", param)
     if isinstance(v, list):
         texts = []
         for part in v:
@@ -167,9 +167,18 @@ def _content(v: Any, i: int) -> str:
                 raise InvalidRequest(f"{param}: only text parts are supported", param)
             if not isinstance(part.get("text"), str):
                 raise InvalidRequest(f"{param}: a text part needs a string text", param)
-            texts.append(part["text"])
+            texts.append(_unicode(part["text"], param))
         return "\n".join(texts)
     raise InvalidRequest(f"{param} must be a string or a list of text parts", param)
+
+
+def _unicode(text: str, param: str) -> str:
+    """JSON may escape lone UTF-16 surrogates ("\\ud800"): no tokenizer takes those."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequest(f"{param} is not valid Unicode (a lone surrogate)", param) from None
+    return text
 
 
 def _stop(v: Any) -> list[str]:

@@ -26,7 +26,10 @@ class Remote:
 
     def call(self, method: str, *args: Any) -> Future:
         if self.actor:
-            return getattr(self.worker, method).remote(*args).future()
+            # no task events: Ray's GCS would keep a record of every call (thousands a
+            # second with small models), which grows its memory for nothing
+            call = getattr(self.worker, method).options(enable_task_events=False)
+            return call.remote(*args).future()
         return self._thread.submit(getattr(self.worker, method), *args)
 
     def __call__(self, method: str, *args: Any) -> Any:

@@ -177,8 +177,11 @@ class Scheduler:
         with self._cv:
             if self._closed:
                 raise ShuttingDownError("the server is shutting down")
-            # waiting sessions take the free slots first; max_waiting more may queue
-            if len(self._waiting) >= len(self._free_slots) + self.config.max_waiting:
+            # waiting sessions take the free slots first (and those of finished sessions,
+            # freed at the end of the current round); max_waiting more may queue
+            freeing = sum(1 for s in self._running.values() if s.finished)
+            room = len(self._free_slots) + freeing + self.config.max_waiting
+            if len(self._waiting) >= room:
                 raise AdmissionError(
                     f"all {self.info.num_slots} sessions are busy and "
                     f"{len(self._waiting)} are waiting",

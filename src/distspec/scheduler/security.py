@@ -60,16 +60,14 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
         if handler is None:
             return None
 
-        def deny(request, context):
+        def deny(requests, context):
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or unknown bearer token")
 
-        if handler.request_streaming and handler.response_streaming:
-            return grpc.stream_stream_rpc_method_handler(deny)
+        # request-streaming whatever the method: refused before any request message is read
+        # (grpc would wait for a unary one first, as long as the client likes)
         if handler.response_streaming:
-            return grpc.unary_stream_rpc_method_handler(deny)
-        if handler.request_streaming:
-            return grpc.stream_unary_rpc_method_handler(deny)
-        return grpc.unary_unary_rpc_method_handler(deny)
+            return grpc.stream_stream_rpc_method_handler(deny)
+        return grpc.stream_unary_rpc_method_handler(deny)
 
 
 def client_token(metadata) -> str | None:

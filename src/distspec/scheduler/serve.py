@@ -56,6 +56,13 @@ class ServeConfig:
     max_sessions_per_client: int = 0  # 0: no limit
     requests_per_minute: float = 0  # new sessions per client per minute; 0: no limit
     resume_timeout_s: float = 30.0  # a broken Speculate stream's session waits this long
+    request_timeout_s: float = 0.0  # a request still running this long is ended (0: no limit)
+    stall_timeout_s: float = 60.0  # the longest the server waits on a client's I/O (0: none)
+
+    def __post_init__(self) -> None:
+        for name in ("request_timeout_s", "stall_timeout_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0: no limit), got {getattr(self, name)}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ServeConfig:
@@ -118,7 +125,8 @@ def serve(config: ServeConfig) -> None:
     # unwound in reverse: the gRPC server stops, then the HTTP API, then the runtime
     with contextlib.ExitStack() as stack:
         stack.callback(runtime.close)
-        gateway = Gateway(runtime, limits)  # one engine, two front doors: limits span both
+        # one engine, two front doors: limits and timeouts span both
+        gateway = Gateway(runtime, limits, config.request_timeout_s, config.stall_timeout_s)
         server = GrpcServer(
             runtime, config.port, config.host, tls, tokens, limits, config.resume_timeout_s, gateway
         )

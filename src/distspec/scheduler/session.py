@@ -19,6 +19,10 @@ class SessionError(RuntimeError):
     """The session ended because of a failure on the server (not the request's fault)."""
 
 
+WAKE = object()  # put on a session's outputs to wake readers a newer stream has replaced
+EPOCH_POLL_S = 0.25  # a replaced reader notices within this, should another take its WAKE
+
+
 @dataclass
 class Session:
     id: int
@@ -32,6 +36,7 @@ class Session:
     settling: bool = False  # this round took the offered chunk
     last_offer: float | None = None
     idle: bool = False  # ended for offering no chunk within the idle timeout
+    timed_out: bool = False  # cancelled for running past the server's request timeout
     epoch: int = 0  # streams attached so far (a resumed stream takes over)
     slot: int = -1  # KV slot in target and drafter; -1 while waiting for one
     tokens: list[int] = field(default_factory=list)  # verified: prompt + output
@@ -59,6 +64,35 @@ class Session:
         self.finish_reason = "error"
         self.outputs.put(error)
 
+    def wake_readers(self) -> None:
+        """A newer reader attached (epoch): the older ones stop now, not at the next step."""
+        self.outputs.put(WAKE)
+
+    def _hand_back(self, item) -> None:
+        """Return an item to the front of outputs (a later step may be queued behind it)."""
+        q = self.outputs
+        with q.mutex:
+            q.queue.appendleft(item)
+            q.unfinished_tasks += 1
+            q.not_empty.notify()
+
+    def _next(self, timeout_s: float | None, epoch: int | None):
+        """The next item of outputs; with an epoch, WAKE once a newer reader attached."""
+        if epoch is None:
+            return self.outputs.get(timeout=timeout_s)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            wait = EPOCH_POLL_S
+            if deadline is not None:
+                wait = max(0.0, min(wait, deadline - time.monotonic()))
+            try:
+                return self.outputs.get(timeout=wait)
+            except queue.Empty:
+                if epoch != self.epoch:
+                    return WAKE
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+
     def stream(
         self, timeout_s: float | None = None, epoch: int | None = None
     ) -> Iterator[StepOutput]:
@@ -66,9 +100,14 @@ class Session:
         the server failed it. Leaving the loop early does not cancel: call Scheduler.cancel.
         epoch: stop (handing the item back) once a newer reader attached (a resumed stream)."""
         while True:
-            item = self.outputs.get(timeout=timeout_s)
-            if epoch is not None and epoch != self.epoch:
-                self.outputs.put(item)
+            item = self._next(timeout_s, epoch)
+            stale = epoch is not None and epoch != self.epoch
+            if item is WAKE:
+                if stale:
+                    return
+                continue
+            if stale:
+                self._hand_back(item)
                 return
             if isinstance(item, Exception):
                 raise item
