@@ -275,7 +275,7 @@ class Transformer(nn.Module):
         outs = x.new_zeros((len(group), *x.shape))
         for j in range(lp.rank, len(group), lp.world_size):
             outs[j] = group[j].attend(x, *args)
-        return list(lp.all_reduce(outs).unbind(0))
+        return list(lp.all_reduce(outs, spin=True).unbind(0))
 
     def head_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm + output head: [..., len(head)] logits (the reduced vocabulary if any)."""

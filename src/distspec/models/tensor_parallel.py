@@ -23,8 +23,19 @@ class TPContext:
     def enabled(self) -> bool:
         return self.world_size > 1
 
-    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        if self.world_size > 1:
+    def all_reduce(self, x: torch.Tensor, spin: bool = False) -> torch.Tensor:
+        """spin (CPU tensors): poll for completion instead of blocking. A blocked rank's core
+        may go idle, and waking it can cost more than a small all-reduce (measured on this
+        machine's VM: 0.77 ms blocking vs 0.44 ms polling for a 4.6 KB all-reduce after
+        0.25 ms of compute)."""
+        if self.world_size == 1:
+            return x
+        if spin and x.device.type == "cpu":
+            work = dist.all_reduce(x, group=self.group, async_op=True)
+            while not work.is_completed():
+                pass
+            work.wait()
+        else:
             dist.all_reduce(x, group=self.group)
         return x
 
