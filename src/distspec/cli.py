@@ -165,7 +165,9 @@ def _add_serve(sub) -> None:
         "/v1/chat/completions, /v1/models) on this port (0 picks a free one)",
     )
     p.add_argument("--host", help="interface to listen on (default all)")
-    p.add_argument("--address", help="Ray cluster to join (default: start a local one)")
+    p.add_argument(
+        "--address", help="Ray cluster to join (default: RAY_ADDRESS if set, else start one)"
+    )
     p.add_argument(
         "--no-ray",
         dest="use_ray",

@@ -2,9 +2,9 @@
 explicit ranks, joined in a torch.distributed group (gloo on CPU, NCCL on GPU).
 
 Embedded default: a local Ray instance started here (and stopped on shutdown); an address
-joins an existing cluster ("auto" under `ray job submit`). The target group and each drafter
-group get placement groups of their own, so drafters run on resources apart from the
-target's and a drafter's TP size may differ from the target's.
+joins an existing cluster ("auto" under `ray job submit`, where RAY_ADDRESS also names it).
+The target group and each drafter group get placement groups of their own, so drafters run
+on resources apart from the target's and a drafter's TP size may differ from the target's.
 """
 
 from __future__ import annotations
@@ -97,10 +97,12 @@ class RayCluster:
         self.config = config
         self._started_ray = not ray.is_initialized()
         if self._started_ray:
-            if config.address is None:
+            # under `ray job submit` RAY_ADDRESS names the job's cluster: join it
+            address = config.address or os.environ.get("RAY_ADDRESS") or None
+            if address is None:
                 self._start_local_ray()
             else:
-                ray.init(address=config.address, log_to_driver=False, configure_logging=False)
+                ray.init(address=address, log_to_driver=False, configure_logging=False)
         self.groups: list[WorkerGroup] = []
         self._lock = threading.Lock()  # groups are rebuilt from more than one thread
         try:
