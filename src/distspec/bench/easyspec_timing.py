@@ -17,7 +17,8 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
@@ -76,22 +77,45 @@ def _sublayer_clock(model: Transformer, totals: dict[str, float]):
             h.remove()
 
 
+def decode_step_times(
+    model: Transformer,
+    context_len: int,
+    steps: int,
+    fuzzy_groups: tuple[tuple[int, int], ...] = (),
+    around: Callable[[], AbstractContextManager] = nullcontext,
+) -> list[float]:
+    """Seconds of each of `steps` single-token forwards (fuzzy_groups: EasySpec's) after
+    context_len random tokens, in KV slot 0; around(): entered outside each timed step."""
+    n = context_len + steps
+    device = model.device
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, model.config.vocab_size, (1, n), generator=generator).to(device)
+    pos, slot = torch.arange(n, device=device)[None], torch.tensor([0], device=device)
+    model(tokens[:, :context_len], pos[:, :context_len], slot, last_only=True)
+    times = []
+    for i in range(context_len, n):
+        with around():
+            start = time.perf_counter()
+            model(tokens[:, i : i + 1], pos[:, i : i + 1], slot, True, fuzzy_groups=fuzzy_groups)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - start)
+    return times
+
+
 def sublayer_times(model: Transformer, context_len: int = 256, steps: int = 32) -> SublayerTimes:
     """Per-sublayer times of exact single-token steps after context_len tokens (KV slot 0)."""
-    n = context_len + steps
-    tokens = torch.randint(0, model.config.vocab_size, (1, n), generator=torch.Generator())
-    pos, slot = torch.arange(n)[None], torch.tensor([0])
-    model(tokens[:, :context_len], pos[:, :context_len], slot, last_only=True)
-    per_step = []
-    for i in range(context_len, n):
-        totals = {"attn": 0.0, "mlp": 0.0}
-        with _sublayer_clock(model, totals):
-            start = time.perf_counter()
-            model(tokens[:, i : i + 1], pos[:, i : i + 1], slot, last_only=True)
-            wall = time.perf_counter() - start
-        per_step.append((totals["attn"], totals["mlp"], wall))
+    per_step: list[dict[str, float]] = []
+
+    def clock() -> AbstractContextManager:
+        per_step.append({"attn": 0.0, "mlp": 0.0})
+        return _sublayer_clock(model, per_step[-1])
+
+    walls = decode_step_times(model, context_len, steps, around=clock)
     layers = model.config.num_hidden_layers
-    attn, mlp, wall = (statistics.median(col) for col in zip(*per_step, strict=True))
+    attn = statistics.median(t["attn"] for t in per_step)
+    mlp = statistics.median(t["mlp"] for t in per_step)
+    wall = statistics.median(walls)
     return SublayerTimes(attn / layers, mlp / layers, max(0.0, wall - attn - mlp), layers)
 
 
@@ -100,7 +124,7 @@ class TimingRow:
     group: int
     ranks: int
     groups: int  # fuzzy groups in the drafter
-    exact_ms: float  # one process, as many threads as ranks (the same cores, used by TP-free BLAS)
+    exact_ms: float  # one process with as many threads as ranks (the same cores)
     exact_1thread_ms: float  # one process, one thread (one rank's share of the machine)
     fuzzy_1rank_ms: float  # the same fuzzy groups, sequentially, one thread
     fuzzy_ms: float  # the fuzzy groups over `ranks` processes, one thread each

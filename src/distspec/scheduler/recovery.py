@@ -22,7 +22,8 @@ class Repair:
 
 class Repairer(Protocol):
     def broken(self) -> bool:
-        """Cheap check, run between rounds: has a worker visibly died?"""
+        """Cheap check, run every second while the scheduler is idle: has a worker visibly
+        died? (During rounds a dead worker fails the round's calls.)"""
 
     def repair(self) -> Repair | None:
         """Replace every broken worker; None when none is broken (the failure was not a

@@ -275,6 +275,7 @@ class Scheduler:
         # with a repairer, wake every second even when idle: a dead worker is noticed then
         idle_wait = CHECK_INTERVAL_S if self.repairer is not None else None
         while True:
+            died = False
             with self._cv:
                 self._end_idle()
                 while not self._closed and not self._waiting and not self._has_work():
@@ -282,7 +283,9 @@ class Scheduler:
                         self._end_idle()
                         continue
                     self._end_idle()
-                    if self._worker_died():
+                    # busy rounds need no check: a dead worker fails the round's calls
+                    died = self.repairer is not None and self.repairer.broken()
+                    if died:
                         break
                 if self._closed:
                     return
@@ -293,7 +296,7 @@ class Scheduler:
                     self._running[session.id] = session
                     new.append(session)
             try:
-                if self._worker_died():
+                if died:
                     raise WorkerFailedError("a worker process died")
                 self._take_back_drafters()
                 self._release_done()
@@ -305,9 +308,6 @@ class Scheduler:
                 self._release_done()
             except Exception as e:
                 self._on_failure(e)
-
-    def _worker_died(self) -> bool:
-        return self.repairer is not None and self.repairer.broken()
 
     def _on_failure(self, error: Exception) -> None:
         """A round failed. If a worker broke, it is replaced and every session resumes from
@@ -347,8 +347,8 @@ class Scheduler:
             (resumed if s.stats.target_forwards else unstarted).append(s)
             if repair.target is not None:
                 self.target.call("open_session", s.id, s.params)
-            drafter = s.slot % len(self.drafters) if self.drafters else None
-            if not s.external and self.config.mode != "ar" and drafter in repair.drafters:
+            drafted = not s.external and self.config.mode != "ar"
+            if drafted and self._drafter_index(s) in repair.drafters:
                 self._drafter(s).call("open_session", s.id, s.slot, s.prompt_ids, s.params)
         if resumed:
             log.info("resuming %d session(s) from their verified tokens", len(resumed))
@@ -370,7 +370,7 @@ class Scheduler:
             users = [
                 s
                 for s in self._running.values()
-                if not s.external and not s.finished and s.slot % len(self.drafters) == i
+                if not s.external and not s.finished and self._drafter_index(s) == i
             ]
             if any(s.reproducible for s in users):
                 continue
@@ -521,7 +521,7 @@ class Scheduler:
         by_drafter: dict[int, list[DraftRequest]] = {}
         for s in sessions:
             if s.id in requests:
-                by_drafter.setdefault(s.slot % len(self.drafters), []).append(requests[s.id])
+                by_drafter.setdefault(self._drafter_index(s), []).append(requests[s.id])
         futures: list[tuple[list[DraftRequest], Future]] = [
             (reqs, self.drafters[i].call("propose", reqs)) for i, reqs in by_drafter.items()
         ]
@@ -559,8 +559,12 @@ class Scheduler:
             return EMPTY_DRAFT  # it predicted a different continuation: dropped
         return draft[len(seen) :]
 
+    def _drafter_index(self, s: Session) -> int:
+        """Sessions are spread over the drafters by KV slot."""
+        return s.slot % len(self.drafters)
+
     def _drafter(self, s: Session) -> Remote:
-        return self.drafters[s.slot % len(self.drafters)]
+        return self.drafters[self._drafter_index(s)]
 
     def _room(self, s: Session) -> int:
         return min(s.params.max_new_tokens - s.produced, self.info.max_len - len(s.tokens))

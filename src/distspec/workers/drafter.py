@@ -137,23 +137,12 @@ class DrafterWorker(GroupMember):
         return new_drafter(self.model, self.spec.lookup, slot, self.fuzzy_groups)
 
     def _time_steps(self, group_size: int, context_len: int, steps: int) -> float:
+        from distspec.bench.easyspec_timing import decode_step_times
+
         model = self.model.model
-        groups = easyspec_groups(
-            model.config.num_hidden_layers, group_size, *self.spec.easyspec_exact
-        )
-        generator = torch.Generator().manual_seed(0)
-        n = context_len + steps
-        tokens = torch.randint(0, model.config.vocab_size, (1, n), generator=generator)
-        tokens, pos, slot = tokens.to(model.device), torch.arange(n)[None], torch.tensor([0])
-        pos, slot = pos.to(model.device), slot.to(model.device)
-        model(tokens[:, :context_len], pos[:, :context_len], slot, last_only=True)
-        times = []
-        for i in range(context_len, n):
-            start = time.perf_counter()
-            model(tokens[:, i : i + 1], pos[:, i : i + 1], slot, True, fuzzy_groups=groups)
-            _synchronize(model.device)
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+        layers = model.config.num_hidden_layers
+        groups = easyspec_groups(layers, group_size, *self.spec.easyspec_exact)
+        return statistics.median(decode_step_times(model, context_len, steps, groups))
 
     def _time_all_reduce(self, numel: int, repeats: int) -> float:
         x = torch.zeros(numel, device=self.model.model.device)
