@@ -3,6 +3,7 @@ mode equal their single-session results, cancellation frees KV slots, admission 
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -128,6 +129,60 @@ def test_admission_is_bounded(workers, target):
             sched.cancel(s.id)
         wait_for(lambda: sched.state().free_slots == SLOTS)
     finally:
+        sched.close()
+
+
+def _gauges(sched: Scheduler) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+    from prometheus_client import generate_latest
+
+    text = generate_latest(sched.metrics.registry).decode()
+    return {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name in ("distspec:active_sessions", "distspec:queue_depth")
+    }
+
+
+def test_admission_gauges_hold_the_bound_while_finished_sessions_release(workers, target):
+    """The cause of a flaky load test: a session that finished in a round keeps its entry
+    until the round ends, but admission already counts its slot as free. The gauges must
+    count it the same way (and read queue and slots together), so that generating + waiting
+    never passes slots + max_waiting, while the round is held open here on purpose."""
+    target_worker, _ = workers
+    sched = make_scheduler(workers, "ar", max_waiting=1)
+    real_step, hold, held = target_worker.step, threading.Event(), threading.Event()
+
+    def step(items):
+        if any(item.start > 0 for item in items):  # a decode round, not a prefill
+            held.set()
+            assert hold.wait(30)
+        return real_step(items)
+
+    target_worker.step = step
+    try:
+        ids = encode(target, "Hello")
+        with sched._cv:  # both start in one prefill
+            short = sched.submit(ids, SamplingParams(max_new_tokens=1))  # finishes there
+            long = sched.submit(ids, SamplingParams(max_new_tokens=50))
+        assert held.wait(30)  # long's first round is in flight; short is finished, not freed
+        assert short.finished and sched.state().running == 2
+        # room: 2 free slots + 1 finishing + max_waiting 1
+        queued = [sched.submit(ids, SamplingParams(max_new_tokens=2)) for _ in range(4)]
+        with pytest.raises(AdmissionError):
+            sched.submit(ids, SamplingParams(max_new_tokens=2))
+        gauges = _gauges(sched)
+        assert gauges == {"distspec:active_sessions": 1, "distspec:queue_depth": 4}
+        assert sum(gauges.values()) - SLOTS <= 1  # what bench-load checks
+        assert sched.load() == (1, 4)
+        hold.set()
+        run([short, long, *queued])
+        wait_for(lambda: sched.state().free_slots == SLOTS)
+        assert sched.load() == (0, 0)
+    finally:
+        hold.set()
+        del target_worker.step
         sched.close()
 
 

@@ -13,7 +13,8 @@ active sessions (scraped from its Prometheus endpoint) and the RSS of every proc
 server (the serve process and all its descendants: Ray's GCS, raylet, workers).
 
 Admission is bounded when the sessions queued beyond the free slots (active + queued -
-slots) never pass max_waiting. The raw queue depth can pass it for up to one round: the
+slots, from one reading of both gauges; active excludes finished sessions, whose slots
+admission counts as free) never pass max_waiting. The raw queue depth can pass it for up to one round: the
 scheduler moves waiting sessions into freed slots only at round boundaries, and admits new
 ones against free slots + max_waiting meanwhile.
 

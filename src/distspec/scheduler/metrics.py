@@ -7,6 +7,8 @@ from __future__ import annotations
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.5, 3.0, 6.0, 12.0, 30.0)
@@ -46,8 +48,6 @@ class SchedulerMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.running = Gauge("distspec:active_sessions", "Sessions holding a KV slot", registry=r)
-        self.waiting = Gauge("distspec:queue_depth", "Sessions waiting for a KV slot", registry=r)
         self.busy = Gauge(
             "distspec:target_busy_fraction",
             "Fraction of wall time the target computed, since the previous scrape",
@@ -74,11 +74,11 @@ class SchedulerMetrics:
     def on_first_token(self, ttft_s: float) -> None:
         self.ttft.observe(ttft_s)
 
-    def watch(self, running, waiting, busy_s) -> None:
-        """Gauges read at scrape time: callables giving running and waiting sessions and the
-        target's total compute seconds (the busy fraction is taken between scrapes)."""
-        self.running.set_function(running)
-        self.waiting.set_function(waiting)
+    def watch(self, sessions, busy_s) -> None:
+        """Gauges read at scrape time: sessions() gives (generating, waiting) in one reading,
+        busy_s() the target's total compute seconds (the busy fraction is taken between
+        scrapes)."""
+        self.registry.register(_SessionGauges(sessions))
         mark = [time.perf_counter(), busy_s()]
 
         def busy_fraction() -> float:
@@ -88,6 +88,34 @@ class SchedulerMetrics:
             return min(1.0, max(0.0, done / wall)) if wall > 0 else 0.0
 
         self.busy.set_function(busy_fraction)
+
+
+class _SessionGauges(Collector):
+    """distspec:active_sessions and distspec:queue_depth from ONE reading, so a scrape never
+    sees a session twice (or not at all) while it moves from the queue to a slot."""
+
+    def __init__(self, read):
+        self.read = read
+
+    def describe(self):
+        return self._families(0, 0)
+
+    def collect(self):
+        return self._families(*self.read())
+
+    @staticmethod
+    def _families(generating: int, waiting: int) -> list[GaugeMetricFamily]:
+        return [
+            GaugeMetricFamily(
+                "distspec:active_sessions",
+                "Sessions generating in a KV slot (finished ones excluded: their slots count "
+                "as free for admission)",
+                value=generating,
+            ),
+            GaugeMetricFamily(
+                "distspec:queue_depth", "Sessions waiting for a KV slot", value=waiting
+            ),
+        ]
 
 
 def start_metrics_server(runtime, port: int, host: str = "0.0.0.0") -> None:

@@ -149,9 +149,7 @@ class Scheduler:
         self.target_busy_s = 0.0  # the target's compute time, summed over steps
         self.switch = SpeculationSwitch()
         self.metrics = SchedulerMetrics()
-        self.metrics.watch(
-            lambda: len(self._running), lambda: len(self._waiting), lambda: self.target_busy_s
-        )
+        self.metrics.watch(self.load, lambda: self.target_busy_s)
         self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
         self._thread.start()
 
@@ -260,6 +258,13 @@ class Scheduler:
                 waiting=len(self._waiting),
                 slots={s.id: s.slot for s in self._running.values()},
             )
+
+    def load(self) -> tuple[int, int]:
+        """(sessions generating in a slot, sessions waiting), read together: what admission
+        bounds, since a finished session's slot counts as free before the round ends."""
+        with self._cv:
+            generating = sum(1 for s in self._running.values() if not s.finished)
+            return generating, len(self._waiting)
 
     def close(self) -> None:
         with self._cv:
