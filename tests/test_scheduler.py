@@ -133,8 +133,8 @@ def test_admission_is_bounded(workers, target):
 
 
 def _gauges(sched: Scheduler) -> dict[str, float]:
-    from prometheus_client.parser import text_string_to_metric_families
     from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
 
     text = generate_latest(sched.metrics.registry).decode()
     return {

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +18,10 @@ from tqdm import tqdm
 from distspec.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
+
+# Version of what convert_gguf writes: bump it when the output changes (names, dtype, tokenizer
+# files...), so that cached conversions made by older code are not reused.
+OUTPUT_VERSION = 1
 
 _LAYER_NAMES = {
     "attn_q": "self_attn.q_proj",
@@ -101,26 +103,18 @@ def gguf_state_dict(reader, config: ModelConfig) -> dict[str, torch.Tensor]:
 
 
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
-    """Write config.json, model.safetensors and tokenizer files for gguf_path into out_dir."""
+    """Write config.json, model.safetensors and tokenizer files for gguf_path into out_dir
+    (not atomically: the loader's cache converts into a temporary directory and renames it)."""
     from gguf import GGUFReader
 
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
-    log.info("converting %s -> %s (once; later loads use the cache)", gguf_path, out_dir)
+    log.info("converting %s (once; later loads use the cache)", gguf_path)
     reader = GGUFReader(str(gguf_path))
     config = gguf_config(reader)
-    # Several processes (tensor-parallel ranks) may convert at once: each writes its own
-    # directory and the first rename wins.
-    tmp = out_dir.with_name(f"{out_dir.name}.partial-{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    save_file(gguf_state_dict(reader, config), str(tmp / "model.safetensors"))
-    (tmp / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2))
-    _convert_tokenizer(gguf_path, reader, tmp)
-    try:
-        tmp.rename(out_dir)
-    except OSError:
-        if not (out_dir / "config.json").exists():
-            raise
-        shutil.rmtree(tmp)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(gguf_state_dict(reader, config), str(out_dir / "model.safetensors"))
+    (out_dir / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2))
+    _convert_tokenizer(gguf_path, reader, out_dir)
     return out_dir
 
 

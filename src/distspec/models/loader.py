@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.util
 import json
+import mmap
 import os
+import shutil
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +17,7 @@ import torch
 from safetensors import safe_open
 
 from distspec.models.config import ModelConfig
-from distspec.models.gguf_convert import convert_gguf
+from distspec.models.gguf_convert import OUTPUT_VERSION, convert_gguf
 from distspec.models.llama import Transformer
 from distspec.models.tensor_parallel import TPContext
 from distspec.models.tokenizer import Tokenizer
@@ -70,13 +73,123 @@ def resolve_model_dir(name: str) -> Path:
     )
 
 
+# The converted-weights cache, shared by every checkout and venv on the machine:
+# cache_dir()/converted/<key>, where <key> hashes the GGUF file's content (not its location).
+_MARKER = "converted.json"  # written last, inside the temporary directory: an entry is complete
+_WHOLE_FILE_UNDER = 16 << 20  # files up to this size are hashed whole
+_SAMPLES, _SAMPLE_BYTES = 64, 64 << 10
+_FIXED_SIZE = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY = 8, 9  # GGUF metadata value types; the others are fixed-size scalars
+
+
+def gguf_content_key(gguf_path: Path) -> str:
+    """A key for gguf_path's content: its size, the sha256 of its header (all metadata, the
+    tokenizer, every tensor's name, shape, type and offset) and of 64 blocks of 64 KiB spread
+    evenly over the tensor data (small files: the whole file), and OUTPUT_VERSION.
+
+    Sampling keeps this well under a second (about 0.1 s for the demo model, mostly walking its
+    header) where hashing a multi-GB file whole would take seconds on every start. It is
+    enough because the cache must tell models apart, not detect tampering: another model,
+    quantization or fine-tune differs in the header, the size, or values all through the
+    data, so in the samples. (Delete an entry to force a new conversion.)"""
+    size = gguf_path.stat().st_size
+    h = hashlib.sha256(f"distspec-converted-v{OUTPUT_VERSION}:{size}:".encode())
+    with open(gguf_path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        start = size if size <= _WHOLE_FILE_UNDER else _gguf_header_end(m)
+        h.update(m[:start])
+        rest = size - start
+        if rest <= _SAMPLES * _SAMPLE_BYTES:
+            h.update(m[start:])
+        else:
+            for i in range(_SAMPLES):
+                at = start + (rest - _SAMPLE_BYTES) * i // (_SAMPLES - 1)
+                h.update(m[at : at + _SAMPLE_BYTES])
+    return h.hexdigest()[:32]
+
+
+def _gguf_header_end(m: mmap.mmap) -> int:
+    """Where a (little-endian, v2/v3) GGUF file's tensor infos end: only alignment padding
+    lies between there and the tensor data. The file's size if it is not such a file."""
+    pos = 4  # after the magic
+
+    def take(n: int) -> int:
+        nonlocal pos
+        pos += n
+        if pos > len(m):
+            raise ValueError("truncated")
+        return int.from_bytes(m[pos - n : pos], "little")
+
+    def skip(n: int) -> None:
+        nonlocal pos
+        pos += n
+
+    def skip_value(vtype: int) -> None:
+        if vtype == _STRING:
+            skip(take(8))
+        elif vtype == _ARRAY:
+            itype, count = take(4), take(8)
+            if itype in _FIXED_SIZE:
+                skip(_FIXED_SIZE[itype] * count)
+            else:
+                for _ in range(count):
+                    skip_value(itype)
+        else:
+            skip(_FIXED_SIZE[vtype])
+
+    try:
+        if m[:4] != b"GGUF" or take(4) not in (2, 3):
+            return len(m)
+        n_tensors, n_kv = take(8), take(8)
+        for _ in range(n_kv):
+            skip(take(8))  # the key
+            skip_value(take(4))
+        for _ in range(n_tensors):
+            skip(take(8))  # the name
+            skip(8 * take(4) + 4 + 8)  # dims, type, data offset
+        return min(pos, len(m))
+    except (ValueError, KeyError):
+        return len(m)
+
+
 def _converted(gguf_path: Path) -> Path:
-    st = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
-    out = cache_dir() / "converted" / f"{gguf_path.stem}-{key.hexdigest()[:12]}"
-    if not (out / "config.json").exists():
-        convert_gguf(gguf_path, out)
+    key = gguf_content_key(gguf_path)
+    root = cache_dir() / "converted"
+    out = root / key
+    if (out / _MARKER).exists():
+        return out
+    root.mkdir(parents=True, exist_ok=True)
+    # Other processes (tensor-parallel ranks, other checkouts) wait here for the one
+    # converting this file, then find its entry.
+    with open(root / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (out / _MARKER).exists():
+            return out
+        # Under the lock no one else writes this key: its temporary directories are leftovers
+        # of killed processes, never read (no marker at the entry's name).
+        for leftover in root.glob(f"{key}.tmp-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        tmp = root / f"{key}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
+        try:
+            convert_gguf(gguf_path, tmp)
+            marker = {"source": str(gguf_path), "format": OUTPUT_VERSION}
+            (tmp / _MARKER).write_text(json.dumps(marker))
+            _publish(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Rename tmp to out atomically. Where the lock is not honoured (some network filesystems)
+    another process may have won the race: its complete entry is kept, a directory there
+    without the marker is replaced."""
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        if (out / _MARKER).exists():
+            return
+        shutil.rmtree(out)
+        os.rename(tmp, out)
 
 
 class SafetensorsWeights(Mapping[str, torch.Tensor]):

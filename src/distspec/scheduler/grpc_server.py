@@ -448,6 +448,10 @@ class GrpcServer:
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         return self.port
 
-    def stop(self, grace_s: float = 5.0) -> None:
+    def drain(self) -> None:
+        """Health checks answer NOT_SERVING from now on (the scheduler refuses new sessions)."""
         self.health.enter_graceful_shutdown()
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        self.drain()
         self.server.stop(grace_s).wait()

@@ -137,6 +137,7 @@ class Scheduler:
         self._running: dict[int, Session] = {}  # owned by the loop thread
         self._next_id = 1
         self._closed = False
+        self._admitting = True  # False while draining: sessions in flight go on
         self._timing = _Timing()
         self._session_s: float | None = None  # typical session duration, for retry hints
         self.counters = {
@@ -173,7 +174,7 @@ class Scheduler:
             params = dataclasses.replace(params, seed=random.getrandbits(62))
         stops = set(self.info.eos_token_ids) | set(params.stop_token_ids)
         with self._cv:
-            if self._closed:
+            if self._closed or not self._admitting:
                 raise ShuttingDownError("the server is shutting down")
             # waiting sessions take the free slots first (and those of finished sessions,
             # freed at the end of the current round); max_waiting more may queue
@@ -266,13 +267,20 @@ class Scheduler:
             generating = sum(1 for s in self._running.values() if not s.finished)
             return generating, len(self._waiting)
 
-    def close(self) -> None:
+    def stop_admitting(self) -> None:
+        """Drain: new sessions are refused with ShuttingDownError; those in flight go on."""
+        with self._cv:
+            self._admitting = False
+
+    def close(self, reason: str = "the server shut down") -> None:
+        """Stop the loop; sessions still open end with ShuttingDownError(reason)."""
         with self._cv:
             self._closed = True
             self._cv.notify_all()
         self._thread.join(timeout=60)
         for s in list(self._waiting) + list(self._running.values()):
-            s.fail(ShuttingDownError("the server shut down"))
+            if not s.finished:
+                s.fail(ShuttingDownError(reason))
 
     # -- the loop --------------------------------------------------------------------------
 

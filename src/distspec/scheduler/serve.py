@@ -9,6 +9,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,9 +59,11 @@ class ServeConfig:
     resume_timeout_s: float = 30.0  # a broken Speculate stream's session waits this long
     request_timeout_s: float = 0.0  # a request still running this long is ended (0: no limit)
     stall_timeout_s: float = 60.0  # the longest the server waits on a client's I/O (0: none)
+    # on SIGTERM: requests in flight get this long to finish; new ones are refused at once
+    drain_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
-        for name in ("request_timeout_s", "stall_timeout_s"):
+        for name in ("request_timeout_s", "stall_timeout_s", "drain_timeout_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0: no limit), got {getattr(self, name)}")
 
@@ -145,9 +148,13 @@ def serve(config: ServeConfig) -> None:
             stack.callback(http.stop)
         port = server.start()
         stack.callback(server.stop)
-        stop = threading.Event()
+        stop, stop_now = threading.Event(), threading.Event()
+
+        def on_signal(*_) -> None:  # the first signal drains, a second one ends the drain
+            (stop_now if stop.is_set() else stop).set()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
+            signal.signal(sig, on_signal)
         mode = runtime.config.scheduler.mode
         print(f"distspec: serving {config.target} ({mode}) on {config.host}:{port}", flush=True)
         if http is not None:
@@ -158,6 +165,31 @@ def serve(config: ServeConfig) -> None:
                 flush=True,
             )
         stop.wait()
-        print("distspec: shutting down", file=sys.stderr, flush=True)
+        runtime.scheduler.stop_admitting()  # new requests: UNAVAILABLE / 503 from now on
+        server.drain()
         if http is not None:
-            http.drain()  # new HTTP requests get 503 while the gRPC server drains
+            http.drain()
+        _drain(runtime.scheduler, config.drain_timeout_s, stop_now)
+
+
+def _drain(scheduler, timeout_s: float, stop_now: threading.Event) -> None:
+    """Wait up to timeout_s for the sessions in flight to end (they keep streaming), then end
+    the rest with UNAVAILABLE and a message saying why."""
+    open_ = sum(scheduler.load())
+    print(
+        f"distspec: shutting down: {open_} request(s) in flight get up to {timeout_s:g} s",
+        file=sys.stderr,
+        flush=True,
+    )
+    deadline = time.monotonic() + timeout_s
+    while sum(scheduler.load()) and time.monotonic() < deadline and not stop_now.wait(0.05):
+        pass
+    left = sum(scheduler.load())
+    why = (
+        "a second signal ended the drain"
+        if stop_now.is_set()
+        else f"not done within the drain timeout ({timeout_s:g} s)"
+    )
+    ended = f", {left} ended ({why})" if left else ""
+    print(f"distspec: drained: {open_ - left} finished{ended}", file=sys.stderr, flush=True)
+    scheduler.close(f"the server shut down before the request finished: {why}; retry it")
