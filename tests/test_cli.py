@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distspec.cli import main
+from distspec.cli import build_parser, main
 from distspec.models.loader import load_model
 from distspec.spec.decoding import SpeculativeDecoder
 from distspec.spec.sampling import SamplingParams
@@ -322,3 +323,31 @@ def test_serve_from_yaml_answers_and_stops_on_sigterm(tmp_path, tiny_dir, tiny_d
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+# ---------------------------------------------------------------------------------------------
+# help
+
+
+def parser_actions(parser: argparse.ArgumentParser, path: str = "distspec"):
+    """(command, action) for every action of parser and of its commands, -h/--help excepted."""
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        yield path, action
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action._choices_actions:  # the commands' lines in `distspec -h`
+                yield path, command
+            for name, sub in action.choices.items():
+                yield from parser_actions(sub, f"{path} {name}")
+
+
+def test_every_flag_and_command_has_help():
+    actions = list(parser_actions(build_parser()))
+    assert len({path for path, _ in actions}) == 10  # distspec and its nine commands
+    missing = [
+        f"{path}: {'/'.join(a.option_strings) or a.dest}"
+        for path, a in actions
+        if not (a.help or "").strip()
+    ]
+    assert not missing, "no help text: " + ", ".join(missing)

@@ -83,13 +83,19 @@ def ends_with(call) -> grpc.RpcError:
 # the client's deadline
 
 
+def generated(served) -> float:
+    return served.runtime.scheduler.metrics.registry.get_sample_value("vllm:generation_tokens_total")
+
+
 def test_generate_client_deadline_while_running(served, slow):
-    t0 = time.monotonic()
+    before = generated(served)
     call = served.stub.Generate(pb.GenerateRequest(prompt="Hi", max_new_tokens=250), timeout=0.5)
     assert ends_with(call).code() == C.DEADLINE_EXCEEDED
-    wait_all_free(served, timeout_s=2)  # within a round or two, not at the answer's end
+    wait_all_free(served)
     assert active_sessions(served.runtime) == 0
-    assert time.monotonic() - t0 < 2.5
+    # ended soon after the deadline, not at the answer's end (counted, not timed: a loaded
+    # machine may take a while, but it must not have generated the rest)
+    assert generated(served) - before < 200
 
 
 def test_generate_client_deadline_while_waiting(served, slots_taken):
@@ -115,13 +121,14 @@ def test_speculate_client_deadline_frees_the_session_at_once(served):
 
 def test_generate_past_the_request_timeout(served, slow, request_timeout):
     request_timeout(0.5)
-    t0 = time.monotonic()
+    t0, before = time.monotonic(), generated(served)
     call = served.stub.Generate(pb.GenerateRequest(prompt="Hi", max_new_tokens=250), timeout=30)
     error = ends_with(call)
     assert error.code() == C.DEADLINE_EXCEEDED
     assert "server's limit of 0.5 s" in error.details()
-    assert 0.5 <= time.monotonic() - t0 < 2.5
-    wait_all_free(served, timeout_s=2)
+    assert time.monotonic() - t0 >= 0.5
+    wait_all_free(served)
+    assert generated(served) - before < 200  # ended at the limit, not at the answer's end
 
 
 def test_waiting_counts_toward_the_request_timeout(served, slots_taken, request_timeout):

@@ -190,7 +190,8 @@ def test_relay_adds_its_delay_and_drops():
         assert conn.recv(4) == b"ping"
         conn.sendall(b"pong")
         assert client.recv(4) == b"pong"
-        assert 0.1 <= time.perf_counter() - t < 0.5
+        # the delay both ways; the upper bound only catches a gross excess (a loaded machine)
+        assert 0.1 <= time.perf_counter() - t < 1.0
         relay.drop()
         client.settimeout(5)
         assert client.recv(4) == b""  # the relay cut the connection

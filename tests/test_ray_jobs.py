@@ -143,3 +143,53 @@ def test_bench_submitted_as_a_ray_job(ray_head, tmp_path):
     assert set(summary) == {"ar", "sd-ngram"}
     assert summary["sd-ngram"]["same_output_as_ar"]  # greedy: speculation changes nothing
     assert all(s["tokens_per_s"] > 0 for s in summary.values())
+
+
+def test_ray_job_stop_drains_the_server_and_frees_the_cluster(ray_head, tmp_path):
+    """`ray job stop` on `distspec serve`: Ray sends SIGTERM, the request in flight finishes,
+    a new one is refused, the job ends STOPPED with no actor or placement group left."""
+    import grpc
+    from ray.util.state import list_actors, list_placement_groups
+
+    from distspec.bench.grpc_client import chat_request, generate_stub
+
+    address, env = ray_head
+    port = free_port()
+    job_id = f"distspec-serve-{uuid.uuid4().hex[:8]}"
+    # Ray SIGKILLs a job RAY_JOB_STOP_WAIT_TIME_S (default 3) after its SIGTERM
+    runtime_env = json.dumps({"env_vars": {"RAY_JOB_STOP_WAIT_TIME_S": "60"}})
+    serve = f"distspec serve --port {port} --drafter none --num-slots 2 --drain-timeout-s 30"
+    submitted = ray_job(
+        env, "submit", "--address", address, "--submission-id", job_id, "--no-wait",
+        "--runtime-env-json", runtime_env, "--working-dir", str(REPO), "--", *serve.split(),
+    )  # fmt: skip
+    assert submitted.returncode == 0, submitted.stderr[-3000:]
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    stub = generate_stub(channel)
+    request = chat_request("Name three rivers.", 40)
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while True:  # until the job's server answers
+        try:
+            expected = [t for r in stub.Generate(request, timeout=60) for t in r.token_ids]
+            break
+        except grpc.RpcError:
+            assert time.monotonic() < deadline, ray_job(env, "logs", "--address", address, job_id)
+            time.sleep(1)
+    assert any(a.state == "ALIVE" for a in list_actors(address=address))
+
+    stream = stub.Generate(request, timeout=120)
+    output = list(next(stream).token_ids)
+    stopped = ray_job(env, "stop", "--address", address, job_id, timeout=120)
+    output += [t for r in stream for t in r.token_ids]
+    assert output == expected
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    with urllib.request.urlopen(f"{address}/api/jobs/{job_id}", timeout=10) as r:
+        assert json.load(r)["status"] == "STOPPED"
+    logs = ray_job(env, "logs", "--address", address, job_id).stdout
+    assert "distspec: drained: 1 finished" in logs, logs[-3000:]
+    deadline = time.monotonic() + 60
+    while any(a.state != "DEAD" for a in list_actors(address=address)):
+        assert time.monotonic() < deadline, list_actors(address=address)
+        time.sleep(1)
+    groups = list_placement_groups(address=address)
+    assert all(g.state == "REMOVED" for g in groups), groups

@@ -19,11 +19,22 @@ class _Parser(argparse.ArgumentParser):
 def _add_prompt_and_sampling(p) -> None:
     p.add_argument("--prompt", required=True, help="user message (chat template applied)")
     p.add_argument("--raw", action="store_true", help="feed --prompt as is, no chat template")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=128,
+        help="most tokens to generate (default %(default)s)",
+    )
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument(
+        "--top-p",
+        type=float,
+        default=1.0,
+        help="nucleus sampling: keep the fewest most likely tokens whose probabilities reach P "
+        "(1 = off)",
+    )
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: a fresh one)")
 
 
 def _exact_layers(text: str) -> tuple[int, int]:
@@ -227,6 +238,14 @@ def _add_serve(sub) -> None:
         help="end calls whose client sends no request or takes no response for S seconds "
         "(default 60; 0: never)",
     )
+    p.add_argument(
+        "--drain-timeout-s",
+        type=float,
+        metavar="S",
+        help="on SIGTERM/SIGINT refuse new requests at once and give those in flight S seconds "
+        "to finish before ending them with UNAVAILABLE; a second signal ends the drain "
+        "(default 30)",
+    )
     p.set_defaults(func=_serve)
 
 
@@ -321,7 +340,7 @@ def _edge(args: argparse.Namespace) -> int:
 
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="benchmark distspec against transformers (one process)")
-    p.add_argument("--target", default="demo")
+    p.add_argument("--target", default="demo", help="demo | PATH (HF dir or .gguf)")
     p.add_argument(
         "--contenders",
         default="hf-ar,hf-lookup,ar,sd-ngram,sd-demo",
@@ -329,14 +348,32 @@ def _add_bench(sub) -> None:
         "sd-model:PATH (the -model forms draft without prompt lookup)",
     )
     p.add_argument("--prompts", default=None, help="JSON file of prompts (default: built-in set)")
-    p.add_argument("--num-prompts", type=int, default=None)
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--num-prompts", type=int, default=None, help="use the first N prompts (default: all)"
+    )
+    p.add_argument(
+        "--max-new-tokens", type=int, default=128, help="tokens per prompt (default %(default)s)"
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="passes over the prompts; medians reported (default %(default)s)",
+    )
     p.add_argument("--gamma", type=int, default=4, help="draft tokens per round (the most)")
-    p.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument(
+        "--adaptive",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="distspec contenders adapt the draft length (off: always --gamma)",
+    )
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="prompt i samples with seed SEED+i (default 0)"
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's own)"
+    )
     p.add_argument("--out", default="bench-results", help="directory for JSON and PNG")
     p.set_defaults(func=_bench)
 
@@ -366,19 +403,37 @@ def _add_bench_serve(sub) -> None:
     p = sub.add_parser(
         "bench-serve", help="benchmark the distributed runtime under load (gRPC clients)"
     )
-    p.add_argument("--target", default="demo")
-    p.add_argument("--drafter", default="demo")
-    p.add_argument("--target-tp", type=int, default=1)
-    p.add_argument("--drafter-tp", type=int, default=1)
-    p.add_argument("--num-drafters", type=int, default=1)
+    p.add_argument("--target", default="demo", help="demo | a model path (default demo)")
+    p.add_argument("--drafter", default="demo", help="demo | ngram | a model path (default demo)")
+    p.add_argument(
+        "--target-tp", type=int, default=1, help="tensor-parallel ranks of the target (default 1)"
+    )
+    p.add_argument(
+        "--drafter-tp", type=int, default=1, help="ranks of each drafter group (default 1)"
+    )
+    p.add_argument("--num-drafters", type=int, default=1, help="drafter groups (default 1)")
     p.add_argument("--modes", default="sd,pearl", help="comma list of ar, sd, pearl")
     p.add_argument("--clients", default="1,4,16", help="comma list of concurrency levels")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=1)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--gamma", type=int, default=4)
-    p.add_argument("--num-slots", type=int, default=16)
-    p.add_argument("--no-ray", dest="use_ray", action="store_false")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=64, help="tokens per request (default %(default)s)"
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="runs of every (mode, clients) pair, modes rotated; medians reported (default 1)",
+    )
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--gamma", type=int, default=4, help="longest draft per round (default 4)")
+    p.add_argument(
+        "--num-slots", type=int, default=16, help="concurrent sessions (KV slots; default 16)"
+    )
+    p.add_argument(
+        "--no-ray",
+        dest="use_ray",
+        action="store_false",
+        help="run the workers in this process (tensor parallel size 1)",
+    )
     p.add_argument("--out", default="bench-results", help="directory for JSON and PNG")
     p.set_defaults(func=_bench_serve)
 
@@ -441,8 +496,15 @@ def _add_bench_load(sub) -> None:
         help="comma list of concurrency levels, run one after another (default 4,16,32)",
     )
     p.add_argument("--duration-s", type=float, default=d.duration_s, help="per level")
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
-    p.add_argument("--temperature", type=float, default=d.temperature)
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=d.max_new_tokens,
+        help="tokens per request (default %(default)s)",
+    )
+    p.add_argument(
+        "--temperature", type=float, default=d.temperature, help="0 = greedy (default %(default)s)"
+    )
     p.add_argument(
         "--warmup-s",
         type=float,
@@ -465,7 +527,12 @@ def _add_bench_load(sub) -> None:
         default=d.max_waiting,
         help="sessions queued beyond the slots (with --server: its own, for the check)",
     )
-    p.add_argument("--max-len", type=int, default=d.max_len)
+    p.add_argument(
+        "--max-len",
+        type=int,
+        default=d.max_len,
+        help="the started server's context length per session (default %(default)s)",
+    )
     p.add_argument("--no-ray", dest="use_ray", action="store_false", help="workers in-process")
     p.add_argument(
         "--leak-limit-mb",
@@ -508,12 +575,24 @@ def _bench_load(args: argparse.Namespace) -> int:
 
 def _add_bench_edge(sub) -> None:
     p = sub.add_parser("bench-edge", help="benchmark an edge drafter across round-trip times")
-    p.add_argument("--target", default="demo")
-    p.add_argument("--drafter", default="demo")
+    p.add_argument(
+        "--target",
+        default="demo",
+        help="the target of the server the bench starts (demo | a model path; default demo)",
+    )
+    p.add_argument(
+        "--drafter",
+        default="demo",
+        help="the edge drafter, run in this process (demo | ngram | a model path; default demo)",
+    )
     p.add_argument("--rtts", default="0,20,50,100", help="comma list of round-trip times, ms")
-    p.add_argument("--num-prompts", type=int, default=6)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--gamma", type=int, default=4)
+    p.add_argument(
+        "--num-prompts", type=int, default=6, help="first N benchmark prompts (default 6)"
+    )
+    p.add_argument(
+        "--max-new-tokens", type=int, default=64, help="tokens per request (default %(default)s)"
+    )
+    p.add_argument("--gamma", type=int, default=4, help="draft tokens per chunk (default 4)")
     p.add_argument("--out", default="bench-results", help="directory for JSON and PNG")
     p.set_defaults(func=_bench_edge)
 
@@ -625,7 +704,9 @@ def _add_train_drafter(sub) -> None:
     r, t = DrafterRecipe(), TrainConfig()
     p = sub.add_parser("train-drafter", help="distil a drafter from the target's own outputs")
     p.add_argument("--out", default=r.out_dir, help="run directory (resumes if present)")
-    p.add_argument("--target", default=r.target)
+    p.add_argument(
+        "--target", default=r.target, help="the model to distil (demo | PATH; default %(default)s)"
+    )
     p.add_argument("--num-prompts", type=int, default=r.num_prompts, help="template prompts")
     p.add_argument(
         "--self-instruct-prompts",
@@ -647,7 +728,12 @@ def _add_train_drafter(sub) -> None:
         default=",".join(str(x) for x in r.temperatures),
         help="cycled over the prompts",
     )
-    p.add_argument("--max-new-tokens", type=int, default=r.max_new_tokens)
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=r.max_new_tokens,
+        help="longest target answer, in the data and in the evaluation (default %(default)s)",
+    )
     p.add_argument("--gen-batch", type=int, default=r.gen_batch, help="sequences generated at once")
     p.add_argument(
         "--layers",
@@ -657,11 +743,29 @@ def _add_train_drafter(sub) -> None:
     p.add_argument(
         "--draft-vocab", type=int, default=r.draft_vocab, help="head size; 0 = full vocab"
     )
-    p.add_argument("--steps", type=int, default=t.steps)
-    p.add_argument("--batch-size", type=int, default=t.batch_size)
-    p.add_argument("--lr", type=float, default=t.lr)
+    p.add_argument(
+        "--steps", type=int, default=t.steps, help="training steps (default %(default)s)"
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=t.batch_size,
+        help="answers per training step (default %(default)s)",
+    )
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=t.lr,
+        help="peak AdamW learning rate, after a linear warm-up, cosine decay to a tenth "
+        "(default %(default)s)",
+    )
     p.add_argument("--gamma", type=int, default=r.gamma, help="draft length for the evaluation")
-    p.add_argument("--seed", type=int, default=r.seed)
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=r.seed,
+        help="seed of prompt choice, generation and training (default %(default)s)",
+    )
     p.set_defaults(func=_train_drafter)
 
 
@@ -710,7 +814,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="distspec", description="distributed speculative decoding")
     parser.add_argument("--version", action="version", version=f"distspec {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(
+        dest="command",
+        required=True,
+        parser_class=_Parser,
+        help="`distspec COMMAND -h` lists its flags",
+    )
     for add in COMMANDS:
         add(sub)
     return parser

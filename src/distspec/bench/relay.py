@@ -42,17 +42,23 @@ class DelayRelay:
         asyncio.run_coroutine_threadsafe(self._drop(), self._loop).result()
 
     def stop(self) -> None:
+        """Stop accepting, cut every connection, end the loop with no task left running."""
+
         async def shutdown():
             self._server.close()
-            await self._drop()
+            await self._drop()  # the pipes see EOF and end by themselves
             tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            if tasks:
+                _, pending = await asyncio.wait(tasks, timeout=1.0)
+                for t in pending:  # a stuck one (its own cancellation ends it quietly)
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
 
         asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            self._loop.close()
 
     async def _drop(self) -> None:
         for writer in list(self._writers):
@@ -60,18 +66,22 @@ class DelayRelay:
         self._writers.clear()
 
     async def _accept(self, reader, writer) -> None:
+        # the server's task for one connection: it must end quietly however the connection
+        # ends (asyncio logs a traceback for a failed or cancelled one)
+        writers = [writer]
         try:
             up_reader, up_writer = await asyncio.open_connection(self.target_host, self.target_port)
-        except OSError:
-            writer.close()
-            return
-        self._writers |= {writer, up_writer}
-        await asyncio.gather(
-            self._pipe(reader, up_writer), self._pipe(up_reader, writer), return_exceptions=True
-        )
-        for w in (writer, up_writer):
-            self._writers.discard(w)
-            w.close()
+            writers.append(up_writer)
+            self._writers.update(writers)
+            await asyncio.gather(
+                self._pipe(reader, up_writer), self._pipe(up_reader, writer), return_exceptions=True
+            )
+        except (OSError, asyncio.CancelledError):
+            pass  # no upstream, or stop() cancelled a connection that did not end
+        finally:
+            for w in writers:
+                self._writers.discard(w)
+                w.close()
 
     async def _pipe(self, reader, writer) -> None:
         queue: asyncio.Queue = asyncio.Queue()
@@ -82,6 +92,8 @@ class DelayRelay:
                 wait = due - time.monotonic()
                 if wait > 0:
                     await asyncio.sleep(wait)
+                if writer.is_closing():
+                    return  # cut (drop, stop, the peer): the rest has nowhere to go
                 writer.write(data)
                 await writer.drain()
             if writer.can_write_eof():
@@ -90,8 +102,10 @@ class DelayRelay:
         delivering = asyncio.ensure_future(deliver())
         try:
             while data := await reader.read(65536):
-                await queue.put((time.monotonic() + self.delay_s, data))
+                queue.put_nowait((time.monotonic() + self.delay_s, data))
+        except ConnectionError:
+            pass  # reset by the peer: deliver what came, then end
         finally:
-            await queue.put(None)
+            queue.put_nowait(None)
             with contextlib.suppress(ConnectionError, OSError):
                 await delivering

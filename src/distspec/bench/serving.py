@@ -60,7 +60,8 @@ def run_serving_bench(config: ServingBenchConfig) -> dict:
         drafter=config.drafter,
         drafter_tp=config.drafter_tp,
         num_drafters=config.num_drafters,
-        mode=config.modes[0],
+        # start in a mode that drafts, if any does: the runtime then has drafters for it
+        mode=next((m for m in config.modes if m != "ar"), config.modes[0]),
         gamma=config.gamma,
         num_slots=config.num_slots,
         max_len=1024,

@@ -1,0 +1,73 @@
+"""The benchmark harnesses run briefly as a user runs them (the CLI, tiny models): each
+finishes, and prints no traceback or error among its progress output."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+from distspec.cli import main
+
+FAULT = re.compile(r"Traceback|Error|Exception")
+
+
+def run_quietly(capfd, caplog, *args: str, logs: tuple[Path, ...] = ()) -> str:
+    """main(args) must succeed; stderr (file descriptor 2: tqdm, logging, child processes),
+    the log records pytest takes and the given log files must hold no fault. Returns stdout."""
+    rc = main(list(args))
+    out, err = capfd.readouterr()
+    assert rc == 0, err
+    text = err + "".join(path.read_text() for path in logs)
+    faults = [line for line in text.replace("\r", "\n").splitlines() if FAULT.search(line)]
+    assert not faults, "\n".join(faults)
+    bad = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert not bad, [f"{r.name}: {r.getMessage()}" for r in bad]
+    return out
+
+
+def test_bench_serve_starting_with_ar(capfd, caplog, tiny_dir, tiny_drafter_dir, tmp_path):
+    """ar listed first: the runtime still gets the drafter sd needs."""
+    out = run_quietly(
+        capfd,
+        caplog,
+        *("bench-serve", "--target", str(tiny_dir), "--drafter", str(tiny_drafter_dir)),
+        *("--modes", "ar,sd", "--clients", "1", "--max-new-tokens", "8", "--no-ray"),
+        *("--out", str(tmp_path)),
+    )
+    report = json.loads((tmp_path / "serving.json").read_text())
+    assert list(report["summary"]) == ["ar@1", "sd@1"]
+    assert {r["mode"] for r in report["runs"]} == {"ar", "sd"}
+    assert report["costs"] is not None  # calibrated against the drafter
+    assert "sd@1" in out
+
+
+def test_bench_edge_through_the_relay(capfd, caplog, tiny_dir, tiny_drafter_dir, tmp_path):
+    """Each RTT's relay is torn down with connections still open: it must end quietly."""
+    out = run_quietly(
+        capfd,
+        caplog,
+        *("bench-edge", "--target", str(tiny_dir), "--drafter", str(tiny_drafter_dir)),
+        *("--rtts", "0,20", "--num-prompts", "1", "--max-new-tokens", "8"),
+        *("--out", str(tmp_path)),
+    )
+    summary = json.loads((tmp_path / "edge.json").read_text())["summary"]
+    assert set(summary) == {
+        f"{c}@{r}" for c in ("edge-overlap", "edge-stop-wait", "server-ar") for r in (0, 20)
+    }
+    assert "edge-overlap@20" in out
+
+
+def test_bench_load_one_level(capfd, caplog, tiny_dir, tiny_drafter_dir, tmp_path):
+    out = run_quietly(
+        capfd,
+        caplog,
+        *("bench-load", "--target", str(tiny_dir), "--drafter", str(tiny_drafter_dir)),
+        *("--clients", "2", "--duration-s", "2", "--max-new-tokens", "8", "--max-len", "512"),
+        *("--num-slots", "2", "--no-ray", "--out", str(tmp_path)),
+        logs=(tmp_path / "serve.log",),  # the started server's stderr
+    )
+    (level,) = json.loads((tmp_path / "load.json").read_text())["levels"]
+    assert level["clients"] == 2 and level["completed"] > 0
+    assert "wrote" in out
