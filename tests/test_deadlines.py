@@ -84,7 +84,9 @@ def ends_with(call) -> grpc.RpcError:
 
 
 def generated(served) -> float:
-    return served.runtime.scheduler.metrics.registry.get_sample_value("vllm:generation_tokens_total")
+    return served.runtime.scheduler.metrics.registry.get_sample_value(
+        "vllm:generation_tokens_total"
+    )
 
 
 def test_generate_client_deadline_while_running(served, slow):
