@@ -193,7 +193,6 @@ def test_stalled_grpc_reader_is_cut_off(served, target, sessions, monkeypatch):
     channel = stalled_reader_channel(served.address)
     request = pb.GenerateRequest(prompt="Hi", max_new_tokens=250)
     call = pb_grpc.SpeculativeDecodingStub(channel).Generate(request, timeout=60)
-    t0 = time.monotonic()
     next(call)  # then stop reading
     good = GoodClients(served, target)
     good.check()  # other sessions go on meanwhile
