@@ -573,6 +573,158 @@ def _bench_load(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_bench_chaos(sub) -> None:
+    from distspec.bench.chaos_config import FAULT_KINDS, ChaosConfig
+
+    d = ChaosConfig()
+    p = sub.add_parser(
+        "bench-chaos",
+        help="hold N streaming clients against a server (run in this process on a local Ray "
+        "cluster) while faults are injected on a schedule; per fault: completed, clear "
+        "statuses, lost, wrong tokens, time until tokens flow again, p99 TTFT/ITL vs baseline",
+    )
+    p.add_argument(
+        "--clients",
+        type=int,
+        default=d.clients,
+        help="streaming clients, the edge ones included (default %(default)s)",
+    )
+    p.add_argument(
+        "--edge-clients",
+        type=int,
+        default=d.edge_clients,
+        help="of them: clients that draft locally and stream drafts over Speculate through a "
+        "delaying relay (default %(default)s)",
+    )
+    p.add_argument(
+        "--duration-s",
+        type=float,
+        default=d.duration_s,
+        help="how long the clients run (default %(default)s)",
+    )
+    p.add_argument(
+        "--faults",
+        default=",".join(d.faults),
+        help="comma list of fault kinds, injected round-robin: "
+        + "; ".join(f"{k}: {v}" for k, v in FAULT_KINDS.items())
+        + " (default %(default)s)",
+    )
+    p.add_argument(
+        "--fault-interval-s",
+        type=float,
+        default=d.fault_interval_s,
+        help="a fault every S seconds from S on, while one fits before the end; the first "
+        "interval is the fault-free baseline, and a fault waits for the previous one to "
+        "recover (default %(default)s)",
+    )
+    p.add_argument(
+        "--settle-s",
+        type=float,
+        default=d.settle_s,
+        help="a fault's window lasts until it recovered plus this (default %(default)s)",
+    )
+    p.add_argument(
+        "--warmup-s",
+        type=float,
+        help="start of the run left out of the baseline (default min(10, interval/4))",
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=d.max_new_tokens,
+        help="tokens per (greedy) request (default %(default)s)",
+    )
+    p.add_argument(
+        "--prompts", help="JSON file of prompts (default: the built-in benchmark prompts)"
+    )
+    p.add_argument("--num-prompts", type=int, help="use the first N prompts (default: all of them)")
+    p.add_argument("--target", default=d.target, help="the target model (default %(default)s)")
+    p.add_argument(
+        "--target-tp",
+        type=int,
+        default=d.target_tp,
+        help="target ranks; kill-target-rank needs 2 or more (default %(default)s)",
+    )
+    p.add_argument(
+        "--drafter", default=d.drafter, help="the server's drafter model (default %(default)s)"
+    )
+    p.add_argument(
+        "--edge-drafter", help="the edge clients' drafter (default: the same as --drafter)"
+    )
+    p.add_argument("--mode", choices=["sd", "pearl"], default=d.mode, help="default %(default)s")
+    p.add_argument(
+        "--num-slots", type=int, default=d.num_slots, help="KV slots (default %(default)s)"
+    )
+    p.add_argument(
+        "--max-waiting",
+        type=int,
+        default=d.max_waiting,
+        help="sessions queued beyond the slots (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-len",
+        type=int,
+        default=d.max_len,
+        help="context length per session (default %(default)s)",
+    )
+    p.add_argument(
+        "--stall-timeout-s",
+        type=float,
+        default=d.stall_timeout_s,
+        help="the server's stall timeout, which must end the stalled reader (default %(default)s)",
+    )
+    p.add_argument(
+        "--edge-rtt-ms",
+        type=float,
+        default=d.edge_rtt_ms,
+        help="round-trip time the relay adds for the edge clients (default %(default)s)",
+    )
+    p.add_argument(
+        "--request-timeout-s",
+        type=float,
+        default=d.request_timeout_s,
+        help="the clients' deadline: a request still open then hung and counts as lost "
+        "(default %(default)s)",
+    )
+    p.add_argument("--out", default=d.out_dir, help="directory for JSON and PNG")
+    p.set_defaults(func=_bench_chaos)
+
+
+def _bench_chaos(args: argparse.Namespace) -> int:
+    from distspec.bench.chaos_config import ChaosConfig
+
+    config = ChaosConfig(
+        clients=args.clients,
+        edge_clients=args.edge_clients,
+        duration_s=args.duration_s,
+        faults=[f.strip() for f in args.faults.split(",") if f.strip()],
+        fault_interval_s=args.fault_interval_s,
+        settle_s=args.settle_s,
+        warmup_s=args.warmup_s,
+        max_new_tokens=args.max_new_tokens,
+        prompts_file=args.prompts,
+        num_prompts=args.num_prompts,
+        target=args.target,
+        target_tp=args.target_tp,
+        drafter=args.drafter,
+        edge_drafter=args.edge_drafter,
+        mode=args.mode,
+        num_slots=args.num_slots,
+        max_waiting=args.max_waiting,
+        max_len=args.max_len,
+        stall_timeout_s=args.stall_timeout_s,
+        edge_rtt_ms=args.edge_rtt_ms,
+        request_timeout_s=args.request_timeout_s,
+        out_dir=args.out,
+    )
+    from distspec.bench.chaos import format_table, run_chaos_bench
+
+    report = run_chaos_bench(config)
+    print(format_table(report))
+    print(f"wrote {config.out_dir}/chaos.json and chaos.png")
+    return 0 if report.ok else 1
+
+
 def _add_bench_edge(sub) -> None:
     p = sub.add_parser("bench-edge", help="benchmark an edge drafter across round-trip times")
     p.add_argument(
@@ -804,6 +956,7 @@ COMMANDS: list[Callable] = [
     _add_bench,
     _add_bench_serve,
     _add_bench_load,
+    _add_bench_chaos,
     _add_bench_edge,
     _add_bench_easyspec,
     _add_train_drafter,

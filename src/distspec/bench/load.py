@@ -14,9 +14,9 @@ server (the serve process and all its descendants: Ray's GCS, raylet, workers).
 
 Admission is bounded when the sessions queued beyond the free slots (active + queued -
 slots, from one reading of both gauges; active excludes finished sessions, whose slots
-admission counts as free) never pass max_waiting. The raw queue depth can pass it for up to one round: the
-scheduler moves waiting sessions into freed slots only at round boundaries, and admits new
-ones against free slots + max_waiting meanwhile.
+admission counts as free) never pass max_waiting. The raw queue depth can pass it for up
+to one round: the scheduler moves waiting sessions into freed slots only at round
+boundaries, and admits new ones against free slots + max_waiting meanwhile.
 
 Leak check: at constant load a server's memory should be flat. For each level, the median
 total RSS of the last third of the level (after a warm-up) minus that of its first third
@@ -45,12 +45,13 @@ import numpy as np
 import psutil
 from tqdm import tqdm
 
-from distspec.bench.grpc_client import chat_request, generate_stub, retry_after_s
+from distspec.bench.grpc_client import chat_request, generate_stub
 from distspec.bench.load_config import LoadConfig
 from distspec.bench.procmem import MB, ProcessMemory, ProcessTreeSampler, RssGrowth
 from distspec.bench.prom import GaugePoller, Scrape
 from distspec.bench.prompts import load_prompts
 from distspec.bench.serve_process import ServeProcess, free_port
+from distspec.bench.streams import percentile, scaled, stream_generate
 
 log = logging.getLogger(__name__)
 
@@ -246,36 +247,28 @@ def _client(
         request = chat_request(prompts[k % len(prompts)], config.max_new_tokens, config.temperature)
         k += 1
         stats.attempts += 1
-        sent = previous = time.monotonic()
-        first = True
         try:
-            for response in stub.Generate(request, timeout=REQUEST_TIMEOUT_S):
-                n = len(response.token_ids)
-                if not n:
-                    continue
-                now = time.monotonic()
-                if first:
-                    stats.ttft_s.append(now - sent)
-                    first = False
-                else:
-                    stats.itl_s.extend([(now - previous) / n] * n)
-                previous = now
-                stats.tokens += n
-                stats.chunks.append((now, n))
-            stats.completed += 1
-        except grpc.RpcError as e:
-            if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                stats.rejections += 1
-                wait = retry_after_s(e)
-                wait = DEFAULT_RETRY_S if wait is None else wait
-            else:
-                stats.errors[e.code().name] += 1
-                wait = ERROR_BACKOFF_S
-            stop.wait(min(wait, max(0.0, deadline - time.monotonic())))
+            r = stream_generate(stub, request, REQUEST_TIMEOUT_S)
         except Exception as e:  # counted, not fatal: the report shows it
             log.exception("client %d", index)
             stats.errors[type(e).__name__] += 1
             stop.wait(ERROR_BACKOFF_S)
+            continue
+        if r.ttft_s is not None:
+            stats.ttft_s.append(r.ttft_s)
+        stats.itl_s.extend(gap for _, gap in r.itl_s())
+        stats.tokens += len(r.token_ids)
+        stats.chunks += r.chunks
+        if r.code is None:
+            stats.completed += 1
+            continue
+        if r.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            stats.rejections += 1
+            wait = DEFAULT_RETRY_S if r.retry_after_s is None else r.retry_after_s
+        else:
+            stats.errors[r.code.name] += 1
+            wait = ERROR_BACKOFF_S
+        stop.wait(min(wait, max(0.0, deadline - time.monotonic())))
 
 
 def _show_progress(clients, stats, t0, deadline, threads, sampler) -> None:
@@ -337,10 +330,10 @@ def _summarize(
         completed=sum(s.completed for s in stats),
         tokens=tokens,
         tokens_per_s=tokens / config.duration_s,
-        ttft_p50_s=_percentile(ttft, 50),
-        ttft_p99_s=_percentile(ttft, 99),
-        itl_p50_ms=_scaled(_percentile(itl, 50), 1000),
-        itl_p99_ms=_scaled(_percentile(itl, 99), 1000),
+        ttft_p50_s=percentile(ttft, 50),
+        ttft_p99_s=percentile(ttft, 99),
+        itl_p50_ms=scaled(percentile(itl, 50), 1000),
+        itl_p99_ms=scaled(percentile(itl, 99), 1000),
         rejections=rejections,
         rejection_rate=rejections / attempts if attempts else 0.0,
         errors=dict(errors),
@@ -356,14 +349,6 @@ def _summarize(
         rss_growth=growth,
         t0=t0,
     )
-
-
-def _percentile(values: list[float], q: float) -> float | None:
-    return float(np.percentile(values, q)) if values else None
-
-
-def _scaled(value: float | None, factor: float) -> float | None:
-    return None if value is None else value * factor
 
 
 def _report(config, target, levels, scrapes, sampler, machine) -> LoadReport:
