@@ -346,9 +346,11 @@ class Scheduler:
         self._release_done()
 
     def _resume(self, repair: Repair) -> None:
-        """Sessions go on from their verified tokens on the repaired workers: the target's
-        KV is rebuilt in one batched step (its verdicts are not used; the next round
-        verifies from the newest verified token as always)."""
+        """Sessions go on from their verified tokens on the repaired workers: a rebuilt
+        target's KV is refilled in one batched step (its verdicts are not used; the next
+        round verifies from the newest verified token as always). A target that was not
+        replaced keeps its KV: unverified PEARL rows past the verified tokens are
+        overwritten by the next round, as after any rejection."""
         resumed, unstarted = [], []
         for s in list(self._running.values()):
             if s.finished or s.cancelled.is_set():
@@ -363,7 +365,7 @@ class Scheduler:
             drafted = not s.external and self.config.mode != "ar"
             if drafted and self._drafter_index(s) in repair.drafters:
                 self._drafter(s).call("open_session", s.id, s.slot, s.prompt_ids, s.params)
-        if resumed:
+        if resumed and repair.target is not None:
             log.info("resuming %d session(s) from their verified tokens", len(resumed))
             items = [
                 ForwardItem(s.id, s.slot, 0, s.tokens[:-1], draft=EMPTY_DRAFT) for s in resumed
