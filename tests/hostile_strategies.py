@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from distspec.v1 import speculative_decoding_pb2 as pb
 from hypothesis import strategies as st
 
-from distspec.v1 import speculative_decoding_pb2 as pb
 from served import MAX_LEN
 from tiny import TINY_VOCAB
 

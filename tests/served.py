@@ -15,18 +15,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from distspec.v1 import speculative_decoding_pb2 as pb
+from distspec.v1 import speculative_decoding_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from distspec.cluster.ray_cluster import ClusterConfig
-from distspec.scheduler.gateway import Gateway
-from distspec.scheduler.grpc_server import GrpcServer
-from distspec.scheduler.http_api import HttpServer
 from distspec.scheduler.runtime import Runtime, RuntimeConfig
 from distspec.scheduler.scheduler import SchedulerConfig
-from distspec.v1 import speculative_decoding_pb2 as pb
-from distspec.v1 import speculative_decoding_pb2_grpc as pb_grpc
+from distspec.server.gateway import Gateway
+from distspec.server.grpc_server import GrpcServer
+from distspec.server.http_api import HttpServer
 from distspec.workers.target import TargetSpec
 from test_decoding import greedy_ar
 from tiny import EOS_ID

@@ -13,8 +13,8 @@ import torch
 
 from distspec.cli import build_parser, main
 from distspec.models.loader import load_model
-from distspec.spec.decoding import SpeculativeDecoder
-from distspec.spec.sampling import SamplingParams
+from distspec.spec_decode.decoding import SpeculativeDecoder
+from distspec.spec_decode.sampling import SamplingParams
 from tiny import make_tiny_model_dir
 
 LONG_PROMPT = "x" * 40
@@ -297,7 +297,6 @@ def test_serve_from_yaml_answers_and_stops_on_sigterm(tmp_path, tiny_dir, tiny_d
     import signal
 
     import grpc
-
     from distspec.v1 import speculative_decoding_pb2 as pb
     from distspec.v1 import speculative_decoding_pb2_grpc as pb_grpc
 

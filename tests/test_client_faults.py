@@ -13,11 +13,11 @@ import time
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-from distspec.scheduler.http_api import HttpApi
 from distspec.v1 import speculative_decoding_pb2 as pb
 from distspec.v1 import speculative_decoding_pb2_grpc as pb_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from distspec.server.http_api import HttpApi
 from served import (
     SERVICE,
     Served,

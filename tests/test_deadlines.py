@@ -11,11 +11,11 @@ import time
 
 import grpc
 import pytest
+from distspec.v1 import speculative_decoding_pb2 as pb
 
 from distspec.cli import build_parser
-from distspec.scheduler.serve import ServeConfig
-from distspec.spec.sampling import SamplingParams
-from distspec.v1 import speculative_decoding_pb2 as pb
+from distspec.server.serve import ServeConfig
+from distspec.spec_decode.sampling import SamplingParams
 from served import (
     active_sessions,
     expected,
@@ -84,7 +84,9 @@ def ends_with(call) -> grpc.RpcError:
 
 
 def generated(served) -> float:
-    return served.runtime.scheduler.metrics.registry.get_sample_value("vllm:generation_tokens_total")
+    return served.runtime.scheduler.metrics.registry.get_sample_value(
+        "vllm:generation_tokens_total"
+    )
 
 
 def test_generate_client_deadline_while_running(served, slow):

@@ -15,11 +15,11 @@ import time
 import grpc
 import psutil
 import pytest
+from distspec.v1 import speculative_decoding_pb2 as pb
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from distspec.bench.grpc_client import chat_request, generate_stub
 from distspec.bench.serve_process import ServeProcess, free_port
-from distspec.v1 import speculative_decoding_pb2 as pb
 
 REFUSED_WITHIN_S = 2.0  # "at once", with room for a loaded 2-core machine
 

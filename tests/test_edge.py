@@ -12,11 +12,11 @@ from distspec.bench.relay import DelayRelay
 from distspec.cli import main
 from distspec.cluster.ray_cluster import ClusterConfig
 from distspec.edge_client import EdgeClient
-from distspec.engine import load_drafter, new_drafter
-from distspec.scheduler.grpc_server import GrpcServer
 from distspec.scheduler.runtime import Runtime, RuntimeConfig
 from distspec.scheduler.scheduler import SchedulerConfig
-from distspec.spec.sampling import SamplingParams
+from distspec.server.grpc_server import GrpcServer
+from distspec.spec_decode.drafters.factory import load_drafter, new_drafter
+from distspec.spec_decode.sampling import SamplingParams
 from distspec.workers.target import TargetSpec
 from test_decoding import PROMPTS, greedy_ar
 
@@ -82,7 +82,7 @@ class Oracle:
         pass
 
     def propose(self, context, k):
-        from distspec.spec.drafter import Draft
+        from distspec.spec_decode.drafter import Draft
 
         if context != self.sequence[: len(context)]:
             return Draft([0] * k)  # after a wrong guess: wrong drafts
@@ -123,7 +123,6 @@ def test_keep_decoding_matches_stale_chunks(server, target):
     import queue
 
     import grpc
-
     from distspec.v1 import speculative_decoding_pb2 as pb
     from distspec.v1 import speculative_decoding_pb2_grpc as pb_grpc
 
@@ -259,7 +258,6 @@ def test_resume_needs_the_sessions_secret(server):
     import queue
 
     import grpc
-
     from distspec.v1 import speculative_decoding_pb2 as pb
     from distspec.v1 import speculative_decoding_pb2_grpc as pb_grpc
 
@@ -307,7 +305,7 @@ def test_edge_sampling_matches_the_target_distribution(small, small_server, over
     """Sampled drafts travel with their sparse q (the drafter's top-k truncation)."""
     from collections import Counter
 
-    from distspec.spec.drafters import ModelDrafter
+    from distspec.spec_decode.drafters import ModelDrafter
     from test_decoding import ALPHA, SMALL_PROMPT, exact_joint, gof_pvalue, marginal
 
     tgt, dft = small
@@ -337,7 +335,6 @@ def test_bad_clients_do_not_harm_a_good_session(server, target, tiny_dir, tiny_d
     import threading
 
     import grpc
-
     from distspec.v1 import speculative_decoding_pb2 as pb
     from distspec.v1 import speculative_decoding_pb2_grpc as pb_grpc
 

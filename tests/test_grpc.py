@@ -9,16 +9,16 @@ import time
 
 import grpc
 import pytest
+from distspec.v1 import speculative_decoding_pb2 as pb
+from distspec.v1 import speculative_decoding_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from distspec.cluster.ray_cluster import ClusterConfig
 from distspec.models.tokenizer import ChatMessage
-from distspec.scheduler.grpc_server import GrpcServer
 from distspec.scheduler.runtime import Runtime, RuntimeConfig
 from distspec.scheduler.scheduler import SchedulerConfig
-from distspec.v1 import speculative_decoding_pb2 as pb
-from distspec.v1 import speculative_decoding_pb2_grpc as pb_grpc
+from distspec.server.grpc_server import GrpcServer
 from distspec.workers.drafter import DrafterSpec
 from distspec.workers.target import TargetSpec
 from test_decoding import greedy_ar

@@ -15,6 +15,8 @@ import time
 import grpc
 import pytest
 import torch
+from distspec.v1 import speculative_decoding_pb2 as pb
+from distspec.v1 import speculative_decoding_pb2_grpc as pb_grpc
 from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
@@ -23,11 +25,9 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from distspec.scheduler import grpc_server
-from distspec.scheduler.grpc_server import GrpcServer
-from distspec.scheduler.http_api import MAX_BODY_BYTES, HttpServer
-from distspec.v1 import speculative_decoding_pb2 as pb
-from distspec.v1 import speculative_decoding_pb2_grpc as pb_grpc
+from distspec.server import grpc_server
+from distspec.server.grpc_server import GrpcServer
+from distspec.server.http_api import MAX_BODY_BYTES, HttpServer
 from hostile_strategies import (
     bad_utf8,
     completion_bodies,

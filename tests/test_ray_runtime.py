@@ -17,13 +17,13 @@ from collections import Counter
 import grpc
 import pytest
 import torch
+from distspec.v1 import speculative_decoding_pb2 as pb
+from distspec.v1 import speculative_decoding_pb2_grpc as pb_grpc
 
 from distspec.cluster.ray_cluster import ClusterConfig
 from distspec.scheduler.runtime import Runtime, RuntimeConfig
 from distspec.scheduler.scheduler import SchedulerConfig
-from distspec.spec.sampling import SamplingParams
-from distspec.v1 import speculative_decoding_pb2 as pb
-from distspec.v1 import speculative_decoding_pb2_grpc as pb_grpc
+from distspec.spec_decode.sampling import SamplingParams
 from distspec.workers.drafter import DrafterSpec
 from distspec.workers.target import TargetSpec
 from test_decoding import ALPHA, SMALL_PROMPT, exact_joint, gof_pvalue, marginal

@@ -49,8 +49,8 @@ from distspec.bench.grpc_client import chat_request, generate_stub, retry_after_
 from distspec.bench.load_config import LoadConfig
 from distspec.bench.procmem import MB, ProcessMemory, ProcessTreeSampler, RssGrowth
 from distspec.bench.prom import GaugePoller, Scrape
-from distspec.bench.prompts import load_prompts
 from distspec.bench.serve_process import ServeProcess, free_port
+from distspec.datasets import load_prompts
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,358 @@
+"""The harnesses: `distspec bench`, `bench-serve`, `bench-load`, `bench-edge`, `bench-easyspec`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from distspec.cli.args import (
+    exact_layers,
+    positive_ints,
+)
+
+
+def add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="benchmark distspec against transformers (one process)")
+    p.add_argument("--target", default="demo", help="demo | PATH (HF dir or .gguf)")
+    p.add_argument(
+        "--contenders",
+        default="hf-ar,hf-lookup,ar,sd-ngram,sd-demo",
+        help="comma list of: hf-ar, hf-lookup, ar, sd-ngram, sd-demo, sd-demo-model, sd:PATH, "
+        "sd-model:PATH (the -model forms draft without prompt lookup)",
+    )
+    p.add_argument("--prompts", default=None, help="JSON file of prompts (default: built-in set)")
+    p.add_argument(
+        "--num-prompts", type=int, default=None, help="use the first N prompts (default: all)"
+    )
+    p.add_argument(
+        "--max-new-tokens", type=int, default=128, help="tokens per prompt (default %(default)s)"
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="passes over the prompts; medians reported (default %(default)s)",
+    )
+    p.add_argument("--gamma", type=int, default=4, help="draft tokens per round (the most)")
+    p.add_argument(
+        "--adaptive",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="distspec contenders adapt the draft length (off: always --gamma)",
+    )
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="prompt i samples with seed SEED+i (default 0)"
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's own)"
+    )
+    p.add_argument("--out", default="bench-results", help="directory for JSON and PNG")
+    p.set_defaults(func=_bench)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from distspec.bench.runner import BenchConfig, run_bench
+
+    config = BenchConfig(
+        target=args.target,
+        contenders=[c.strip() for c in args.contenders.split(",") if c.strip()],
+        prompts_file=args.prompts,
+        num_prompts=args.num_prompts,
+        max_new_tokens=args.max_new_tokens,
+        repeats=args.repeats,
+        gamma=args.gamma,
+        adaptive=args.adaptive,
+        temperature=args.temperature,
+        seed=args.seed,
+        threads=args.threads,
+        out_dir=args.out,
+    )
+    run_bench(config)
+    return 0
+
+
+def add_bench_serve(sub) -> None:
+    p = sub.add_parser(
+        "bench-serve", help="benchmark the distributed runtime under load (gRPC clients)"
+    )
+    p.add_argument("--target", default="demo", help="demo | a model path (default demo)")
+    p.add_argument("--drafter", default="demo", help="demo | ngram | a model path (default demo)")
+    p.add_argument(
+        "--target-tp", type=int, default=1, help="tensor-parallel ranks of the target (default 1)"
+    )
+    p.add_argument(
+        "--drafter-tp", type=int, default=1, help="ranks of each drafter group (default 1)"
+    )
+    p.add_argument("--num-drafters", type=int, default=1, help="drafter groups (default 1)")
+    p.add_argument("--modes", default="sd,pearl", help="comma list of ar, sd, pearl")
+    p.add_argument("--clients", default="1,4,16", help="comma list of concurrency levels")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=64, help="tokens per request (default %(default)s)"
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="runs of every (mode, clients) pair, modes rotated; medians reported (default 1)",
+    )
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--gamma", type=int, default=4, help="longest draft per round (default 4)")
+    p.add_argument(
+        "--num-slots", type=int, default=16, help="concurrent sessions (KV slots; default 16)"
+    )
+    p.add_argument(
+        "--no-ray",
+        dest="use_ray",
+        action="store_false",
+        help="run the workers in this process (tensor parallel size 1)",
+    )
+    p.add_argument("--out", default="bench-results", help="directory for JSON and PNG")
+    p.set_defaults(func=_bench_serve)
+
+
+def _bench_serve(args: argparse.Namespace) -> int:
+    from distspec.bench.serving import ServingBenchConfig, run_serving_bench
+
+    config = ServingBenchConfig(
+        target=args.target,
+        drafter=args.drafter,
+        target_tp=args.target_tp,
+        drafter_tp=args.drafter_tp,
+        num_drafters=args.num_drafters,
+        modes=[m.strip() for m in args.modes.split(",") if m.strip()],
+        clients=[int(c) for c in args.clients.split(",") if c.strip()],
+        max_new_tokens=args.max_new_tokens,
+        repeats=args.repeats,
+        temperature=args.temperature,
+        gamma=args.gamma,
+        num_slots=args.num_slots,
+        use_ray=args.use_ray,
+        out_dir=args.out,
+    )
+    report = run_serving_bench(config)
+    print(f"{'mode@clients':<14} {'tok/s':>8} {'busy':>6} {'tau':>6} {'ttft s':>7}")
+    for key, s in report["summary"].items():
+        print(
+            f"{key:<14} {s['tokens_per_s']:>8.1f} {s['target_busy_fraction']:>6.2f} "
+            f"{s['tau']:>6.2f} {s['ttft_median_s']:>7.2f}"
+        )
+    print(f"wrote {config.out_dir}/serving.json and serving.png")
+    return 0
+
+
+def add_bench_load(sub) -> None:
+    from distspec.bench.load_config import LoadConfig
+
+    d = LoadConfig()
+    p = sub.add_parser(
+        "bench-load",
+        help="hold N streaming clients against a server for a fixed time (throughput, "
+        "latency percentiles, rejections, queue depth, RSS of every server process)",
+    )
+    p.add_argument(
+        "--clients",
+        type=positive_ints,
+        default=d.clients,
+        help="comma list of concurrency levels, run one after another (default 4,16,32)",
+    )
+    p.add_argument("--duration-s", type=float, default=d.duration_s, help="per level")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=d.max_new_tokens,
+        help="tokens per request (default %(default)s)",
+    )
+    p.add_argument(
+        "--temperature", type=float, default=d.temperature, help="0 = greedy (default %(default)s)"
+    )
+    p.add_argument(
+        "--warmup-s",
+        type=float,
+        help="start of each level left out of the RSS growth (default min(10, duration/5))",
+    )
+    p.add_argument("--server", help="HOST:PORT of a running server (default: start one)")
+    p.add_argument("--metrics", help="with --server: its Prometheus endpoint HOST:PORT")
+    p.add_argument(
+        "--server-pid", type=int, help="with --server: measure this local process and its children"
+    )
+    p.add_argument("--target", default=d.target, help="the started server's target")
+    p.add_argument("--drafter", default=d.drafter, help="demo | ngram | PATH | none")
+    p.add_argument("--mode", choices=["ar", "sd", "pearl"], help="default: pearl with a drafter")
+    p.add_argument(
+        "--num-slots", type=int, default=d.num_slots, help="KV slots (with --server: its own)"
+    )
+    p.add_argument(
+        "--max-waiting",
+        type=int,
+        default=d.max_waiting,
+        help="sessions queued beyond the slots (with --server: its own, for the check)",
+    )
+    p.add_argument(
+        "--max-len",
+        type=int,
+        default=d.max_len,
+        help="the started server's context length per session (default %(default)s)",
+    )
+    p.add_argument("--no-ray", dest="use_ray", action="store_false", help="workers in-process")
+    p.add_argument(
+        "--leak-limit-mb",
+        type=float,
+        default=d.leak_limit_mb,
+        help="most RSS growth of all server processes within a level (after the warm-up)",
+    )
+    p.add_argument("--out", default=d.out_dir, help="directory for JSON and PNG")
+    p.set_defaults(func=_bench_load)
+
+
+def _bench_load(args: argparse.Namespace) -> int:
+    from distspec.bench.load import format_table, run_load_bench
+    from distspec.bench.load_config import LoadConfig
+
+    config = LoadConfig(
+        clients=args.clients,
+        duration_s=args.duration_s,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        warmup_s=args.warmup_s,
+        server=args.server,
+        metrics=args.metrics,
+        server_pid=args.server_pid,
+        target=args.target,
+        drafter=args.drafter,
+        mode=args.mode,
+        num_slots=args.num_slots,
+        max_waiting=args.max_waiting,
+        max_len=args.max_len,
+        use_ray=args.use_ray,
+        leak_limit_mb=args.leak_limit_mb,
+        out_dir=args.out,
+    )
+    report = run_load_bench(config)
+    print(format_table(report))
+    print(f"wrote {config.out_dir}/load.json and load.png")
+    return 0
+
+
+def add_bench_edge(sub) -> None:
+    p = sub.add_parser("bench-edge", help="benchmark an edge drafter across round-trip times")
+    p.add_argument(
+        "--target",
+        default="demo",
+        help="the target of the server the bench starts (demo | a model path; default demo)",
+    )
+    p.add_argument(
+        "--drafter",
+        default="demo",
+        help="the edge drafter, run in this process (demo | ngram | a model path; default demo)",
+    )
+    p.add_argument("--rtts", default="0,20,50,100", help="comma list of round-trip times, ms")
+    p.add_argument(
+        "--num-prompts", type=int, default=6, help="first N benchmark prompts (default 6)"
+    )
+    p.add_argument(
+        "--max-new-tokens", type=int, default=64, help="tokens per request (default %(default)s)"
+    )
+    p.add_argument("--gamma", type=int, default=4, help="draft tokens per chunk (default 4)")
+    p.add_argument("--out", default="bench-results", help="directory for JSON and PNG")
+    p.set_defaults(func=_bench_edge)
+
+
+def _bench_edge(args: argparse.Namespace) -> int:
+    from distspec.bench.edge import EdgeBenchConfig, run_edge_bench
+
+    config = EdgeBenchConfig(
+        target=args.target,
+        drafter=args.drafter,
+        rtts_ms=[float(r) for r in args.rtts.split(",") if r.strip()],
+        num_prompts=args.num_prompts,
+        max_new_tokens=args.max_new_tokens,
+        gamma=args.gamma,
+        out_dir=args.out,
+    )
+    report = run_edge_bench(config)
+    print(f"{'contender@rtt':<22} {'tok/s':>7} {'itl ms':>7} {'rtt ms':>7} {'hidden':>7}")
+    for key, s in report["summary"].items():
+        print(
+            f"{key:<22} {s['tokens_per_s']:>7.1f} {s['itl_ms']:>7.1f} "
+            f"{s['measured_rtt_ms']:>7.1f} {s['hidden_rtt_fraction']:>7.2f}"
+        )
+    print(f"wrote {config.out_dir}/edge.json and edge.png")
+    return 0
+
+
+def add_bench_easyspec(sub) -> None:
+    p = sub.add_parser(
+        "bench-easyspec",
+        help="EasySpec: fuzzy vs exact top-1 agreement, and drafting step latency on ranks",
+    )
+    p.add_argument("--model", default="demo", help="the deep drafter to measure")
+    p.add_argument("--groups", default="2,3,4,5", help="comma list of group sizes N")
+    p.add_argument(
+        "--exact",
+        type=exact_layers,
+        default=(1, 1),
+        metavar="FIRST,LAST",
+        help="first and last layers kept exact (default 1,1)",
+    )
+    p.add_argument("--parts", default="agreement,timing", help="agreement and/or timing")
+    p.add_argument("--num-prompts", type=int, default=6, help="agreement: benchmark prompts")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="agreement: tokens each")
+    p.add_argument("--ranks", type=int, default=2, help="timing: processes of the drafter group")
+    p.add_argument("--repeats", type=int, default=5, help="timing: alternating repetitions")
+    p.add_argument("--out", default="bench-results", help="directory for JSON and PNG")
+    p.set_defaults(func=_bench_easyspec)
+
+
+def _bench_easyspec(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from distspec.bench.easyspec import plot_easyspec, run_easyspec_bench
+    from distspec.bench.easyspec_timing import run_easyspec_timing
+
+    sizes = tuple(int(g) for g in args.groups.split(",") if g.strip())
+    parts = {p.strip() for p in args.parts.split(",") if p.strip()}
+    if not parts or parts - {"agreement", "timing"}:
+        raise ValueError(f"--parts takes agreement and/or timing, got {args.parts!r}")
+    if any(g < 2 for g in sizes) or not sizes:
+        raise ValueError(f"--groups needs sizes >= 2, got {args.groups!r}")
+    if args.ranks < 2:
+        raise ValueError(f"--ranks must be >= 2, got {args.ranks}")
+    report: dict = {"model": args.model, "exact_layers": list(args.exact)}
+    if "agreement" in parts:
+        rows = run_easyspec_bench(
+            args.model, sizes, args.num_prompts, args.max_new_tokens, args.exact
+        )
+        report["agreement"] = rows
+        print(f"{'N':>3} {'groups':>6} {'calibrated':>11} {'uncalibrated':>13}")
+        for r in rows:
+            print(
+                f"{r['group']:>3} {r['groups']:>6} {r['agreement_calibrated']:>11.3f} "
+                f"{r['agreement_uncalibrated']:>13.3f}"
+            )
+    if "timing" in parts:
+        timing = run_easyspec_timing(
+            args.model, sizes, args.ranks, repeats=args.repeats, exact=args.exact
+        )
+        report["timing"] = timing
+        sub = timing["sublayers_ms"]
+        print(
+            f"per layer: attention {sub['attn']:.3f} ms, MLP {sub['mlp']:.3f} ms; "
+            f"embedding + head {sub['outside']:.2f} ms (one thread)"
+        )
+        print(
+            f"{'N':>3} {'exact':>7} {'exact 1t':>9} {'fuzzy 1 rank':>13} "
+            f"{f'fuzzy {args.ranks} ranks':>14} {'model':>7} {'gather':>7}   (ms per step)"
+        )
+        for r in timing["rows"]:
+            print(
+                f"{r['group']:>3} {r['exact_ms']:>7.2f} {r['exact_1thread_ms']:>9.2f} "
+                f"{r['fuzzy_1rank_ms']:>13.2f} {r['fuzzy_ms']:>14.2f} "
+                f"{r['model_fuzzy_ms']:>7.2f} {r['gather_ms']:>7.2f}"
+            )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "easyspec.json").write_text(json.dumps(report, indent=2))
+    plot_easyspec(report, out / "easyspec.png")
+    print(f"wrote {out}/easyspec.json and easyspec.png")
+    return 0
