@@ -20,11 +20,11 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from distspec.cluster.ray_cluster import ClusterConfig
-from distspec.scheduler.gateway import Gateway
-from distspec.scheduler.grpc_server import GrpcServer
-from distspec.scheduler.http_api import HttpServer
 from distspec.scheduler.runtime import Runtime, RuntimeConfig
 from distspec.scheduler.scheduler import SchedulerConfig
+from distspec.server.gateway import Gateway
+from distspec.server.grpc_server import GrpcServer
+from distspec.server.http_api import HttpServer
 from distspec.v1 import speculative_decoding_pb2 as pb
 from distspec.v1 import speculative_decoding_pb2_grpc as pb_grpc
 from distspec.workers.target import TargetSpec

@@ -13,8 +13,8 @@ import torch
 
 from distspec.cli import build_parser, main
 from distspec.models.loader import load_model
-from distspec.spec.decoding import SpeculativeDecoder
-from distspec.spec.sampling import SamplingParams
+from distspec.spec_decode.decoding import SpeculativeDecoder
+from distspec.spec_decode.sampling import SamplingParams
 from tiny import make_tiny_model_dir
 
 LONG_PROMPT = "x" * 40

@@ -15,7 +15,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from distspec.scheduler.http_api import HttpApi
+from distspec.server.http_api import HttpApi
 from distspec.v1 import speculative_decoding_pb2 as pb
 from distspec.v1 import speculative_decoding_pb2_grpc as pb_grpc
 from served import (
@@ -178,7 +178,7 @@ def test_stalled_grpc_reader_is_cut_off(served, target, sessions, monkeypatch):
     scheduler never waits on a reader: its steps wait in the session's queue, at most
     max_new_tokens of them); the stream's thread is freed after the stall timeout, with
     DEADLINE_EXCEEDED."""
-    from distspec.scheduler import grpc_guard
+    from distspec.server import grpc_guard
 
     ended = threading.Event()
     end_call = grpc_guard.end_call

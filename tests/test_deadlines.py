@@ -13,8 +13,8 @@ import grpc
 import pytest
 
 from distspec.cli import build_parser
-from distspec.scheduler.serve import ServeConfig
-from distspec.spec.sampling import SamplingParams
+from distspec.server.serve import ServeConfig
+from distspec.spec_decode.sampling import SamplingParams
 from distspec.v1 import speculative_decoding_pb2 as pb
 from served import (
     active_sessions,

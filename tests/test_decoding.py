@@ -10,12 +10,12 @@ import torch
 from scipy.stats import chi2_contingency, chisquare
 
 from distspec.models.loader import load_model
-from distspec.spec import decoding
-from distspec.spec.decoding import SpeculativeDecoder
-from distspec.spec.drafter import Draft, Drafter
-from distspec.spec.drafters import ModelDrafter, NgramDrafter
-from distspec.spec.sampling import SamplingParams, probs_from_logits
-from distspec.spec.verify import Verdict
+from distspec.spec_decode import decoding
+from distspec.spec_decode.decoding import SpeculativeDecoder
+from distspec.spec_decode.drafter import Draft, Drafter
+from distspec.spec_decode.drafters import ModelDrafter, NgramDrafter
+from distspec.spec_decode.sampling import SamplingParams, probs_from_logits
+from distspec.spec_decode.verify import Verdict
 from tiny import EOS_ID, SMALL_V, TINY_MAX_LEN
 
 PROMPTS = ["Hello", "The quick brown fox", "abcabcabcabc", "Once upon a time, there was a"]
@@ -592,7 +592,7 @@ def test_model_drafter_reuses_its_cache(draft_model):
 
 @pytest.mark.parametrize("seed", range(5))
 def test_common_prefix(seed):
-    from distspec.spec.drafters.model import _common_prefix
+    from distspec.spec_decode.drafters.model import _common_prefix
 
     g = torch.Generator().manual_seed(seed)
     for _ in range(200):

@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from distspec.engine import build_drafter, demo_drafter_dir
 from distspec.models.tokenizer import ChatMessage
-from distspec.spec.decoding import SpeculativeDecoder
-from distspec.spec.drafters import ModelDrafter
-from distspec.spec.sampling import SamplingParams
+from distspec.spec_decode.decoding import SpeculativeDecoder
+from distspec.spec_decode.drafters import ModelDrafter
+from distspec.spec_decode.drafters.factory import build_drafter, demo_drafter_dir
+from distspec.spec_decode.sampling import SamplingParams
 
 pytestmark = pytest.mark.slow
 

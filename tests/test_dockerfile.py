@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from distspec.scheduler.serve import ServeConfig
+from distspec.server.serve import ServeConfig
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "Dockerfile"

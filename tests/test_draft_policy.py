@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 
 from distspec.models.loader import load_model
-from distspec.spec.decoding import SpeculativeDecoder
-from distspec.spec.draft_policy import DraftLengthPolicy
-from distspec.spec.drafter import Draft, Drafter
-from distspec.spec.drafters import NgramDrafter
-from distspec.spec.sampling import SamplingParams
+from distspec.spec_decode.decoding import SpeculativeDecoder
+from distspec.spec_decode.draft_policy import DraftLengthPolicy
+from distspec.spec_decode.drafter import Draft, Drafter
+from distspec.spec_decode.drafters import NgramDrafter
+from distspec.spec_decode.sampling import SamplingParams
 
 
 def warmed(policy: DraftLengthPolicy, t_step=0.02, t_draft=0.002) -> DraftLengthPolicy:

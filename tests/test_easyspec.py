@@ -10,10 +10,10 @@ import torch
 
 from distspec.models.llama import easyspec_groups
 from distspec.models.loader import load_model
-from distspec.spec.decoding import SpeculativeDecoder
-from distspec.spec.drafters import ModelDrafter
-from distspec.spec.pearl import PearlDecoder
-from distspec.spec.sampling import SamplingParams
+from distspec.spec_decode.decoding import SpeculativeDecoder
+from distspec.spec_decode.drafters import ModelDrafter
+from distspec.spec_decode.pearl import PearlDecoder
+from distspec.spec_decode.sampling import SamplingParams
 from test_decoding import PROMPTS, encode, greedy_ar
 from tiny import make_tiny_model_dir
 
@@ -117,7 +117,7 @@ def test_fuzzy_sampling_matches_the_target_distribution(small, tmp_path):
 def test_two_rank_group_drafts_as_the_single_process_reference(tiny_dir, deep_drafter, group):
     """A 2-rank gloo drafter group (attentions of a group on different ranks) proposes what
     one process running the same fuzzy groups proposes: same tokens, same q."""
-    from distspec.engine import load_drafter, new_drafter
+    from distspec.spec_decode.drafters.factory import load_drafter, new_drafter
     from distspec.workers.drafter import DrafterSpec, DrafterWorker, WorkerDrafter
     from distspec.workers.local_group import LocalGroup
 

@@ -12,11 +12,11 @@ from distspec.bench.relay import DelayRelay
 from distspec.cli import main
 from distspec.cluster.ray_cluster import ClusterConfig
 from distspec.edge_client import EdgeClient
-from distspec.engine import load_drafter, new_drafter
-from distspec.scheduler.grpc_server import GrpcServer
 from distspec.scheduler.runtime import Runtime, RuntimeConfig
 from distspec.scheduler.scheduler import SchedulerConfig
-from distspec.spec.sampling import SamplingParams
+from distspec.server.grpc_server import GrpcServer
+from distspec.spec_decode.drafters.factory import load_drafter, new_drafter
+from distspec.spec_decode.sampling import SamplingParams
 from distspec.workers.target import TargetSpec
 from test_decoding import PROMPTS, greedy_ar
 
@@ -82,7 +82,7 @@ class Oracle:
         pass
 
     def propose(self, context, k):
-        from distspec.spec.drafter import Draft
+        from distspec.spec_decode.drafter import Draft
 
         if context != self.sequence[: len(context)]:
             return Draft([0] * k)  # after a wrong guess: wrong drafts
@@ -307,7 +307,7 @@ def test_edge_sampling_matches_the_target_distribution(small, small_server, over
     """Sampled drafts travel with their sparse q (the drafter's top-k truncation)."""
     from collections import Counter
 
-    from distspec.spec.drafters import ModelDrafter
+    from distspec.spec_decode.drafters import ModelDrafter
     from test_decoding import ALPHA, SMALL_PROMPT, exact_joint, gof_pvalue, marginal
 
     tgt, dft = small

@@ -13,7 +13,7 @@ from distspec.cluster.ray_cluster import ClusterConfig
 from distspec.models.loader import load_model
 from distspec.scheduler.runtime import Runtime, RuntimeConfig
 from distspec.scheduler.scheduler import REPLAY_MESSAGE, SchedulerConfig
-from distspec.spec.sampling import SamplingParams
+from distspec.spec_decode.sampling import SamplingParams
 from distspec.workers.drafter import DrafterSpec
 from distspec.workers.target import TargetSpec
 from test_decoding import greedy_ar
@@ -107,7 +107,7 @@ def test_a_seeded_sampled_stream_ends_unavailable_over_grpc(runtime, reference):
     to retry; a greedy stream running at the same time finishes exactly."""
     import grpc
 
-    from distspec.scheduler.grpc_server import GrpcServer
+    from distspec.server.grpc_server import GrpcServer
     from distspec.v1 import speculative_decoding_pb2 as pb
     from distspec.v1 import speculative_decoding_pb2_grpc as pb_grpc
 

@@ -14,9 +14,9 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from distspec.cluster.ray_cluster import ClusterConfig
 from distspec.models.tokenizer import ChatMessage
-from distspec.scheduler.grpc_server import GrpcServer
 from distspec.scheduler.runtime import Runtime, RuntimeConfig
 from distspec.scheduler.scheduler import SchedulerConfig
+from distspec.server.grpc_server import GrpcServer
 from distspec.v1 import speculative_decoding_pb2 as pb
 from distspec.v1 import speculative_decoding_pb2_grpc as pb_grpc
 from distspec.workers.drafter import DrafterSpec

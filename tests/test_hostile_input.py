@@ -23,9 +23,9 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from distspec.scheduler import grpc_server
-from distspec.scheduler.grpc_server import GrpcServer
-from distspec.scheduler.http_api import MAX_BODY_BYTES, HttpServer
+from distspec.server import grpc_server
+from distspec.server.grpc_server import GrpcServer
+from distspec.server.http_api import MAX_BODY_BYTES, HttpServer
 from distspec.v1 import speculative_decoding_pb2 as pb
 from distspec.v1 import speculative_decoding_pb2_grpc as pb_grpc
 from hostile_strategies import (

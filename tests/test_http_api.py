@@ -20,14 +20,14 @@ import pytest
 
 from distspec.cluster.ray_cluster import ClusterConfig
 from distspec.models.tokenizer import ChatMessage
-from distspec.scheduler.gateway import Gateway
-from distspec.scheduler.grpc_server import GrpcServer
-from distspec.scheduler.http_api import HttpServer
-from distspec.scheduler.openai_protocol import StopStrings
 from distspec.scheduler.runtime import Runtime, RuntimeConfig
 from distspec.scheduler.scheduler import SchedulerConfig
-from distspec.scheduler.security import ClientLimits, TlsConfig
-from distspec.spec.sampling import SamplingParams
+from distspec.server.gateway import Gateway
+from distspec.server.grpc_server import GrpcServer
+from distspec.server.http_api import HttpServer
+from distspec.server.openai_protocol import StopStrings
+from distspec.server.security import ClientLimits, TlsConfig
+from distspec.spec_decode.sampling import SamplingParams
 from distspec.v1 import speculative_decoding_pb2 as pb
 from distspec.v1 import speculative_decoding_pb2_grpc as pb_grpc
 from distspec.workers.drafter import DrafterSpec

@@ -15,7 +15,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from distspec.scheduler.serve import ServeConfig
+from distspec.server.serve import ServeConfig
 from kustomize_lite import render
 
 REPO = Path(__file__).resolve().parents[1]

@@ -67,8 +67,8 @@ def test_against_a_running_server(tiny_dir, tiny_drafter_dir, tmp_path):
     from prometheus_client import start_http_server
 
     from distspec.bench.serve_process import free_port
-    from distspec.scheduler.grpc_server import GrpcServer
-    from distspec.scheduler.serve import ServeConfig
+    from distspec.server.grpc_server import GrpcServer
+    from distspec.server.serve import ServeConfig
 
     serve = ServeConfig(
         use_ray=False,

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distspec.spec.draft_policy import DraftCosts
-from distspec.spec.drafter import EMPTY_DRAFT, Draft
-from distspec.spec.pearl import PearlDecoder, PearlState, pearl_gamma
-from distspec.spec.sampling import SamplingParams
-from distspec.spec.verify import Verdict
+from distspec.spec_decode.draft_policy import DraftCosts
+from distspec.spec_decode.drafter import EMPTY_DRAFT, Draft
+from distspec.spec_decode.pearl import PearlDecoder, PearlState, pearl_gamma
+from distspec.spec_decode.sampling import SamplingParams
+from distspec.spec_decode.verify import Verdict
 from test_decoding import (
     ALPHA,
     PROMPTS,

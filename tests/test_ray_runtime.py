@@ -21,7 +21,7 @@ import torch
 from distspec.cluster.ray_cluster import ClusterConfig
 from distspec.scheduler.runtime import Runtime, RuntimeConfig
 from distspec.scheduler.scheduler import SchedulerConfig
-from distspec.spec.sampling import SamplingParams
+from distspec.spec_decode.sampling import SamplingParams
 from distspec.v1 import speculative_decoding_pb2 as pb
 from distspec.v1 import speculative_decoding_pb2_grpc as pb_grpc
 from distspec.workers.drafter import DrafterSpec

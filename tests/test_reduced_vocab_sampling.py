@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from distspec.models.loader import load_model
-from distspec.spec.drafters import ModelDrafter
-from distspec.spec.sampling import SamplingParams
+from distspec.spec_decode.drafters import ModelDrafter
+from distspec.spec_decode.sampling import SamplingParams
 from distspec.train.draft_model import init_drafter
 from test_decoding import SMALL_PROMPT, exact_joint, gof_pvalue, sample_outcomes
 from tiny import SMALL_V, make_tiny_model_dir

@@ -8,11 +8,11 @@ import time
 
 import pytest
 
-from distspec.scheduler.remote import Remote
 from distspec.scheduler.scheduler import AdmissionError, Scheduler, SchedulerConfig
 from distspec.scheduler.session import SessionError
-from distspec.spec.sampling import SamplingParams
+from distspec.spec_decode.sampling import SamplingParams
 from distspec.workers.drafter import DrafterSpec, DrafterWorker
+from distspec.workers.remote import Remote
 from distspec.workers.target import TargetSpec, TargetWorker
 from test_decoding import PROMPTS, encode, greedy_ar
 

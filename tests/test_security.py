@@ -17,12 +17,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from distspec.cluster.ray_cluster import ClusterConfig
 from distspec.edge_client import EdgeClient
-from distspec.engine import new_drafter
-from distspec.scheduler.grpc_server import GrpcServer
 from distspec.scheduler.runtime import Runtime, RuntimeConfig
 from distspec.scheduler.scheduler import SchedulerConfig
-from distspec.scheduler.security import ClientLimits, TlsConfig, read_tokens
-from distspec.spec.sampling import SamplingParams
+from distspec.server.grpc_server import GrpcServer
+from distspec.server.security import ClientLimits, TlsConfig, read_tokens
+from distspec.spec_decode.drafters.factory import new_drafter
+from distspec.spec_decode.sampling import SamplingParams
 from distspec.workers.target import TargetSpec
 from test_decoding import greedy_ar
 

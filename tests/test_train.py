@@ -8,13 +8,13 @@ import json
 import pytest
 import torch
 
-from distspec.bench.runner import load_prompts
-from distspec.engine import build_drafter
+from distspec.datasets import load_prompts
 from distspec.models.loader import load_drafter_model, load_model
 from distspec.models.tokenizer import ChatMessage
-from distspec.spec.decoding import SpeculativeDecoder
-from distspec.spec.drafters import ModelDrafter
-from distspec.spec.sampling import SamplingParams
+from distspec.spec_decode.decoding import SpeculativeDecoder
+from distspec.spec_decode.drafters import ModelDrafter
+from distspec.spec_decode.drafters.factory import build_drafter
+from distspec.spec_decode.sampling import SamplingParams
 from distspec.train.datagen import generate_samples, load_samples, save_samples
 from distspec.train.draft_model import frequency_vocab, init_drafter, save_drafter
 from distspec.train.pipeline import DrafterRecipe, run

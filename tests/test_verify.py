@@ -9,9 +9,9 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from distspec.spec.drafter import EMPTY_DRAFT, Draft
-from distspec.spec.sampling import SamplingParams, probs_from_logits, sample
-from distspec.spec.verify import Verdict, verify
+from distspec.spec_decode.drafter import EMPTY_DRAFT, Draft
+from distspec.spec_decode.sampling import SamplingParams, probs_from_logits, sample
+from distspec.spec_decode.verify import Verdict, verify
 
 GREEDY = SamplingParams()
 ALPHA = 1e-3  # significance level of every chi-square test (seeds are fixed)

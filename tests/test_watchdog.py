@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 import time
 
-from distspec.scheduler.watchdog import TICK_S, Watchdog
+from distspec.server.watchdog import TICK_S, Watchdog
 
 
 def running(dog: Watchdog) -> bool:

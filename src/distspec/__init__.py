@@ -17,7 +17,7 @@ __all__ = ["LLM", "EdgeClient", "RequestOutput", "SamplingParams"]
 _HOMES = {
     "LLM": "distspec.llm",
     "RequestOutput": "distspec.llm",
-    "SamplingParams": "distspec.spec.sampling",
+    "SamplingParams": "distspec.spec_decode.sampling",
     "EdgeClient": "distspec.edge_client",
 }
 

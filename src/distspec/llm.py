@@ -12,8 +12,8 @@ from distspec.cluster.ray_cluster import ClusterConfig
 from distspec.models.tokenizer import ChatMessage
 from distspec.scheduler.runtime import Runtime, RuntimeConfig
 from distspec.scheduler.scheduler import SchedulerConfig
-from distspec.spec.decoding import GenerationStats
-from distspec.spec.sampling import SamplingParams
+from distspec.spec_decode.decoding import GenerationStats
+from distspec.spec_decode.sampling import SamplingParams
 from distspec.workers.drafter import DrafterSpec
 from distspec.workers.target import TargetSpec
 

@@ -64,10 +64,10 @@ from tqdm import tqdm
 
 from distspec.bench.chaos_config import ChaosConfig
 from distspec.bench.grpc_client import chat_request, generate_stub
-from distspec.bench.prompts import load_prompts
 from distspec.bench.reference import first_difference, greedy_references
 from distspec.bench.streams import Streamed, add_chunk, percentile, scaled, stream_generate
-from distspec.scheduler.gateway import Gateway
+from distspec.datasets import load_prompts
+from distspec.server.gateway import Gateway
 from distspec.v1 import speculative_decoding_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -301,7 +301,7 @@ def _reference(config: ChaosConfig, ids: list[list[int]], out: Path) -> tuple[li
 
 
 def _edge_drafters(config: ChaosConfig) -> list:
-    from distspec.engine import load_drafter, new_drafter
+    from distspec.spec_decode.drafters.factory import load_drafter, new_drafter
 
     name = config.edge_drafter or config.drafter
     return [
@@ -326,9 +326,9 @@ class WatchedGateway(Gateway):
 
 def _serve(config: ChaosConfig):
     from distspec.bench.relay import DelayRelay
-    from distspec.scheduler.grpc_server import GrpcServer
     from distspec.scheduler.runtime import Runtime
-    from distspec.scheduler.serve import ServeConfig
+    from distspec.server.grpc_server import GrpcServer
+    from distspec.server.serve import ServeConfig
 
     serve = ServeConfig(
         port=0,
@@ -538,7 +538,7 @@ class _Harness:
                 self.stop.wait(min(wait, max(0.0, self.deadline - time.monotonic())))
 
     def _edge_client(self, index: int, client) -> None:
-        from distspec.spec.sampling import SamplingParams
+        from distspec.spec_decode.sampling import SamplingParams
 
         config = self.config
         params = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=0.0)

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import torch
 
 from distspec.models.loader import LoadedModel, demo_gguf_path, resolve_model_dir
-from distspec.spec.decoding import SpeculativeDecoder
-from distspec.spec.sampling import SamplingParams
+from distspec.spec_decode.decoding import SpeculativeDecoder
+from distspec.spec_decode.sampling import SamplingParams
 
 
 @dataclass

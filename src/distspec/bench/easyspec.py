@@ -10,12 +10,10 @@ an exact step, as after a verify round); without, every step ever taken was fuzz
 
 from __future__ import annotations
 
-import json
-from importlib import resources
-
 import torch
 from tqdm import tqdm
 
+from distspec.datasets import load_prompts
 from distspec.models.llama import easyspec_groups
 from distspec.models.tokenizer import ChatMessage
 
@@ -50,16 +48,15 @@ def run_easyspec_bench(
     exact: tuple[int, int] = (1, 1),
 ) -> list[dict]:
     """exact: how many first and last layers stay exact."""
-    from distspec.engine import load_for_inference
-    from distspec.spec.decoding import SpeculativeDecoder
-    from distspec.spec.sampling import SamplingParams
+    from distspec.models.loader import load_for_inference
+    from distspec.spec_decode.decoding import SpeculativeDecoder
+    from distspec.spec_decode.sampling import SamplingParams
 
     loaded = load_for_inference(model_name, max_len=1024)
     model, tok = loaded.model, loaded.tokenizer
-    prompts = json.loads((resources.files("distspec.bench") / "prompts.json").read_text())
     sequences = []
     dec = SpeculativeDecoder(model, None, eos_token_ids=tok.eos_token_ids)
-    for prompt in prompts["prompts"][:num_prompts]:
+    for prompt in load_prompts(limit=num_prompts):
         ids = tok.encode_chat([ChatMessage("user", prompt)])
         out, _ = dec.generate(ids, SamplingParams(max_new_tokens=new_tokens))
         sequences.append((len(ids), ids + out))

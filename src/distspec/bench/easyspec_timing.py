@@ -17,14 +17,14 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
 from tqdm import tqdm
 
 from distspec.models.llama import Transformer, easyspec_groups
+from distspec.models.step_timing import decode_step_times
 
 
 @dataclass
@@ -75,32 +75,6 @@ def _sublayer_clock(model: Transformer, totals: dict[str, float]):
     finally:
         for h in handles:
             h.remove()
-
-
-def decode_step_times(
-    model: Transformer,
-    context_len: int,
-    steps: int,
-    fuzzy_groups: tuple[tuple[int, int], ...] = (),
-    around: Callable[[], AbstractContextManager] = nullcontext,
-) -> list[float]:
-    """Seconds of each of `steps` single-token forwards (fuzzy_groups: EasySpec's) after
-    context_len random tokens, in KV slot 0; around(): entered outside each timed step."""
-    n = context_len + steps
-    device = model.device
-    generator = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, model.config.vocab_size, (1, n), generator=generator).to(device)
-    pos, slot = torch.arange(n, device=device)[None], torch.tensor([0], device=device)
-    model(tokens[:, :context_len], pos[:, :context_len], slot, last_only=True)
-    times = []
-    for i in range(context_len, n):
-        with around():
-            start = time.perf_counter()
-            model(tokens[:, i : i + 1], pos[:, i : i + 1], slot, True, fuzzy_groups=fuzzy_groups)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - start)
-    return times
 
 
 def sublayer_times(model: Transformer, context_len: int = 256, steps: int = 32) -> SublayerTimes:

@@ -18,10 +18,11 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from importlib import resources
 from pathlib import Path
 
 from tqdm import tqdm
+
+from distspec.datasets import load_prompts
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +48,13 @@ def run_edge_bench(config: EdgeBenchConfig) -> dict:
 
     from distspec.bench.relay import DelayRelay
     from distspec.edge_client import EdgeClient
-    from distspec.engine import load_drafter, new_drafter
-    from distspec.spec.sampling import SamplingParams
+    from distspec.spec_decode.drafters.factory import load_drafter, new_drafter
+    from distspec.spec_decode.sampling import SamplingParams
     from distspec.v1 import speculative_decoding_pb2 as pb
     from distspec.v1 import speculative_decoding_pb2_grpc as pb_grpc
 
     torch.set_num_threads(config.client_threads)
-    prompts = json.loads((resources.files("distspec.bench") / "prompts.json").read_text())
-    prompts = prompts["prompts"][: config.num_prompts]
+    prompts = load_prompts(limit=config.num_prompts)
     server, address = _start_server(config)
     drafter = new_drafter(load_drafter(config.drafter, config.target, max_len=2048))
     params = SamplingParams(max_new_tokens=config.max_new_tokens)

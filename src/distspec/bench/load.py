@@ -49,9 +49,9 @@ from distspec.bench.grpc_client import chat_request, generate_stub
 from distspec.bench.load_config import LoadConfig
 from distspec.bench.procmem import MB, ProcessMemory, ProcessTreeSampler, RssGrowth
 from distspec.bench.prom import GaugePoller, Scrape
-from distspec.bench.prompts import load_prompts
 from distspec.bench.serve_process import ServeProcess, free_port
 from distspec.bench.streams import percentile, scaled, stream_generate
+from distspec.datasets import load_prompts
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ import gc
 
 import torch
 
-from distspec.engine import load_for_inference
-from distspec.spec.decoding import SpeculativeDecoder
-from distspec.spec.sampling import SamplingParams
+from distspec.models.loader import load_for_inference
+from distspec.spec_decode.decoding import SpeculativeDecoder
+from distspec.spec_decode.sampling import SamplingParams
 
 
 def greedy_references(

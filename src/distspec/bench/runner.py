@@ -26,10 +26,11 @@ from distspec.bench.contenders import (
     load_hf_model,
 )
 from distspec.bench.plot import plot_bench
-from distspec.bench.prompts import load_prompts
-from distspec.engine import build_drafter, load_for_inference
+from distspec.datasets import load_prompts
+from distspec.models.loader import load_for_inference
 from distspec.models.tokenizer import ChatMessage
-from distspec.spec.sampling import SamplingParams
+from distspec.spec_decode.drafters.factory import build_drafter
+from distspec.spec_decode.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ import grpc
 from tqdm import tqdm
 
 from distspec.bench.grpc_client import chat_request, generate_stub
-from distspec.bench.prompts import load_prompts
+from distspec.datasets import load_prompts
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +48,8 @@ class ServingBenchConfig:
 
 
 def run_serving_bench(config: ServingBenchConfig) -> dict:
-    from distspec.scheduler.grpc_server import GrpcServer
-    from distspec.scheduler.serve import ServeConfig
+    from distspec.server.grpc_server import GrpcServer
+    from distspec.server.serve import ServeConfig
 
     serve = ServeConfig(
         port=0,

@@ -1,1 +1,3 @@
-"""Ray bring-up: placement groups, tensor-parallel groups of workers, drafter groups."""
+"""Ray bring-up: placement groups, tensor-parallel groups of workers (torch.distributed),
+drafter groups, health checks and rebuilding broken groups.
+Imports workers/ and below; never the scheduler, server, bench or CLI."""

@@ -17,9 +17,9 @@ import threading
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from distspec.scheduler.remote import Remote
 from distspec.workers.drafter import DrafterSpec, DrafterWorker
 from distspec.workers.group import GroupSpec
+from distspec.workers.remote import Remote
 from distspec.workers.target import TargetSpec, TargetWorker
 
 log = logging.getLogger(__name__)

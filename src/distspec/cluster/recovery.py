@@ -1,4 +1,4 @@
-"""Repairs a RayCluster for the scheduler (scheduler/recovery.py): a broken target group is
+"""Repairs a RayCluster for the scheduler (workers/repair.py): a broken target group is
 rebuilt at once (its sessions wait, then resume); a broken drafter group is stood in for by
 prompt lookup in the scheduler's process at once, rebuilt in the background and handed back
 when ready, so drafting degrades instead of stopping."""
@@ -10,9 +10,9 @@ import threading
 from dataclasses import replace
 
 from distspec.cluster.ray_cluster import RayCluster, WorkerGroup
-from distspec.scheduler.recovery import Repair
-from distspec.scheduler.remote import Remote
 from distspec.workers.drafter import DrafterWorker
+from distspec.workers.remote import Remote
+from distspec.workers.repair import Repair
 
 log = logging.getLogger(__name__)
 

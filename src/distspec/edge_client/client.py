@@ -31,9 +31,9 @@ from pathlib import Path
 import grpc
 import torch
 
-from distspec.spec.decoding import GenerationStats
-from distspec.spec.drafter import Draft, Drafter
-from distspec.spec.sampling import SamplingParams
+from distspec.spec_decode.decoding import GenerationStats
+from distspec.spec_decode.drafter import Draft, Drafter
+from distspec.spec_decode.sampling import SamplingParams
 from distspec.v1 import speculative_decoding_pb2 as pb
 from distspec.v1 import speculative_decoding_pb2_grpc as pb_grpc
 

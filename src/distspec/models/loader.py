@@ -18,7 +18,7 @@ from safetensors import safe_open
 
 from distspec.models.config import ModelConfig
 from distspec.models.gguf_convert import OUTPUT_VERSION, convert_gguf
-from distspec.models.llama import Transformer
+from distspec.models.llama import Transformer, pack_for_cpu
 from distspec.models.tensor_parallel import TPContext
 from distspec.models.tokenizer import Tokenizer
 
@@ -293,3 +293,20 @@ def _build(model_dir, config, tp, device, dtype, num_slots, max_len) -> Transfor
     model.load_hf_state_dict(SafetensorsWeights(model_dir))
     model.setup_cache(num_slots, max_len)
     return model
+
+
+def load_for_inference(
+    name: str,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    max_len: int = 4096,
+    num_slots: int = 1,
+    tp: TPContext | None = None,
+) -> LoadedModel:
+    """load_model, then pack weights for the CPU's fast small-batch kernels."""
+    loaded = load_model(
+        name, device=device, dtype=dtype, max_len=max_len, num_slots=num_slots, tp=tp
+    )
+    if torch.device(device).type == "cpu":
+        pack_for_cpu(loaded.model)
+    return loaded

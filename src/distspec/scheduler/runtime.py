@@ -8,8 +8,8 @@ from dataclasses import dataclass, field, replace
 from distspec.cluster.ray_cluster import ClusterConfig, RayCluster
 from distspec.models.loader import load_tokenizer
 from distspec.models.tokenizer import Tokenizer
-from distspec.scheduler.remote import Remote
 from distspec.scheduler.scheduler import Scheduler, SchedulerConfig, calibrate
+from distspec.workers.remote import Remote
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ target step over all sessions' chunks (ragged lengths), plus drafting on the dra
 - ar: chunk = [newest token];
 - sd: the drafters draft first, then the chunk is [newest token, *draft];
 - pearl: the chunk [newest token, *pending] goes to the target while the drafters draft
-  after the pending tokens, at the same time; then the leader decides (spec/pearl.py).
+  after the pending tokens, at the same time; then the leader decides (spec_decode/pearl.py).
 
 External sessions (the Speculate RPC: an edge device drafts) offer their draft chunks; a
 session joins the next round once its chunk is there, so no session waits on another's
@@ -32,16 +32,16 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from distspec.scheduler.metrics import SchedulerMetrics
-from distspec.scheduler.recovery import Repair, Repairer
-from distspec.scheduler.remote import Remote
 from distspec.scheduler.session import Session, SessionError
 from distspec.scheduler.switch import SpeculationSwitch
-from distspec.spec.decoding import StepOutput, clip_new_tokens
-from distspec.spec.draft_policy import DraftCosts, DraftLengthPolicy, ema
-from distspec.spec.drafter import EMPTY_DRAFT, Draft
-from distspec.spec.pearl import PearlState, pearl_gamma
-from distspec.spec.sampling import SamplingParams
+from distspec.spec_decode.decoding import StepOutput, clip_new_tokens
+from distspec.spec_decode.draft_policy import DraftCosts, DraftLengthPolicy, ema
+from distspec.spec_decode.drafter import EMPTY_DRAFT, Draft
+from distspec.spec_decode.pearl import PearlState, pearl_gamma
+from distspec.spec_decode.sampling import SamplingParams
 from distspec.workers.messages import DraftRequest, ForwardItem, ModelInfo
+from distspec.workers.remote import Remote
+from distspec.workers.repair import Repair, Repairer
 
 log = logging.getLogger(__name__)
 

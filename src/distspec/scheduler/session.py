@@ -8,11 +8,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from distspec.spec.decoding import GenerationStats, StepOutput
-from distspec.spec.draft_policy import DraftLengthPolicy
-from distspec.spec.drafter import Draft
-from distspec.spec.pearl import PearlState
-from distspec.spec.sampling import SamplingParams
+from distspec.spec_decode.decoding import GenerationStats, StepOutput
+from distspec.spec_decode.draft_policy import DraftLengthPolicy
+from distspec.spec_decode.drafter import Draft
+from distspec.spec_decode.pearl import PearlState
+from distspec.spec_decode.sampling import SamplingParams
 
 
 class SessionError(RuntimeError):

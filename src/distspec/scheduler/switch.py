@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from distspec.spec.draft_policy import ema
+from distspec.spec_decode.draft_policy import ema
 
 
 def _bucket(batch: int) -> int:

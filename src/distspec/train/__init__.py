@@ -1,1 +1,2 @@
-"""Training the demo drafter: self-distillation from the target (distspec train-drafter)."""
+"""Training the demo drafter: self-distillation from the target (distspec train-drafter).
+On top, beside bench/: only the CLI imports it."""

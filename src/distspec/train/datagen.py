@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from distspec.models.llama import Transformer
-from distspec.spec.sampling import SamplingParams, probs_from_logits, sample
+from distspec.spec_decode.sampling import SamplingParams, probs_from_logits, sample
 
 
 @dataclass

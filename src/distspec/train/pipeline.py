@@ -14,13 +14,13 @@ from pathlib import Path
 
 import torch
 
-from distspec.bench.runner import load_prompts
-from distspec.engine import build_drafter, load_for_inference
-from distspec.models.loader import LoadedModel, load_model
+from distspec.datasets import load_prompts
+from distspec.models.loader import LoadedModel, load_for_inference, load_model
 from distspec.models.tokenizer import ChatMessage
-from distspec.spec.decoding import SpeculativeDecoder
-from distspec.spec.draft_policy import measure_costs
-from distspec.spec.sampling import SamplingParams
+from distspec.spec_decode.decoding import SpeculativeDecoder
+from distspec.spec_decode.draft_policy import measure_costs
+from distspec.spec_decode.drafters.factory import build_drafter
+from distspec.spec_decode.sampling import SamplingParams
 from distspec.train.datagen import Sample, generate_samples, load_samples, save_samples
 from distspec.train.draft_model import frequency_vocab, init_drafter, save_drafter
 from distspec.train.prompts import derived_prompts, training_prompts

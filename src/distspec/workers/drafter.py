@@ -12,12 +12,13 @@ from dataclasses import dataclass
 
 import torch
 
-from distspec.engine import load_drafter, new_drafter
 from distspec.models.llama import check_easyspec, easyspec_groups
+from distspec.models.step_timing import decode_step_times
 from distspec.models.tensor_parallel import TPContext
-from distspec.spec.draft_policy import time_drafter
-from distspec.spec.drafter import Draft, Drafter
-from distspec.spec.sampling import SamplingParams
+from distspec.spec_decode.draft_policy import time_drafter
+from distspec.spec_decode.drafter import Draft, Drafter
+from distspec.spec_decode.drafters.factory import load_drafter, new_drafter
+from distspec.spec_decode.sampling import SamplingParams
 from distspec.workers.group import GroupMember, GroupSpec, join_group
 from distspec.workers.messages import DraftRequest
 
@@ -137,8 +138,6 @@ class DrafterWorker(GroupMember):
         return new_drafter(self.model, self.spec.lookup, slot, self.fuzzy_groups)
 
     def _time_steps(self, group_size: int, context_len: int, steps: int) -> float:
-        from distspec.bench.easyspec_timing import decode_step_times
-
         model = self.model.model
         layers = model.config.num_hidden_layers
         groups = easyspec_groups(layers, group_size, *self.spec.easyspec_exact)

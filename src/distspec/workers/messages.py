@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from distspec.spec.drafter import Draft
+from distspec.spec_decode.drafter import Draft
 
 
 @dataclass

@@ -13,12 +13,12 @@ from dataclasses import dataclass
 
 import torch
 
-from distspec.engine import load_for_inference
 from distspec.models.llama import pad_positions
-from distspec.spec.draft_policy import time_target
-from distspec.spec.drafter import Draft
-from distspec.spec.sampling import SamplingParams
-from distspec.spec.verify import Verdict, verify
+from distspec.models.loader import load_for_inference
+from distspec.spec_decode.draft_policy import time_target
+from distspec.spec_decode.drafter import Draft
+from distspec.spec_decode.sampling import SamplingParams
+from distspec.spec_decode.verify import Verdict, verify
 from distspec.workers.group import GroupMember, GroupSpec, join_group
 from distspec.workers.messages import ForwardItem, ModelInfo
 

@@ -24,10 +24,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from distspec.models.llama import Transformer
-from distspec.spec.decoding import SpeculativeDecoder
-from distspec.spec.draft_policy import DraftCosts
-from distspec.spec.drafter import EMPTY_DRAFT, Draft, Drafter
-from distspec.spec.verify import Verdict, verify
+from distspec.spec_decode.decoding import SpeculativeDecoder
+from distspec.spec_decode.draft_policy import DraftCosts
+from distspec.spec_decode.drafter import EMPTY_DRAFT, Draft, Drafter
+from distspec.spec_decode.verify import Verdict, verify
 
 
 @dataclass

@@ -16,7 +16,7 @@ from typing import Any
 from distspec.cluster.ray_cluster import ClusterConfig
 from distspec.scheduler.runtime import Runtime, RuntimeConfig
 from distspec.scheduler.scheduler import SchedulerConfig
-from distspec.scheduler.security import ClientLimits, TlsConfig, read_tokens
+from distspec.server.security import ClientLimits, TlsConfig, read_tokens
 from distspec.workers.drafter import DrafterSpec
 from distspec.workers.target import TargetSpec
 
@@ -112,8 +112,8 @@ class ServeConfig:
 
 
 def serve(config: ServeConfig) -> None:
-    from distspec.scheduler.gateway import Gateway
-    from distspec.scheduler.grpc_server import GrpcServer
+    from distspec.server.gateway import Gateway
+    from distspec.server.grpc_server import GrpcServer
 
     if bool(config.tls_cert) != bool(config.tls_key):
         raise ValueError("TLS needs both tls_cert and tls_key")
@@ -135,7 +135,7 @@ def serve(config: ServeConfig) -> None:
         )
         http = None
         if config.http_port is not None:
-            from distspec.scheduler.http_api import HttpServer
+            from distspec.server.http_api import HttpServer
 
             model = config.served_model_name or config.target
             http = HttpServer(gateway, config.http_port, config.host, model, tokens, tls)

@@ -1,344 +1,18 @@
-"""Command line: `distspec generate | bench`. The only module that parses flags."""
+"""The harnesses: `distspec bench`, `bench-serve`, `bench-load`, `bench-chaos`, `bench-edge`,
+`bench-easyspec`."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
-import sys
-from collections.abc import Callable
 
-from distspec import __version__
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, no usage dump
-        self.exit(2, f"distspec: error: {message}\n")
+from distspec.cli.args import (
+    exact_layers,
+    positive_ints,
+)
 
 
-def _add_prompt_and_sampling(p) -> None:
-    p.add_argument("--prompt", required=True, help="user message (chat template applied)")
-    p.add_argument("--raw", action="store_true", help="feed --prompt as is, no chat template")
-    p.add_argument(
-        "--max-new-tokens",
-        type=int,
-        default=128,
-        help="most tokens to generate (default %(default)s)",
-    )
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument(
-        "--top-p",
-        type=float,
-        default=1.0,
-        help="nucleus sampling: keep the fewest most likely tokens whose probabilities reach P "
-        "(1 = off)",
-    )
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: a fresh one)")
-
-
-def _exact_layers(text: str) -> tuple[int, int]:
-    try:
-        first, last = (int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected FIRST,LAST (two integers), got {text!r}"
-        ) from None
-    return first, last
-
-
-def _sampling_params(args: argparse.Namespace):
-    from distspec.spec.sampling import SamplingParams
-
-    if not args.prompt.strip():
-        raise ValueError("the prompt is empty")
-    return SamplingParams(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        seed=args.seed,
-    )
-
-
-def _add_generate(sub) -> None:
-    p = sub.add_parser("generate", help="generate text from a prompt")
-    _add_prompt_and_sampling(p)
-    p.add_argument(
-        "--mode",
-        choices=["ar", "sd", "pearl"],
-        default="sd",
-        help="ar: plain decoding; sd: draft then verify; pearl: draft while verifying (PEARL)",
-    )
-    p.add_argument("--drafter", default="demo", help="demo | ngram | PATH (HF dir or .gguf)")
-    p.add_argument("--gamma", type=int, default=4, help="draft tokens per round (the most)")
-    p.add_argument(
-        "--adaptive",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="adapt the draft length to measured costs and acceptance (off: always --gamma)",
-    )
-    p.add_argument(
-        "--lookup",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="model drafters start drafts with prompt-lookup matches of 2+ tokens",
-    )
-    p.add_argument(
-        "--easyspec-group",
-        type=int,
-        default=0,
-        metavar="N",
-        help="EasySpec: draft with the attentions of each N middle layers sharing one input",
-    )
-    p.add_argument(
-        "--easyspec-exact",
-        type=_exact_layers,
-        default=(1, 1),
-        metavar="FIRST,LAST",
-        help="EasySpec: how many first and last drafter layers stay exact (default 1,1)",
-    )
-    p.add_argument(
-        "--drafter-parallel",
-        choices=["layer"],
-        default=None,
-        help="layer: run each EasySpec group's attentions on --drafter-ranks processes",
-    )
-    p.add_argument("--drafter-ranks", type=int, default=2, help="with --drafter-parallel layer")
-    p.add_argument("--target", default="demo", help="demo | PATH (HF dir or .gguf)")
-    p.add_argument("--max-len", type=int, default=4096, help="KV cache length (context)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--json", action="store_true", help="print one JSON object at the end")
-    p.set_defaults(func=_generate)
-
-
-def _generate(args: argparse.Namespace) -> int:
-    from distspec.engine import Engine, EngineConfig
-
-    params = _sampling_params(args)
-    if args.drafter_parallel == "layer" and not args.easyspec_group:
-        raise ValueError("--drafter-parallel layer needs --easyspec-group N (N >= 2)")
-    config = EngineConfig(
-        target=args.target,
-        mode=args.mode,
-        drafter=args.drafter,
-        gamma=args.gamma,
-        adaptive=args.adaptive,
-        lookup=args.lookup,
-        max_len=args.max_len,
-        threads=args.threads,
-        easyspec_group=args.easyspec_group,
-        easyspec_exact=args.easyspec_exact,
-        drafter_ranks=args.drafter_ranks if args.drafter_parallel == "layer" else 1,
-    )
-    engine = Engine(config)
-    try:
-        return _stream_generation(args, engine, params)
-    finally:
-        engine.close()
-
-
-def _stream_generation(args: argparse.Namespace, engine, params) -> int:
-    prompt_ids = engine.encode(args.prompt, raw=args.raw)
-    token_ids: list[int] = []
-    text = ""
-    for delta, step in engine.stream_text(prompt_ids, params):
-        token_ids += step.token_ids
-        text += delta
-        if not args.json:
-            sys.stdout.write(delta)
-            sys.stdout.flush()
-    if args.json:
-        result = {
-            "text": engine.tokenizer.decode(token_ids),
-            "token_ids": token_ids,
-            "finish_reason": step.finish_reason,
-            "mode": args.mode,
-            "drafter": args.drafter if args.mode != "ar" else None,
-            "stats": step.stats.to_dict(),
-        }
-        print(json.dumps(result))
-    else:
-        sys.stdout.write("\n")
-    return 0
-
-
-def _add_serve(sub) -> None:
-    p = sub.add_parser(
-        "serve", help="serve gRPC (distspec.v1.SpeculativeDecoding) from a Ray cluster"
-    )
-    p.add_argument("--config", help="YAML file of settings (flags override it)")
-    p.add_argument("--port", type=int, help="gRPC port (default 50051; 0 picks a free one)")
-    p.add_argument(
-        "--http-port",
-        type=int,
-        help="also serve the OpenAI-compatible HTTP API (/v1/completions, "
-        "/v1/chat/completions, /v1/models) on this port (0 picks a free one)",
-    )
-    p.add_argument("--host", help="interface to listen on (default all)")
-    p.add_argument(
-        "--address", help="Ray cluster to join (default: RAY_ADDRESS if set, else start one)"
-    )
-    p.add_argument(
-        "--no-ray",
-        dest="use_ray",
-        action="store_const",
-        const=False,
-        help="run the workers in this process (tensor parallel size 1)",
-    )
-    p.add_argument("--target", help="demo | a model path (default demo)")
-    p.add_argument("--target-tp", type=int, help="tensor-parallel ranks of the target")
-    p.add_argument("--drafter", help="demo | ngram | a model path | none (default demo)")
-    p.add_argument("--drafter-tp", type=int, help="ranks of each drafter group (default 1)")
-    p.add_argument(
-        "--drafter-parallel",
-        choices=["tensor", "layer"],
-        help="how a drafter group splits the drafter: tensor parallelism (default) or "
-        "EasySpec's layer parallelism (needs --easyspec-group)",
-    )
-    p.add_argument(
-        "--easyspec-group",
-        type=int,
-        metavar="N",
-        help="EasySpec: draft with the attentions of each N middle layers sharing one input",
-    )
-    p.add_argument(
-        "--easyspec-exact",
-        type=_exact_layers,
-        metavar="FIRST,LAST",
-        help="EasySpec: how many first and last drafter layers stay exact (default 1,1)",
-    )
-    p.add_argument("--num-drafters", type=int, help="drafter groups (sessions are spread)")
-    p.add_argument(
-        "--mode", choices=["ar", "sd", "pearl"], help="default: pearl with a drafter, else ar"
-    )
-    p.add_argument("--gamma", type=int, help="longest draft per round (default 4)")
-    p.add_argument("--num-slots", type=int, help="concurrent sessions (KV slots; default 16)")
-    p.add_argument("--max-len", type=int, help="context length per session (default 2048)")
-    p.add_argument("--max-waiting", type=int, help="sessions queued beyond the slots")
-    p.add_argument("--device", help="cpu | cuda")
-    p.add_argument("--threads", type=int, help="torch threads per worker")
-    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
-    p.add_argument("--tls-cert", help="server certificate (PEM): serve TLS")
-    p.add_argument("--tls-key", help="the certificate's private key (PEM)")
-    p.add_argument("--tls-client-ca", help="mutual TLS: clients need a certificate from this CA")
-    p.add_argument("--tokens-file", help="bearer tokens (one per line) the API then requires")
-    p.add_argument("--max-sessions-per-client", type=int, help="open sessions per client")
-    p.add_argument("--requests-per-minute", type=float, help="new sessions per client per minute")
-    p.add_argument(
-        "--request-timeout-s",
-        type=float,
-        metavar="S",
-        help="end requests still running after S seconds, queueing included (default 0: never)",
-    )
-    p.add_argument(
-        "--stall-timeout-s",
-        type=float,
-        metavar="S",
-        help="end calls whose client sends no request or takes no response for S seconds "
-        "(default 60; 0: never)",
-    )
-    p.add_argument(
-        "--drain-timeout-s",
-        type=float,
-        metavar="S",
-        help="on SIGTERM/SIGINT refuse new requests at once and give those in flight S seconds "
-        "to finish before ending them with UNAVAILABLE; a second signal ends the drain "
-        "(default 30)",
-    )
-    p.set_defaults(func=_serve)
-
-
-def _serve(args: argparse.Namespace) -> int:
-    try:
-        from distspec.scheduler.serve import ServeConfig, serve
-    except ImportError as e:
-        raise RuntimeError(
-            f"distspec serve needs the server extra (pip install 'distspec[server]'): {e}"
-        ) from None
-
-    values = {}
-    if args.config:
-        import yaml
-
-        with open(args.config) as f:
-            loaded = yaml.safe_load(f) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{args.config}: expected a mapping of settings")
-        values = {k.replace("-", "_"): v for k, v in loaded.items()}
-    skip = {"config", "func", "command", "verbose"}
-    flags = {k: v for k, v in vars(args).items() if k not in skip and v is not None}
-    serve(ServeConfig.from_dict({**values, **flags}))
-    return 0
-
-
-def _add_edge(sub) -> None:
-    p = sub.add_parser("edge", help="draft on this device; the server's target verifies")
-    p.add_argument("--server", required=True, help="HOST:PORT of a distspec server")
-    _add_prompt_and_sampling(p)
-    p.add_argument("--drafter", default="demo", help="demo | ngram | a model path")
-    p.add_argument("--target", default="demo", help="the server's target (tokenizer/embedding)")
-    p.add_argument("--gamma", type=int, default=4, help="draft tokens per chunk")
-    p.add_argument(
-        "--overlap",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="draft the next chunk while one is verified (--no-overlap: stop and wait)",
-    )
-    p.add_argument("--json", action="store_true", help="print one JSON object at the end")
-    p.add_argument("--tls-ca", help="connect with TLS, trusting this CA certificate (PEM)")
-    p.add_argument("--tls-cert", help="this client's certificate, for mutual TLS (PEM)")
-    p.add_argument("--tls-key", help="this client's private key, for mutual TLS (PEM)")
-    p.add_argument("--token", help="bearer token for a server that requires one")
-    p.set_defaults(func=_edge)
-
-
-def _edge(args: argparse.Namespace) -> int:
-    import grpc
-
-    from distspec.edge_client import EdgeClient
-    from distspec.engine import load_drafter, new_drafter
-
-    params = _sampling_params(args)
-    drafter = new_drafter(load_drafter(args.drafter, args.target, max_len=4096))
-    client = EdgeClient(
-        args.server,
-        drafter,
-        gamma=args.gamma,
-        overlap=args.overlap,
-        tls_ca=args.tls_ca,
-        token=args.token,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-    )
-    prompt = {"prompt": args.prompt} if args.raw else {"messages": [("user", args.prompt)]}
-    token_ids, text = [], ""
-    try:
-        for step in client.generate(params, **prompt):
-            token_ids += step.token_ids
-            text += step.text
-            if not args.json:
-                sys.stdout.write(step.text)
-                sys.stdout.flush()
-    except grpc.RpcError as e:
-        raise RuntimeError(f"server {args.server}: {e.code().name}: {e.details()}") from None
-    finally:
-        client.close()
-    if args.json:
-        result = {
-            "text": text,
-            "token_ids": token_ids,
-            "finish_reason": step.finish_reason,
-            "overlap": args.overlap,
-            "stats": step.stats.to_dict(),
-        }
-        print(json.dumps(result))
-    else:
-        sys.stdout.write("\n")
-    return 0
-
-
-def _add_bench(sub) -> None:
+def add_bench(sub) -> None:
     p = sub.add_parser("bench", help="benchmark distspec against transformers (one process)")
     p.add_argument("--target", default="demo", help="demo | PATH (HF dir or .gguf)")
     p.add_argument(
@@ -399,7 +73,7 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_bench_serve(sub) -> None:
+def add_bench_serve(sub) -> None:
     p = sub.add_parser(
         "bench-serve", help="benchmark the distributed runtime under load (gRPC clients)"
     )
@@ -468,19 +142,7 @@ def _bench_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a comma list of integers, got {text!r}"
-        ) from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
-    return values
-
-
-def _add_bench_load(sub) -> None:
+def add_bench_load(sub) -> None:
     from distspec.bench.load_config import LoadConfig
 
     d = LoadConfig()
@@ -491,7 +153,7 @@ def _add_bench_load(sub) -> None:
     )
     p.add_argument(
         "--clients",
-        type=_positive_ints,
+        type=positive_ints,
         default=d.clients,
         help="comma list of concurrency levels, run one after another (default 4,16,32)",
     )
@@ -573,7 +235,7 @@ def _bench_load(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_bench_chaos(sub) -> None:
+def add_bench_chaos(sub) -> None:
     from distspec.bench.chaos_config import FAULT_KINDS, ChaosConfig
 
     d = ChaosConfig()
@@ -725,7 +387,7 @@ def _bench_chaos(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-def _add_bench_edge(sub) -> None:
+def add_bench_edge(sub) -> None:
     p = sub.add_parser("bench-edge", help="benchmark an edge drafter across round-trip times")
     p.add_argument(
         "--target",
@@ -772,7 +434,7 @@ def _bench_edge(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_bench_easyspec(sub) -> None:
+def add_bench_easyspec(sub) -> None:
     p = sub.add_parser(
         "bench-easyspec",
         help="EasySpec: fuzzy vs exact top-1 agreement, and drafting step latency on ranks",
@@ -781,7 +443,7 @@ def _add_bench_easyspec(sub) -> None:
     p.add_argument("--groups", default="2,3,4,5", help="comma list of group sizes N")
     p.add_argument(
         "--exact",
-        type=_exact_layers,
+        type=exact_layers,
         default=(1, 1),
         metavar="FIRST,LAST",
         help="first and last layers kept exact (default 1,1)",
@@ -847,152 +509,3 @@ def _bench_easyspec(args: argparse.Namespace) -> int:
     plot_easyspec(report, out / "easyspec.png")
     print(f"wrote {out}/easyspec.json and easyspec.png")
     return 0
-
-
-def _add_train_drafter(sub) -> None:
-    from distspec.train.pipeline import DrafterRecipe
-    from distspec.train.trainer import TrainConfig
-
-    r, t = DrafterRecipe(), TrainConfig()
-    p = sub.add_parser("train-drafter", help="distil a drafter from the target's own outputs")
-    p.add_argument("--out", default=r.out_dir, help="run directory (resumes if present)")
-    p.add_argument(
-        "--target", default=r.target, help="the model to distil (demo | PATH; default %(default)s)"
-    )
-    p.add_argument("--num-prompts", type=int, default=r.num_prompts, help="template prompts")
-    p.add_argument(
-        "--self-instruct-prompts",
-        type=int,
-        default=r.self_instruct_prompts,
-        help="user requests the target writes itself",
-    )
-    p.add_argument(
-        "--derived-prompts",
-        type=int,
-        default=r.derived_prompts,
-        help="requests about paragraphs and code of earlier answers",
-    )
-    p.add_argument(
-        "--heldout-prompts", type=int, default=r.heldout_prompts, help="per prompt family"
-    )
-    p.add_argument(
-        "--temperatures",
-        default=",".join(str(x) for x in r.temperatures),
-        help="cycled over the prompts",
-    )
-    p.add_argument(
-        "--max-new-tokens",
-        type=int,
-        default=r.max_new_tokens,
-        help="longest target answer, in the data and in the evaluation (default %(default)s)",
-    )
-    p.add_argument("--gen-batch", type=int, default=r.gen_batch, help="sequences generated at once")
-    p.add_argument(
-        "--layers",
-        default=",".join(str(x) for x in r.layers),
-        help="target layers the drafter starts from",
-    )
-    p.add_argument(
-        "--draft-vocab", type=int, default=r.draft_vocab, help="head size; 0 = full vocab"
-    )
-    p.add_argument(
-        "--steps", type=int, default=t.steps, help="training steps (default %(default)s)"
-    )
-    p.add_argument(
-        "--batch-size",
-        type=int,
-        default=t.batch_size,
-        help="answers per training step (default %(default)s)",
-    )
-    p.add_argument(
-        "--lr",
-        type=float,
-        default=t.lr,
-        help="peak AdamW learning rate, after a linear warm-up, cosine decay to a tenth "
-        "(default %(default)s)",
-    )
-    p.add_argument("--gamma", type=int, default=r.gamma, help="draft length for the evaluation")
-    p.add_argument(
-        "--seed",
-        type=int,
-        default=r.seed,
-        help="seed of prompt choice, generation and training (default %(default)s)",
-    )
-    p.set_defaults(func=_train_drafter)
-
-
-def _train_drafter(args: argparse.Namespace) -> int:
-    from distspec.train.pipeline import DrafterRecipe, run
-    from distspec.train.trainer import TrainConfig
-
-    recipe = DrafterRecipe(
-        target=args.target,
-        out_dir=args.out,
-        num_prompts=args.num_prompts,
-        self_instruct_prompts=args.self_instruct_prompts,
-        derived_prompts=args.derived_prompts,
-        heldout_prompts=args.heldout_prompts,
-        temperatures=[float(t) for t in args.temperatures.split(",")],
-        max_new_tokens=args.max_new_tokens,
-        gen_batch=args.gen_batch,
-        layers=[int(x) for x in args.layers.split(",")],
-        draft_vocab=args.draft_vocab,
-        gamma=args.gamma,
-        seed=args.seed,
-        train=TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed),
-    )
-    record = run(recipe)
-    print(
-        f"held-out: tau {record['tokens_per_target_forward']:.2f}, "
-        f"acceptance {record['acceptance_rate']:.2f}; drafter in {args.out}/drafter"
-    )
-    return 0
-
-
-COMMANDS: list[Callable] = [
-    _add_generate,
-    _add_serve,
-    _add_edge,
-    _add_bench,
-    _add_bench_serve,
-    _add_bench_load,
-    _add_bench_chaos,
-    _add_bench_edge,
-    _add_bench_easyspec,
-    _add_train_drafter,
-]
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="distspec", description="distributed speculative decoding")
-    parser.add_argument("--version", action="version", version=f"distspec {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    sub = parser.add_subparsers(
-        dest="command",
-        required=True,
-        parser_class=_Parser,
-        help="`distspec COMMAND -h` lists its flags",
-    )
-    for add in COMMANDS:
-        add(sub)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
-    try:
-        return args.func(args)
-    except KeyboardInterrupt:
-        return 130
-    except (ValueError, KeyError, OSError, RuntimeError) as e:
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"distspec: error: {message}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from distspec.scheduler.remote import Remote
+from distspec.workers.remote import Remote
 
 
 @dataclass

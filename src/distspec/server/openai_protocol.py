@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from distspec.models.tokenizer import ChatMessage
-from distspec.scheduler.gateway import InvalidRequest
+from distspec.server.gateway import InvalidRequest
 
 COMPLETIONS_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat: up to the context
 MAX_STOP_STRINGS = 16

@@ -31,14 +31,16 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from distspec.scheduler.gateway import (
+from distspec.scheduler.scheduler import AdmissionError, ShuttingDownError
+from distspec.scheduler.session import Session, SessionError
+from distspec.server.gateway import (
     ClientLimitError,
     Gateway,
     InvalidRequest,
     RequestTimeoutError,
     StalledError,
 )
-from distspec.scheduler.openai_protocol import (
+from distspec.server.openai_protocol import (
     CompletionRequest,
     Reply,
     StopStrings,
@@ -46,9 +48,7 @@ from distspec.scheduler.openai_protocol import (
     parse_request,
     usage,
 )
-from distspec.scheduler.scheduler import AdmissionError, ShuttingDownError
-from distspec.scheduler.security import TlsConfig, client_token
-from distspec.scheduler.session import Session, SessionError
+from distspec.server.security import TlsConfig, client_token
 
 log = logging.getLogger(__name__)
 

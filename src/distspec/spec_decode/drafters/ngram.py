@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from distspec.spec.drafter import Draft, Drafter
-from distspec.spec.sampling import SamplingParams
+from distspec.spec_decode.drafter import Draft, Drafter
+from distspec.spec_decode.sampling import SamplingParams
 
 
 class NgramDrafter(Drafter):

@@ -23,28 +23,28 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from distspec.models.tokenizer import StreamDecoder
-from distspec.scheduler.gateway import (
+from distspec.scheduler.runtime import Runtime
+from distspec.scheduler.scheduler import AdmissionError, ShuttingDownError
+from distspec.scheduler.session import Session, SessionError
+from distspec.server.gateway import (
     ClientLimitError,
     Gateway,
     InvalidRequest,
     RequestTimeoutError,
     StalledError,
 )
-from distspec.scheduler.grpc_guard import CallGuard
-from distspec.scheduler.runtime import Runtime
-from distspec.scheduler.scheduler import AdmissionError, ShuttingDownError
-from distspec.scheduler.security import (
+from distspec.server.grpc_guard import CallGuard
+from distspec.server.security import (
     BearerTokenInterceptor,
     ClientLedger,
     ClientLimits,
     TlsConfig,
     client_id,
 )
-from distspec.scheduler.session import Session, SessionError
-from distspec.scheduler.watchdog import Alarm
-from distspec.spec.decoding import GenerationStats, StepOutput
-from distspec.spec.drafter import Draft
-from distspec.spec.sampling import SamplingParams
+from distspec.server.watchdog import Alarm
+from distspec.spec_decode.decoding import GenerationStats, StepOutput
+from distspec.spec_decode.drafter import Draft
+from distspec.spec_decode.sampling import SamplingParams
 from distspec.v1 import speculative_decoding_pb2 as pb
 from distspec.v1 import speculative_decoding_pb2_grpc as pb_grpc
 

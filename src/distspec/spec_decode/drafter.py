@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from distspec.spec.sampling import SamplingParams
+from distspec.spec_decode.sampling import SamplingParams
 
 
 @dataclass

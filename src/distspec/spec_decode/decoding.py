@@ -16,10 +16,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from distspec.models.llama import Transformer
-from distspec.spec.draft_policy import DraftCosts, DraftLengthPolicy
-from distspec.spec.drafter import EMPTY_DRAFT, Drafter
-from distspec.spec.sampling import SamplingParams
-from distspec.spec.verify import verify
+from distspec.spec_decode.draft_policy import DraftCosts, DraftLengthPolicy
+from distspec.spec_decode.drafter import EMPTY_DRAFT, Drafter
+from distspec.spec_decode.sampling import SamplingParams
+from distspec.spec_decode.verify import verify
 
 
 @dataclass

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from distspec.models.llama import Transformer
-from distspec.spec.drafter import Drafter
-from distspec.spec.sampling import SamplingParams
+from distspec.spec_decode.drafter import Drafter
+from distspec.spec_decode.sampling import SamplingParams
 
 
 @dataclass(frozen=True)

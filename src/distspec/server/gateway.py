@@ -14,11 +14,11 @@ from typing import Protocol
 
 from distspec.models.tokenizer import ChatMessage, StreamDecoder, Tokenizer
 from distspec.scheduler.runtime import Runtime
-from distspec.scheduler.security import ClientLedger, ClientLimits
 from distspec.scheduler.session import Session
-from distspec.scheduler.watchdog import Watchdog
-from distspec.spec.decoding import GenerationStats
-from distspec.spec.sampling import SamplingParams
+from distspec.server.security import ClientLedger, ClientLimits
+from distspec.server.watchdog import Watchdog
+from distspec.spec_decode.decoding import GenerationStats
+from distspec.spec_decode.sampling import SamplingParams
 
 DEFAULT_MAX_NEW_TOKENS = 128
 ROLES = ("system", "user", "assistant")

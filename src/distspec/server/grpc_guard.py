@@ -17,8 +17,8 @@ from typing import Any
 
 import grpc
 
-from distspec.scheduler.gateway import InvalidRequest
-from distspec.scheduler.watchdog import Watchdog
+from distspec.server.gateway import InvalidRequest
+from distspec.server.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 
 from distspec.models.llama import Transformer
-from distspec.spec.drafter import Draft, Drafter
-from distspec.spec.drafters.ngram import NgramDrafter
-from distspec.spec.sampling import SamplingParams, probs_from_logits, sample
+from distspec.spec_decode.drafter import Draft, Drafter
+from distspec.spec_decode.drafters.ngram import NgramDrafter
+from distspec.spec_decode.sampling import SamplingParams, probs_from_logits, sample
 
 
 class ModelDrafter(Drafter):

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from distspec.spec.drafter import Draft
-from distspec.spec.sampling import SamplingParams, probs_from_logits, sample
+from distspec.spec_decode.drafter import Draft
+from distspec.spec_decode.sampling import SamplingParams, probs_from_logits, sample
 
 
 @dataclass

@@ -1,0 +1,67 @@
+"""What the commands share: the one-line-error parser, prompt and sampling flags, flag types."""
+
+from __future__ import annotations
+
+import argparse
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage dump
+        self.exit(2, f"distspec: error: {message}\n")
+
+
+def add_prompt_and_sampling(p) -> None:
+    p.add_argument("--prompt", required=True, help="user message (chat template applied)")
+    p.add_argument("--raw", action="store_true", help="feed --prompt as is, no chat template")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=128,
+        help="most tokens to generate (default %(default)s)",
+    )
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument(
+        "--top-p",
+        type=float,
+        default=1.0,
+        help="nucleus sampling: keep the fewest most likely tokens whose probabilities reach P "
+        "(1 = off)",
+    )
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: a fresh one)")
+
+
+def exact_layers(text: str) -> tuple[int, int]:
+    try:
+        first, last = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected FIRST,LAST (two integers), got {text!r}"
+        ) from None
+    return first, last
+
+
+def sampling_params(args: argparse.Namespace):
+    from distspec.spec_decode.sampling import SamplingParams
+
+    if not args.prompt.strip():
+        raise ValueError("the prompt is empty")
+    return SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
+
+
+def positive_ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a comma list of integers, got {text!r}"
+        ) from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    return values

@@ -1,1 +1,0 @@
-"""Speculative decoding algorithms: drafters, the verifier, the decoding loop."""
