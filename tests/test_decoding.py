@@ -718,6 +718,9 @@ def t1_samples(small):
     return exact, samples
 
 
+# chi-square over thousands of sampled runs: minutes on 2 cores (make test runs it; test-fast
+# keeps the verifier's own statistical tests, test_verify.py)
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["ar", "model", "ngram", "lookup"])
 def test_sampling_matches_exact_target_distribution(t1_samples, kind):
     exact, samples = t1_samples
@@ -738,6 +741,7 @@ def test_sampling_matches_exact_target_distribution(t1_samples, kind):
         assert p > ALPHA
 
 
+@pytest.mark.slow  # the same samples as above
 @pytest.mark.parametrize("kind", ["model", "ngram", "lookup"])
 def test_sd_matches_ar_two_sample(t1_samples, kind):
     _, samples = t1_samples
@@ -746,6 +750,9 @@ def test_sd_matches_ar_two_sample(t1_samples, kind):
     assert pvalue > ALPHA
 
 
+# chi-square over thousands of sampled runs: minutes on 2 cores (make test runs it; test-fast
+# keeps the verifier's own statistical tests, test_verify.py)
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "params",
     [

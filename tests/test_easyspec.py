@@ -98,6 +98,9 @@ def test_calibration_makes_verified_kv_exact(deep_drafter):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
+# chi-square over thousands of sampled runs: minutes on 2 cores (make test runs it; test-fast
+# keeps the verifier's own statistical tests, test_verify.py)
+@pytest.mark.slow
 def test_fuzzy_sampling_matches_the_target_distribution(small, tmp_path):
     from test_decoding import ALPHA, SMALL_PROMPT, exact_joint, gof_pvalue, sample_outcomes
     from tiny import SMALL_V

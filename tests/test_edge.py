@@ -302,6 +302,9 @@ def small_server(small):
     runtime.close()
 
 
+# chi-square over thousands of sampled runs: minutes on 2 cores (make test runs it; test-fast
+# keeps the verifier's own statistical tests, test_verify.py)
+@pytest.mark.slow
 @pytest.mark.parametrize("overlap", [False, True])
 def test_edge_sampling_matches_the_target_distribution(small, small_server, overlap):
     """Sampled drafts travel with their sparse q (the drafter's top-k truncation)."""

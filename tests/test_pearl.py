@@ -140,6 +140,9 @@ def test_max_new_tokens_exact(target, draft_model, max_new):
         assert len(out) == max_new and last.finish_reason == "length"
 
 
+# chi-square over thousands of sampled runs: minutes on 2 cores (make test runs it; test-fast
+# keeps the verifier's own statistical tests, test_verify.py)
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "params",
     [SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_k=5, top_p=0.9)],

@@ -27,6 +27,9 @@ def pair(tmp_path_factory):
     return target, drafter
 
 
+# chi-square over thousands of sampled runs: minutes on 2 cores (make test runs it; test-fast
+# keeps the verifier's own statistical tests, test_verify.py)
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "params",
     [SamplingParams(temperature=1.0), SamplingParams(temperature=0.8, top_k=5, top_p=0.9)],
