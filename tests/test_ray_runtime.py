@@ -150,7 +150,7 @@ def test_sigterm_shuts_down_cleanly(served):
 
 
 SAMPLES = 2000
-WAVE = 16
+WAVE = 64  # sessions batched per round: fewer rounds, fewer Ray calls
 
 
 def test_pearl_sampling_on_ray_matches_the_target_distribution(small):
@@ -158,7 +158,7 @@ def test_pearl_sampling_on_ray_matches_the_target_distribution(small):
     cluster = ClusterConfig(
         target=TargetSpec(str(t), num_slots=WAVE, max_len=64),
         target_tp=2,
-        drafter=DrafterSpec(str(d), str(t), max_len=64, lookup=False),
+        drafter=DrafterSpec(str(d), str(t), num_slots=WAVE, max_len=64, lookup=False),
     )
     runtime = Runtime(RuntimeConfig(cluster, SchedulerConfig(mode="pearl", gamma=3)))
     try:

@@ -1,5 +1,5 @@
 """The harnesses: `distspec bench`, `bench-serve`, `bench-load`, `bench-chaos`, `bench-edge`,
-`bench-easyspec`."""
+`bench-easyspec`, `bench-kernels`."""
 
 from __future__ import annotations
 
@@ -508,4 +508,45 @@ def _bench_easyspec(args: argparse.Namespace) -> int:
     (out / "easyspec.json").write_text(json.dumps(report, indent=2))
     plot_easyspec(report, out / "easyspec.png")
     print(f"wrote {out}/easyspec.json and easyspec.png")
+    return 0
+
+
+def add_bench_kernels(sub) -> None:
+    p = sub.add_parser(
+        "bench-kernels",
+        help="decode-shaped matmuls (1-16 rows) over a model's weight shapes: GB/s per kernel",
+    )
+    p.add_argument("--target", default="demo", help="the model whose weight shapes are used")
+    p.add_argument("--rows", type=positive_ints, default=[1, 2, 5, 9, 16], help="rows of x")
+    p.add_argument(
+        "--kernels", default="skinny,onednn,blas", help="comma list of: skinny, onednn, blas"
+    )
+    p.add_argument("--repeats", type=int, default=7, help="alternating passes (default 7)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's own)"
+    )
+    p.add_argument("--out", default="bench-results", help="directory for JSON and PNG")
+    p.set_defaults(func=_bench_kernels)
+
+
+def _bench_kernels(args: argparse.Namespace) -> int:
+    from distspec.bench.kernels import (
+        KernelBenchConfig,
+        format_kernel_table,
+        run_kernel_bench,
+        write_kernel_report,
+    )
+
+    config = KernelBenchConfig(
+        target=args.target,
+        rows=list(args.rows),
+        kernels=[k.strip() for k in args.kernels.split(",") if k.strip()],
+        repeats=args.repeats,
+        threads=args.threads,
+        out=args.out,
+    )
+    report = run_kernel_bench(config)
+    print(format_kernel_table(report))
+    out = write_kernel_report(report, config.out)
+    print(f"wrote {out / 'kernels.json'} and {out / 'kernels.png'}")
     return 0

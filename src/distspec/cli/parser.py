@@ -21,6 +21,7 @@ COMMANDS: list[Callable] = [
     bench.add_bench_chaos,
     bench.add_bench_edge,
     bench.add_bench_easyspec,
+    bench.add_bench_kernels,
     train.add_train_drafter,
 ]
 

@@ -62,11 +62,11 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, slots, pos, kv_len, mask):
         bsz, t, _ = x.shape
         hd = self.config.head_dim
-        qkv = self.wqkv(x)
-        q, k, v = qkv.split([self.n_heads * hd, self.n_kv_heads * hd, self.n_kv_heads * hd], dim=-1)
-        q = apply_rope(q.view(bsz, t, self.n_heads, hd), cos, sin).transpose(1, 2)
-        k = apply_rope(k.view(bsz, t, self.n_kv_heads, hd), cos, sin).transpose(1, 2)
-        v = v.view(bsz, t, self.n_kv_heads, hd).transpose(1, 2)
+        nq, nqk = self.n_heads, self.n_heads + self.n_kv_heads
+        qkv = self.wqkv(x).view(bsz, t, nqk + self.n_kv_heads, hd)
+        qk = apply_rope(qkv[:, :, :nqk], cos, sin)  # q and k rotated together: fewer ops
+        q, k = qk[:, :, :nq].transpose(1, 2), qk[:, :, nq:].transpose(1, 2)
+        v = qkv[:, :, nqk:].transpose(1, 2)
         gqa = self.q_per_kv > 1
         if kv_len is None:  # no cache: causal attention within the chunk (training, scoring)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
@@ -110,35 +110,6 @@ class Block(nn.Module):
     def finish(self, h):
         """The MLP sublayer on the residual stream h (attention already added)."""
         return h + self.mlp(rms_norm(h, self.mlp_norm, self.eps))
-
-
-class PackedLinear(nn.Module):
-    """A linear layer whose weight is pre-packed in oneDNN's blocked layout (CPU only).
-
-    Same fp32 arithmetic as nn.Linear, but oneDNN's small-batch kernels stream the weight at
-    close to memory bandwidth, where the default BLAS path reaches about half of it and gets
-    2-3x slower from 1 to 4 rows -- exactly the shapes of decoding and verification.
-    """
-
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        self.out_features = linear.out_features
-        self.weight = linear.weight.detach().to_mkldnn()
-        self.bias = None if linear.bias is None else linear.bias.detach().clone()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The op inductor emits for packed CPU linears: dense in, dense out, no layout copies.
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-
-
-def pack_for_cpu(model: nn.Module) -> None:
-    """Swap every nn.Linear of a CPU fp32/bf16 model for a PackedLinear (in place)."""
-    if not torch.backends.mkldnn.is_available():
-        return
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear) and child.weight.device.type == "cpu":
-                setattr(parent, name, PackedLinear(child))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

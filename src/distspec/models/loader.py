@@ -18,7 +18,8 @@ from safetensors import safe_open
 
 from distspec.models.config import ModelConfig
 from distspec.models.gguf_convert import OUTPUT_VERSION, convert_gguf
-from distspec.models.llama import Transformer, pack_for_cpu
+from distspec.models.linear import pack_for_cpu
+from distspec.models.llama import Transformer
 from distspec.models.tensor_parallel import TPContext
 from distspec.models.tokenizer import Tokenizer
 

@@ -38,16 +38,21 @@ def _llama3_scaling(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
 
 
 def rope_tables(config: ModelConfig, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin, each [max_len, head_dim], in float32."""
+    """cos and signed sin, each [max_len, head_dim], in float32: the sin of the first half of
+    the dimensions is negated, so the rotation is one roll (see apply_rope)."""
     inv_freq = inverse_frequencies(config)
     pos = torch.arange(max_len, dtype=torch.float32)
     freqs = torch.outer(pos, inv_freq)
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
+    sin = emb.sin()
+    half = sin.shape[-1] // 2
+    sin[:, :half] = -sin[:, :half]
+    return emb.cos(), sin
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, T, H, D]; cos/sin: [B, T, 1, D]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, T, H, D]; cos/signed_sin: [B, T, 1, D] (rope_tables).
+
+    Hugging Face's x * cos + rotate_half(x) * sin, with rotate_half(x) = (-x2, x1): the
+    roll gives (x2, x1) and the sign lives in signed_sin; the products are bitwise the same."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from distspec.models.llama import easyspec_groups, pack_for_cpu
+from distspec.models.linear import pack_for_cpu
+from distspec.models.llama import easyspec_groups
 from distspec.models.loader import LoadedModel, load_drafter_model, load_tokenizer
 from distspec.models.tensor_parallel import TPContext
 from distspec.spec_decode.drafter import Drafter

@@ -1,0 +1,186 @@
+"""`distspec bench-kernels`: decode-shaped matmuls (1-16 rows) over a model's real weight
+shapes, per kernel: GB/s of weights streamed, against the machine's read bandwidth.
+
+Every pass multiplies x by each weight matrix of the model once (per layer: fused QKV, output,
+fused gate/up, down; then the head), so the weights (538 MB for the demo model) come from
+memory, not cache, as in a decode step. Kernels alternate pass by pass; medians reported.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from distspec.models.config import ModelConfig
+from distspec.models.cpu_kernels import kernels
+from distspec.models.loader import resolve_model_dir
+
+KERNELS = ("skinny", "onednn", "blas")
+KERNEL_LABELS = {
+    "skinny": "distspec skinny_linear (SkinnyLinear)",
+    "onednn": "oneDNN pre-packed (PackedLinear)",
+    "blas": "F.linear (BLAS)",
+}
+
+
+@dataclass
+class KernelBenchConfig:
+    target: str = "demo"
+    rows: list[int] = field(default_factory=lambda: [1, 2, 5, 9, 16])
+    kernels: list[str] = field(default_factory=lambda: list(KERNELS))
+    repeats: int = 7
+    threads: int | None = None
+    out: str = "bench-results"
+
+    def __post_init__(self) -> None:
+        unknown = [k for k in self.kernels if k not in KERNELS]
+        if unknown:
+            raise ValueError(f"unknown kernel(s) {', '.join(unknown)}; known: {', '.join(KERNELS)}")
+        if not self.rows or min(self.rows) < 1 or max(self.rows) > 16:
+            raise ValueError("rows must be between 1 and 16")
+        if self.repeats < 1:
+            raise ValueError("repeats must be at least 1")
+
+
+def weight_shapes(config: ModelConfig) -> list[tuple[int, int]]:
+    """[out, in] of every matrix a decode step multiplies by (TP 1)."""
+    hd, h = config.head_dim, config.hidden_size
+    qkv = (config.num_attention_heads + 2 * config.num_key_value_heads) * hd
+    layer = [(qkv, h), (config.num_attention_heads * hd, h), (2 * config.intermediate_size, h)]
+    layer.append((h, config.intermediate_size))
+    return layer * config.num_hidden_layers + [(config.vocab_size, h)]
+
+
+def read_bandwidth_gbs(mb: int = 512, repeats: int = 7) -> float:
+    """The machine's read bandwidth with torch's threads: a sum over an mb-MB tensor."""
+    x = torch.ones(mb * (1 << 20) // 4)
+    x.sum()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t)
+    return x.numel() * 4 / statistics.median(times) / 1e9
+
+
+def _kernel(name: str, weights: list[torch.Tensor]) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    if name == "skinny":
+        ops = kernels()
+        if ops is None:
+            raise RuntimeError("distspec's CPU kernels are not available on this machine")
+        return lambda x, i: ops.skinny_linear(x, weights[i])
+    if name == "onednn":
+        packed = [w.to_mkldnn() for w in weights]
+        linear = torch.ops.mkldnn._linear_pointwise
+        return lambda x, i: linear(x, packed[i], None, "none", [], "")
+    return lambda x, i: F.linear(x, weights[i])
+
+
+def run_kernel_bench(config: KernelBenchConfig) -> dict:
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    model_config = ModelConfig.from_json_file(resolve_model_dir(config.target) / "config.json")
+    shapes = weight_shapes(model_config)
+    g = torch.Generator().manual_seed(0)
+    weights = [torch.randn(n, k, generator=g) * 0.02 for n, k in shapes]
+    weight_bytes = sum(w.numel() * 4 for w in weights)
+    bandwidth = read_bandwidth_gbs()
+    fns = {name: _kernel(name, weights) for name in config.kernels}
+    times: dict[tuple[str, int], list[float]] = {(k, r): [] for k in fns for r in config.rows}
+    steps = config.repeats * len(config.rows) * len(fns)
+    with tqdm(total=steps, desc="bench-kernels", unit="pass") as bar:
+        for _ in range(config.repeats):
+            for rows in config.rows:
+                xs = {k: torch.randn(rows, k, generator=g) for k in {k for _, k in shapes}}
+                for name, fn in fns.items():  # alternating: drift hits every kernel alike
+                    t = time.perf_counter()
+                    for i, (_, k) in enumerate(shapes):
+                        fn(xs[k], i)
+                    times[name, rows].append(time.perf_counter() - t)
+                    bar.update()
+    results = []
+    for name in fns:
+        one = statistics.median(times[name, min(config.rows)])
+        for rows in config.rows:
+            s = statistics.median(times[name, rows])
+            gbs = weight_bytes / s / 1e9
+            results.append(
+                {
+                    "kernel": name,
+                    "rows": rows,
+                    "pass_ms": s * 1e3,
+                    "gb_per_s": gbs,
+                    "of_bandwidth": gbs / bandwidth,
+                    "cost_vs_fewest_rows": s / one,
+                }
+            )
+    return {
+        "config": asdict(config),
+        "threads": torch.get_num_threads(),
+        "matrices": len(shapes),
+        "weight_mb": weight_bytes / 1e6,
+        "read_bandwidth_gbs": bandwidth,
+        "results": results,
+    }
+
+
+def format_kernel_table(report: dict) -> str:
+    lines = [
+        f"{report['matrices']} matrices, {report['weight_mb']:.0f} MB of fp32 weights, "
+        f"{report['threads']} threads; machine read bandwidth {report['read_bandwidth_gbs']:.1f}"
+        " GB/s",
+        "",
+        "| kernel | rows | pass ms | GB/s | of bandwidth | cost vs 1 row |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in report["results"]:
+        lines.append(
+            f"| {r['kernel']} | {r['rows']} | {r['pass_ms']:.1f} | {r['gb_per_s']:.1f} | "
+            f"{r['of_bandwidth']:.0%} | {r['cost_vs_fewest_rows']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_kernels(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for name in report["config"]["kernels"]:
+        rows = [r for r in report["results"] if r["kernel"] == name]
+        ax.plot(
+            [r["rows"] for r in rows],
+            [r["gb_per_s"] for r in rows],
+            "o-",
+            label=KERNEL_LABELS[name],
+        )
+    bw = report["read_bandwidth_gbs"]
+    ax.axhline(bw, color="#777777", ls="--", lw=1, label=f"read bandwidth {bw:.1f} GB/s")
+    ax.axhline(0.75 * bw, color="#bbbbbb", ls=":", lw=1, label="75% of it")
+    ax.set_xlabel("rows of x (decode step = 1, verify chunk = k + 1)")
+    ax.set_ylabel("weights streamed, GB/s (median)")
+    ax.set_title(f"fp32 decode-shaped matmuls, {report['weight_mb']:.0f} MB of weights", fontsize=9)
+    ax.set_ylim(0, bw * 1.6)
+    ax.set_xticks(report["config"]["rows"])
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_kernel_report(report: dict, out: str) -> Path:
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "kernels.json").write_text(json.dumps(report, indent=2))
+    plot_kernels(report, out_dir / "kernels.png")
+    return out_dir

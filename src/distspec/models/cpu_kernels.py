@@ -1,0 +1,100 @@
+"""distspec's own CPU kernels (C++ in kernels/), compiled once per machine and cached.
+
+`make setup` builds them (`python -m distspec.models.cpu_kernels`) into
+~/.cache/distspec/kernels/<hash of sources, flags and torch>/; later processes import the
+cached library directly (no build step, no lock a killed process could leave behind). Without
+a compiler, on a CPU without AVX2/FMA, or with DISTSPEC_CPU_KERNELS=0, `kernels()` is None and
+the models use PyTorch's kernels instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+log = logging.getLogger(__name__)
+
+NAME = "distspec_cpu_kernels"
+SOURCES = [Path(__file__).with_name("kernels") / "skinny_linear.cpp"]
+FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]  # OpenMP: torch's own runtime, for parallel_for
+
+
+def supported() -> bool:
+    """This CPU runs the kernels (x86-64 with AVX2 and FMA) and they are not switched off."""
+    if os.environ.get("DISTSPEC_CPU_KERNELS", "1") == "0":
+        return False
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+def library_path() -> Path:
+    """Where this build of the kernels lives: keyed by their sources, flags and torch."""
+    h = hashlib.sha256()
+    for source in SOURCES:
+        h.update(source.read_bytes())
+    h.update(" ".join(FLAGS).encode())
+    h.update(torch.__version__.encode())
+    h.update(sys.version.encode())
+    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "distspec" / "kernels"
+    return root / h.hexdigest()[:16] / f"{NAME}.so"
+
+
+def _build(path: Path) -> ModuleType:
+    """Compile in a private directory, then publish the library with an atomic rename:
+    readers only ever see a complete file (two processes building at once both succeed)."""
+    from torch.utils.cpp_extension import load
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as build_dir:
+        module = load(
+            name=NAME,
+            sources=[str(s) for s in SOURCES],
+            extra_cflags=FLAGS,
+            extra_ldflags=["-fopenmp"],
+            build_directory=build_dir,
+            verbose=False,
+        )
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        shutil.copyfile(module.__file__, tmp)
+        os.replace(tmp, path)
+    return module
+
+
+def _import(path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(NAME, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@functools.cache
+def kernels() -> ModuleType | None:
+    """The compiled kernels (built on first use if `make setup` did not), or None."""
+    if not supported():
+        return None
+    try:
+        path = library_path()
+        return _import(path) if path.exists() else _build(path)
+    except Exception as e:  # no compiler, no headers: PyTorch's kernels still work
+        log.warning("distspec's CPU kernels are unavailable (%s); using PyTorch's", e)
+        return None
+
+
+def main() -> int:
+    ok = kernels() is not None
+    where = f"built: {library_path()}" if ok else "not available (PyTorch kernels in use)"
+    print("distspec CPU kernels", where)
+    return 0  # a machine without them still runs, on PyTorch's kernels
+
+
+if __name__ == "__main__":
+    sys.exit(main())
