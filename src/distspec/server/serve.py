@@ -8,8 +8,8 @@ import dataclasses
 import logging
 import signal
 import sys
-import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -148,10 +148,13 @@ def serve(config: ServeConfig) -> None:
             stack.callback(http.stop)
         port = server.start()
         stack.callback(server.stop)
-        stop, stop_now = threading.Event(), threading.Event()
+        # The handler takes no lock: setting an Event there deadlocks if the signal lands
+        # while the main thread holds the Event's own lock, and an untimed wait never wakes
+        # for a signal the kernel hands to another thread. The main thread polls instead.
+        signals: list[int] = []
 
-        def on_signal(*_) -> None:  # the first signal drains, a second one ends the drain
-            (stop_now if stop.is_set() else stop).set()
+        def on_signal(sig: int, _frame: Any) -> None:  # the first drains, a second ends it
+            signals.append(sig)
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, on_signal)
@@ -164,15 +167,16 @@ def serve(config: ServeConfig) -> None:
                 f"{scheme}://{config.host}:{http_port}/v1",
                 flush=True,
             )
-        stop.wait()
+        while not signals:
+            time.sleep(0.1)
         runtime.scheduler.stop_admitting()  # new requests: UNAVAILABLE / 503 from now on
         server.drain()
         if http is not None:
             http.drain()
-        _drain(runtime.scheduler, config.drain_timeout_s, stop_now)
+        _drain(runtime.scheduler, config.drain_timeout_s, lambda: len(signals) > 1)
 
 
-def _drain(scheduler, timeout_s: float, stop_now: threading.Event) -> None:
+def _drain(scheduler, timeout_s: float, stop_now: Callable[[], bool]) -> None:
     """Wait up to timeout_s for the sessions in flight to end (they keep streaming), then end
     the rest with UNAVAILABLE and a message saying why."""
     open_ = sum(scheduler.load())
@@ -182,12 +186,12 @@ def _drain(scheduler, timeout_s: float, stop_now: threading.Event) -> None:
         flush=True,
     )
     deadline = time.monotonic() + timeout_s
-    while sum(scheduler.load()) and time.monotonic() < deadline and not stop_now.wait(0.05):
-        pass
+    while sum(scheduler.load()) and time.monotonic() < deadline and not stop_now():
+        time.sleep(0.05)
     left = sum(scheduler.load())
     why = (
         "a second signal ended the drain"
-        if stop_now.is_set()
+        if stop_now()
         else f"not done within the drain timeout ({timeout_s:g} s)"
     )
     ended = f", {left} ended ({why})" if left else ""
