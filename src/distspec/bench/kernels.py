@@ -11,16 +11,16 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
 from distspec.models.config import ModelConfig
 from distspec.models.cpu_kernels import kernels
+from distspec.models.linear import PackedLinear, SkinnyLinear
 from distspec.models.loader import resolve_model_dir
 
 KERNELS = ("skinny", "onednn", "blas")
@@ -71,17 +71,21 @@ def read_bandwidth_gbs(mb: int = 512, repeats: int = 7) -> float:
     return x.numel() * 4 / statistics.median(times) / 1e9
 
 
-def _kernel(name: str, weights: list[torch.Tensor]) -> Callable[[torch.Tensor, int], torch.Tensor]:
+def _layers(name: str, weights: list[torch.Tensor]) -> list[nn.Module]:
+    """The layers the engine runs (models/linear.py), one per weight."""
+    plain = []
+    for w in weights:
+        linear = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+        linear.weight = nn.Parameter(w, requires_grad=False)
+        plain.append(linear)
     if name == "skinny":
         ops = kernels()
         if ops is None:
             raise RuntimeError("distspec's CPU kernels are not available on this machine")
-        return lambda x, i: ops.skinny_linear(x, weights[i])
+        return [SkinnyLinear(linear, ops) for linear in plain]
     if name == "onednn":
-        packed = [w.to_mkldnn() for w in weights]
-        linear = torch.ops.mkldnn._linear_pointwise
-        return lambda x, i: linear(x, packed[i], None, "none", [], "")
-    return lambda x, i: F.linear(x, weights[i])
+        return [PackedLinear(linear) for linear in plain]
+    return plain  # nn.Linear: F.linear, BLAS
 
 
 def run_kernel_bench(config: KernelBenchConfig) -> dict:
@@ -93,17 +97,17 @@ def run_kernel_bench(config: KernelBenchConfig) -> dict:
     weights = [torch.randn(n, k, generator=g) * 0.02 for n, k in shapes]
     weight_bytes = sum(w.numel() * 4 for w in weights)
     bandwidth = read_bandwidth_gbs()
-    fns = {name: _kernel(name, weights) for name in config.kernels}
+    fns = {name: _layers(name, weights) for name in config.kernels}
     times: dict[tuple[str, int], list[float]] = {(k, r): [] for k in fns for r in config.rows}
     steps = config.repeats * len(config.rows) * len(fns)
     with tqdm(total=steps, desc="bench-kernels", unit="pass") as bar:
         for _ in range(config.repeats):
             for rows in config.rows:
                 xs = {k: torch.randn(rows, k, generator=g) for k in {k for _, k in shapes}}
-                for name, fn in fns.items():  # alternating: drift hits every kernel alike
+                for name, layers in fns.items():  # alternating: drift hits every kernel alike
                     t = time.perf_counter()
-                    for i, (_, k) in enumerate(shapes):
-                        fn(xs[k], i)
+                    for layer, (_, k) in zip(layers, shapes, strict=True):
+                        layer(xs[k])
                     times[name, rows].append(time.perf_counter() - t)
                     bar.update()
     results = []
