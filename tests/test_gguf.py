@@ -316,3 +316,43 @@ def test_demo_tokenizer_matches_transformers(demo_loaded, demo_hf):
     if hasattr(expected, "keys"):
         expected = expected["input_ids"]
     assert tok.encode_chat([ChatMessage(r, c) for r, c in conv]) == list(expected)
+
+
+@pytest.mark.slow
+def test_demo_int4_target_runs_the_files_blocks_and_agrees_with_transformers(
+    demo_loaded, demo_hf
+):
+    """--target-dtype int4 on the demo GGUF: its Q4_1 layers and Q8_0 head run as stored
+    (the same values transformers dequantizes, bit for bit), so logits agree as the fp32
+    target's do and greedy decoding is transformers' except where two tokens nearly tie."""
+    from distspec.models.linear import QuantLinear
+    from distspec.models.loader import load_model
+    from distspec.models.tokenizer import ChatMessage
+
+    hf_model, _ = demo_hf
+    int4 = load_model("demo", max_len=256, weight_dtype="int4").model
+    wqkv, head = int4.layers[0].attn.wqkv, int4.lm_head
+    assert isinstance(wqkv, QuantLinear) and wqkv.kind == "int4" and head.kind == "int8"
+    fp32 = demo_loaded.model.layers[0].attn.wqkv.weight  # the same GGUF, dequantized
+    assert torch.equal(wqkv.weight.dequantize(), fp32)
+    assert torch.equal(head.weight.dequantize(), demo_loaded.model.embed.weight)
+
+    ids = demo_loaded.tokenizer.encode_chat([ChatMessage("user", DEMO_CHAT)])
+    x = torch.tensor([ids])
+    ref = hf_logits(hf_model, x)[0]
+    out = int4(x, torch.arange(len(ids))[None])[0]
+    assert (out - ref).abs().max().item() < 1e-3 * ref.abs().max().item()
+    with torch.inference_mode():
+        expected = hf_model.generate(
+            x, max_new_tokens=48, do_sample=False, attention_mask=torch.ones_like(x)
+        )[0, len(ids) :].tolist()
+    got, pos, nxt = [], len(ids), int(out[-1].argmax())
+    for _ in range(48):
+        got.append(nxt)
+        logits = int4(torch.tensor([[nxt]]), torch.tensor([[pos]]))[0, -1]
+        pos, nxt = pos + 1, int(logits.argmax())
+    same = next((i for i, (a, b) in enumerate(zip(got, expected, strict=True)) if a != b), 48)
+    if same < 48:  # a near-tie in transformers' own logits at the first difference
+        seq = torch.tensor([ids + expected[:same]])
+        top2 = hf_logits(hf_model, seq)[0, -1].topk(2).values
+        assert (top2[0] - top2[1]).item() < 1e-3 * top2[0].abs().item(), same

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from distspec.models.llama import check_easyspec
-from distspec.models.loader import LoadedModel, load_for_inference
+from distspec.models.loader import WEIGHT_DTYPES, LoadedModel, load_for_inference
 from distspec.models.tokenizer import ChatMessage, StreamDecoder
 from distspec.spec_decode.decoding import SpeculativeDecoder, StepOutput
 from distspec.spec_decode.draft_policy import measure_costs
@@ -35,6 +35,7 @@ class EngineConfig:
     max_len: int = 4096
     device: str = "cpu"
     dtype: str = "float32"
+    target_dtype: str = "fp32"  # the target's weights: fp32 (in dtype) | int8 | int4
     threads: int | None = None
     easyspec_group: int = 0  # EasySpec: draft with fuzzy groups of this many layers (0: off)
     easyspec_exact: tuple[int, int] = (1, 1)  # EasySpec: first and last layers kept exact
@@ -45,6 +46,10 @@ class EngineConfig:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.gamma < 1:
             raise ValueError(f"gamma must be >= 1, got {self.gamma}")
+        if self.target_dtype not in WEIGHT_DTYPES:
+            raise ValueError(
+                f"target dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {self.target_dtype!r}"
+            )
         self.easyspec_exact = tuple(self.easyspec_exact)
         check_easyspec(self.easyspec_group, self.easyspec_exact)
         if self.drafter_ranks < 1:
@@ -59,7 +64,9 @@ class Engine:
         if config.threads:
             torch.set_num_threads(config.threads)
         dtype = getattr(torch, config.dtype)
-        self.target = load_for_inference(config.target, config.device, dtype, config.max_len)
+        self.target = load_for_inference(
+            config.target, config.device, dtype, config.max_len, weight_dtype=config.target_dtype
+        )
         self.tokenizer = self.target.tokenizer
         self._group: LocalGroup | None = None
         self.drafter = self._build_drafter(config) if config.mode != "ar" else None

@@ -31,6 +31,19 @@ def add_prompt_and_sampling(p) -> None:
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: a fresh one)")
 
 
+TARGET_DTYPES = ("fp32", "int8", "int4")
+
+
+def add_target_dtype(p, default: str | None = "fp32") -> None:
+    p.add_argument(
+        "--target-dtype",
+        choices=TARGET_DTYPES,
+        default=default,
+        help="the target's linear weights: fp32, or weight-only int8/int4 in groups of 32 "
+        "(a GGUF's own Q8_0/Q4_0/Q4_1 blocks where it has them; default fp32)",
+    )
+
+
 def exact_layers(text: str) -> tuple[int, int]:
     try:
         first, last = (int(v) for v in text.split(","))

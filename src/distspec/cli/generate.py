@@ -8,6 +8,7 @@ import sys
 
 from distspec.cli.args import (
     add_prompt_and_sampling,
+    add_target_dtype,
     exact_layers,
     sampling_params,
 )
@@ -58,6 +59,7 @@ def add_generate(sub) -> None:
     )
     p.add_argument("--drafter-ranks", type=int, default=2, help="with --drafter-parallel layer")
     p.add_argument("--target", default="demo", help="demo | PATH (HF dir or .gguf)")
+    add_target_dtype(p)
     p.add_argument("--max-len", type=int, default=4096, help="KV cache length (context)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", action="store_true", help="print one JSON object at the end")
@@ -78,6 +80,7 @@ def _generate(args: argparse.Namespace) -> int:
         adaptive=args.adaptive,
         lookup=args.lookup,
         max_len=args.max_len,
+        target_dtype=args.target_dtype,
         threads=args.threads,
         easyspec_group=args.easyspec_group,
         easyspec_exact=args.easyspec_exact,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from distspec.cli.args import (
+    add_target_dtype,
     exact_layers,
 )
 
@@ -33,6 +34,7 @@ def add_serve(sub) -> None:
         help="run the workers in this process (tensor parallel size 1)",
     )
     p.add_argument("--target", help="demo | a model path (default demo)")
+    add_target_dtype(p, default=None)
     p.add_argument("--target-tp", type=int, help="tensor-parallel ranks of the target")
     p.add_argument("--drafter", help="demo | ngram | a model path | none (default demo)")
     p.add_argument("--drafter-tp", type=int, help="ranks of each drafter group (default 1)")

@@ -25,12 +25,16 @@ import torch
 log = logging.getLogger(__name__)
 
 NAME = "distspec_cpu_kernels"
-SOURCES = [Path(__file__).with_name("kernels") / "skinny_linear.cpp"]
-FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]  # OpenMP: torch's own runtime, for parallel_for
+SOURCES = [
+    Path(__file__).with_name("kernels") / name
+    for name in ("skinny_linear.cpp", "quant_linear.cpp", "bindings.cpp")
+]
+# OpenMP: torch's own runtime, for parallel_for
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 
 
 def supported() -> bool:
-    """This CPU runs the kernels (x86-64 with AVX2 and FMA) and they are not switched off."""
+    """This CPU runs the kernels (x86-64 with AVX2, FMA and F16C) and they are not switched off."""
     if os.environ.get("DISTSPEC_CPU_KERNELS", "1") == "0":
         return False
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")

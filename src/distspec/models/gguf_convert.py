@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from distspec.models.config import ModelConfig
+from distspec.models.quantized import GGUF_FORMATS, QuantWeight
 
 log = logging.getLogger(__name__)
 
@@ -77,28 +78,57 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _hf_name(gguf_name: str) -> str | None:
+    parts = gguf_name.split(".")
+    if parts[0] == "blk":
+        layer, base, kind = parts[1], parts[2], parts[3]
+        return f"model.layers.{layer}.{_LAYER_NAMES[base]}.{kind}" if base in _LAYER_NAMES else None
+    if parts[0] in _TOP_NAMES:
+        return f"{_TOP_NAMES[parts[0]]}.{parts[1]}"
+    return None
+
+
+def _hf_rows(w: np.ndarray, gguf_name: str, config: ModelConfig) -> np.ndarray:
+    """Rows of a GGUF tensor (values or raw blocks) in Hugging Face's order."""
+    if config.model_type == "llama" and gguf_name.startswith("blk."):
+        base = gguf_name.split(".")[2]
+        if base == "attn_q":
+            return _unpermute(w, config.num_attention_heads)
+        if base == "attn_k":
+            return _unpermute(w, config.num_key_value_heads)
+    return w
+
+
 def gguf_state_dict(reader, config: ModelConfig) -> dict[str, torch.Tensor]:
     from gguf.quants import dequantize
 
     out: dict[str, torch.Tensor] = {}
     for t in tqdm(reader.tensors, desc="dequantizing GGUF", unit="tensor", leave=False):
-        parts = t.name.split(".")
-        if parts[0] == "blk":
-            layer, base, kind = parts[1], parts[2], parts[3]
-            if base not in _LAYER_NAMES:
-                continue
-            name = f"model.layers.{layer}.{_LAYER_NAMES[base]}.{kind}"
-        elif parts[0] in _TOP_NAMES:
-            name = f"{_TOP_NAMES[parts[0]]}.{parts[1]}"
-        else:
+        name = _hf_name(t.name)
+        if name is None:
             continue
-        w = dequantize(t.data, t.tensor_type).astype(np.float32)
-        if config.model_type == "llama" and parts[0] == "blk":
-            if parts[2] == "attn_q":
-                w = _unpermute(w, config.num_attention_heads)
-            elif parts[2] == "attn_k":
-                w = _unpermute(w, config.num_key_value_heads)
+        w = _hf_rows(dequantize(t.data, t.tensor_type).astype(np.float32), t.name, config)
         out[name] = torch.from_numpy(np.ascontiguousarray(w))
+    return out
+
+
+def gguf_quantized_weights(gguf_path: str | Path) -> dict[str, QuantWeight]:
+    """The GGUF file's 2-D tensors stored in a block format read natively (Q4_0, Q4_1, Q8_0),
+    by Hugging Face name, their blocks untouched (Q/K rows reordered as whole rows). A tied
+    output head appears as lm_head.weight too: the embedding's blocks."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(gguf_path))
+    config = gguf_config(reader)
+    out: dict[str, QuantWeight] = {}
+    for t in reader.tensors:
+        name, kind = _hf_name(t.name), int(t.tensor_type)
+        if name is None or kind not in GGUF_FORMATS or len(t.shape) != 2:
+            continue
+        raw = _hf_rows(np.asarray(t.data), t.name, config)
+        out[name] = GGUF_FORMATS[kind].from_gguf(raw, kind)
+    if config.tie_word_embeddings and "model.embed_tokens.weight" in out:
+        out.setdefault("lm_head.weight", out["model.embed_tokens.weight"])
     return out
 
 

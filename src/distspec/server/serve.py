@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from distspec.cluster.ray_cluster import ClusterConfig
+from distspec.models.loader import WEIGHT_DTYPES
 from distspec.scheduler.runtime import Runtime, RuntimeConfig
 from distspec.scheduler.scheduler import SchedulerConfig
 from distspec.server.security import ClientLimits, TlsConfig, read_tokens
@@ -45,6 +46,7 @@ class ServeConfig:
     max_waiting: int = 16
     device: str = "cpu"
     dtype: str = "float32"
+    target_dtype: str = "fp32"  # the target's weights: fp32 (in dtype) | int8 | int4
     cpus_per_rank: float = 1.0
     threads: int | None = None  # torch threads per worker (default: one per CPU of its bundle)
     metrics_port: int | None = None
@@ -63,6 +65,10 @@ class ServeConfig:
     drain_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
+        if self.target_dtype not in WEIGHT_DTYPES:
+            raise ValueError(
+                f"target_dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {self.target_dtype!r}"
+            )
         for name in ("request_timeout_s", "stall_timeout_s", "drain_timeout_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0: no limit), got {getattr(self, name)}")
@@ -81,7 +87,13 @@ class ServeConfig:
         drafter = None if self.drafter in (None, "", "none") else self.drafter
         mode = self.mode or ("pearl" if drafter else "ar")
         target = TargetSpec(
-            self.target, self.num_slots, self.max_len, self.device, self.dtype, self.threads
+            self.target,
+            self.num_slots,
+            self.max_len,
+            self.device,
+            self.dtype,
+            self.threads,
+            self.target_dtype,
         )
         drafter_spec = None
         if drafter:

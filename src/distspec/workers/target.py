@@ -35,6 +35,7 @@ class TargetSpec:
     device: str = "cpu"
     dtype: str = "float32"
     threads: int | None = None
+    weight_dtype: str = "fp32"  # fp32 | int8 | int4 (weight-only quantized linears)
 
 
 @dataclass
@@ -57,6 +58,7 @@ class TargetWorker(GroupMember):
             spec.max_len,
             spec.num_slots,
             tp=self.tp,
+            weight_dtype=spec.weight_dtype,
         )
         self.model = loaded.model
         self.info = ModelInfo(

@@ -15,10 +15,13 @@
 
 #include <algorithm>
 
+namespace distspec {
+
+extern const int64_t kMaxRows = 16;  // more rows than this: the caller uses BLAS
+
 namespace {
 
 constexpr int64_t kTileRows = 4;  // rows of W per tile
-constexpr int64_t kMaxRows = 16;  // more rows than this: the caller uses BLAS
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -61,6 +64,8 @@ inline void tile_rows(const float* x, int64_t M, int64_t K, const float* w, cons
   if (M - m == 2) tile<2, NB>(x + m * K, K, w, bias, y + m * ldy, ldy);
   if (M - m == 1) tile<1, NB>(x + m * K, K, w, bias, y + m * ldy, ldy);
 }
+
+}  // namespace
 
 torch::Tensor skinny_linear(const torch::Tensor& x, const torch::Tensor& weight,
                             const c10::optional<torch::Tensor>& bias) {
@@ -105,10 +110,4 @@ torch::Tensor skinny_linear(const torch::Tensor& x, const torch::Tensor& weight,
   return y;
 }
 
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("skinny_linear", &skinny_linear, "x @ W^T (+ b), fp32, up to 16 rows of x",
-        pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("bias") = pybind11::none());
-  m.attr("MAX_ROWS") = kMaxRows;
-}
+}  // namespace distspec

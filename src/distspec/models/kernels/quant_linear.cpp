@@ -1,0 +1,183 @@
+// Weight-only quantized y = x @ W^T (+ b): fp32 activations and arithmetic, W in ggml's block
+// formats (groups of 32 along K), kept as planar tensors (see models/quantized.py):
+//   q4: W[n, 32g + j] = q * scale[n, g] + min[n, g], q a nibble of qs[n, 16g + j % 16]: low
+//       nibble for j < 16, high nibble for j >= 16 (ggml Q4_0/Q4_1's order).
+//   q8: W[n, 32g + j] = qs[n, 32g + j] * scale[n, g]                    (ggml Q8_0)
+// scale and min are fp16, as in the GGUF blocks.
+//
+// Per output row: y = sum_g scale_g * (x_g . q_g) + sum_g min_g * sum(x_g). The second sum's
+// sum(x_g) is the same for every output row, so it is computed once per call. Weights are
+// read once per 16 rows of x (a decode step, a verification chunk, a small batch) and unpacked
+// once per 4 rows. Row m of y depends only on row m of x.
+
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+
+namespace distspec {
+
+namespace {
+
+constexpr int64_t kGroup = 32;
+constexpr int64_t kChunkRows = 16;  // rows of x per pass over W
+constexpr int kPassRows = 4;        // rows of x per unpacking of a group
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// The 32 weights of one group as 4 x 8 floats (before scale and min).
+struct Q4 {
+  static constexpr int64_t kBytes = 16;
+  static inline void unpack(const uint8_t* q, __m256 w[4]) {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    const __m128i lo = _mm_and_si128(v, mask);
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
+    w[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+    w[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+    w[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+    w[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+  }
+};
+
+struct Q8 {
+  static constexpr int64_t kBytes = 32;
+  static inline void unpack(const uint8_t* q, __m256 w[4]) {
+    for (int i = 0; i < 4; ++i) {
+      const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8 * i));
+      w[i] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+    }
+  }
+};
+
+inline float half_to_float(const at::Half* h, int64_t i) {
+  return _cvtsh_ss(reinterpret_cast<const uint16_t*>(h)[i]);
+}
+
+// sum_g a[g] * b[g] for fp16 a and fp32 b
+inline float dot_half(const at::Half* a, const float* b, int64_t n) {
+  const uint16_t* a16 = reinterpret_cast<const uint16_t*>(a);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 av = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a16 + i)));
+    acc = _mm256_fmadd_ps(av, _mm256_loadu_ps(b + i), acc);
+  }
+  float s = hsum(acc);
+  for (; i < n; ++i) s += _cvtsh_ss(a16[i]) * b[i];
+  return s;
+}
+
+// MB rows of x (x[m] at x + m * K) against output row n of W: y[m * ldy] for each m.
+template <class F, int MB>
+inline void row(const float* x, int64_t K, const uint8_t* q, const at::Half* scale,
+                const at::Half* min, const float* xsum, int64_t G, float bias, float* y,
+                int64_t ldy) {
+  __m256 tot[MB];
+  for (int m = 0; m < MB; ++m) tot[m] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m256 w[4];
+    F::unpack(q + g * F::kBytes, w);
+    const __m256 d = _mm256_set1_ps(half_to_float(scale, g));
+    for (int m = 0; m < MB; ++m) {
+      const float* xg = x + m * K + g * kGroup;
+      __m256 a = _mm256_mul_ps(w[0], _mm256_loadu_ps(xg));
+      a = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xg + 8), a);
+      a = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xg + 16), a);
+      a = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xg + 24), a);
+      tot[m] = _mm256_fmadd_ps(a, d, tot[m]);
+    }
+  }
+  for (int m = 0; m < MB; ++m) {
+    float s = hsum(tot[m]) + bias;
+    if (min) s += dot_half(min, xsum + m * G, G);
+    y[m * ldy] = s;
+  }
+}
+
+template <class F>
+void rows(const float* x, int64_t M, int64_t K, const uint8_t* q, const at::Half* scale,
+          const at::Half* min, const float* xsum, int64_t G, float bias, float* y, int64_t ldy) {
+  int64_t m = 0;
+  for (; m + kPassRows <= M; m += kPassRows)
+    row<F, kPassRows>(x + m * K, K, q, scale, min, xsum + m * G, G, bias, y + m * ldy, ldy);
+  switch (M - m) {
+    case 3: row<F, 3>(x + m * K, K, q, scale, min, xsum + m * G, G, bias, y + m * ldy, ldy); break;
+    case 2: row<F, 2>(x + m * K, K, q, scale, min, xsum + m * G, G, bias, y + m * ldy, ldy); break;
+    case 1: row<F, 1>(x + m * K, K, q, scale, min, xsum + m * G, G, bias, y + m * ldy, ldy); break;
+  }
+}
+
+template <class F>
+torch::Tensor quant_linear(const torch::Tensor& x, const torch::Tensor& qs,
+                           const torch::Tensor& scales, const c10::optional<torch::Tensor>& mins,
+                           const c10::optional<torch::Tensor>& bias, const char* name) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat, name, ": float32 CPU x");
+  TORCH_CHECK(qs.dim() == 2 && qs.is_contiguous() && qs.element_size() == 1, name,
+              ": contiguous 2-D byte qs");
+  TORCH_CHECK(scales.dim() == 2 && scales.is_contiguous() && scales.scalar_type() == torch::kHalf,
+              name, ": contiguous float16 scales");
+  const int64_t N = qs.size(0), G = scales.size(1), K = G * kGroup;
+  TORCH_CHECK(scales.size(0) == N && qs.size(1) == G * F::kBytes, name, ": qs ",
+              qs.sizes(), " do not fit scales ", scales.sizes());
+  TORCH_CHECK(x.size(-1) == K, name, ": x has ", x.size(-1), " columns, W has ", K);
+  const at::Half* mp = nullptr;
+  if (mins.has_value() && mins->defined()) {
+    TORCH_CHECK(mins->sizes() == scales.sizes() && mins->is_contiguous() &&
+                    mins->scalar_type() == torch::kHalf,
+                name, ": mins like scales");
+    mp = mins->data_ptr<at::Half>();
+  }
+  const float* bp = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->scalar_type() == torch::kFloat && bias->numel() == N && bias->is_contiguous(),
+                name, ": float32 bias of ", N);
+    bp = bias->data_ptr<float>();
+  }
+  const torch::Tensor x2 = x.reshape({-1, K}).contiguous();
+  const int64_t M = x2.size(0);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  torch::Tensor y = torch::empty(shape, x.options());
+  if (M == 0 || N == 0) return y;
+  // sum(x_g) per row and group, for the min term
+  const torch::Tensor xsum = mp ? x2.view({M, G, kGroup}).sum(-1).contiguous() : x2.new_zeros({M, G});
+  const float* xp = x2.data_ptr<float>();
+  const float* sp = xsum.data_ptr<float>();
+  const uint8_t* qp = static_cast<const uint8_t*>(qs.data_ptr());
+  const at::Half* dp = scales.data_ptr<at::Half>();
+  float* yp = y.data_ptr<float>();
+  const int64_t row_bytes = G * (F::kBytes + (mp ? 4 : 2));
+  // a thread's share is worth its wake-up from about 32 KB of weights on
+  const int64_t grain = std::max<int64_t>(1, (32 * 1024) / row_bytes);
+  for (int64_t c = 0; c < M; c += kChunkRows) {
+    const int64_t mc = std::min(kChunkRows, M - c);
+    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n)
+        rows<F>(xp + c * K, mc, K, qp + n * G * F::kBytes, dp + n * G, mp ? mp + n * G : nullptr,
+                sp + c * G, G, bp ? bp[n] : 0.0f, yp + c * N + n, N);
+    });
+  }
+  return y;
+}
+
+}  // namespace
+
+torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& qs,
+                        const torch::Tensor& scales, const torch::Tensor& mins,
+                        const c10::optional<torch::Tensor>& bias) {
+  return quant_linear<Q4>(x, qs, scales, mins, bias, "q4_linear");
+}
+
+torch::Tensor q8_linear(const torch::Tensor& x, const torch::Tensor& qs,
+                        const torch::Tensor& scales, const c10::optional<torch::Tensor>& bias) {
+  return quant_linear<Q8>(x, qs, scales, c10::nullopt, bias, "q8_linear");
+}
+
+}  // namespace distspec

@@ -1,0 +1,194 @@
+"""Weight-only quantized linears: ggml's block formats, their kernels, and quantized targets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from distspec.models.cpu_kernels import kernels
+from distspec.models.linear import QuantLinear
+from distspec.models.llama import pad_positions
+from distspec.models.loader import QuantizedWeights, load_model
+from distspec.models.quantized import (
+    GGML_Q4_0,
+    GGML_Q4_1,
+    GGML_Q8_0,
+    Q4Weight,
+    Q8Weight,
+    cat_rows,
+    quantize,
+    take_cols,
+    take_rows,
+)
+from distspec.spec_decode.sampling import SamplingParams
+from tiny import TINY_MAX_LEN
+
+FORMATS = [Q4Weight, Q8Weight]
+needs_kernels = pytest.mark.skipif(kernels() is None, reason="needs an AVX2 CPU and g++")
+
+
+def gguf_blocks(w: Q4Weight | Q8Weight, ggml_type: int) -> np.ndarray:
+    """The GGUF byte blocks [N, groups * block bytes] that hold w."""
+    n, g = w.scales.shape
+    d = w.scales.numpy().view(np.uint8).reshape(n, g, 2)
+    if ggml_type == GGML_Q8_0:
+        parts = [d, w.qs.numpy().view(np.uint8).reshape(n, g, 32)]
+    elif ggml_type == GGML_Q4_1:
+        parts = [d, w.mins.numpy().view(np.uint8).reshape(n, g, 2), w.qs.numpy().reshape(n, g, 16)]
+    else:
+        parts = [d, w.qs.numpy().reshape(n, g, 16)]
+    return np.concatenate(parts, axis=-1).reshape(n, -1)
+
+
+@pytest.mark.parametrize("ggml_type", [GGML_Q4_0, GGML_Q4_1, GGML_Q8_0])
+def test_gguf_blocks_are_reused_bit_for_bit(ggml_type):
+    """from_gguf keeps every integer and fp16 scale of the file's blocks (writing them back
+    gives the same bytes), and dequantizes to exactly the values gguf's reference does."""
+    from gguf.quants import dequantize
+    from gguf.quants import quantize as gguf_quantize
+
+    w = np.random.default_rng(ggml_type).standard_normal((48, 96)).astype(np.float32)
+    raw = gguf_quantize(w, ggml_type)
+    fmt = Q8Weight if ggml_type == GGML_Q8_0 else Q4Weight
+    q = fmt.from_gguf(raw, ggml_type)
+    assert q.shape == (48, 96)
+    if ggml_type != GGML_Q4_0:  # Q4_0 has no min of its own: it is -8 * scale here
+        assert np.array_equal(gguf_blocks(q, ggml_type), raw)
+    ref = torch.from_numpy(dequantize(raw, ggml_type).astype(np.float32))
+    assert torch.equal(q.dequantize(), ref)
+
+
+@pytest.mark.parametrize(
+    "fmt, ggml_type", [(Q4Weight, GGML_Q4_1), (Q8Weight, GGML_Q8_0)], ids=["int4", "int8"]
+)
+def test_quantizing_here_rounds_as_ggml_does(fmt, ggml_type):
+    """A model quantized at load is one llama.cpp's reference quantizer would have written."""
+    from gguf.quants import quantize as gguf_quantize
+
+    w = torch.randn(40, 128, generator=torch.Generator().manual_seed(1))
+    w[3, :32] = 0.25  # a constant group: scale 0
+    assert np.array_equal(gguf_blocks(fmt.quantize(w), ggml_type), gguf_quantize(w.numpy(), ggml_type))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_quantization_error_is_within_half_a_step(fmt):
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(2))
+    q = fmt.quantize(w)
+    step = q.scales.float().repeat_interleave(32, dim=1)
+    # half a step of rounding, plus the fp16 rounding of scale (and min) times the code
+    assert ((q.dequantize() - w).abs() <= 0.5 * step + 2e-3 * w.abs().amax(1, keepdim=True)).all()
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9, 16, 17, 40])
+@pytest.mark.parametrize("n, k", [(1, 32), (7, 64), (96, 576), (33, 1536)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_quant_kernels_match_the_dequantized_matmul(fmt, rows, n, k, bias):
+    g = torch.Generator().manual_seed(rows * 1000 + n * 10 + k)
+    q = fmt.quantize(torch.randn(n, k, generator=g))
+    x = torch.randn(rows, k, generator=g)
+    b = torch.randn(n, generator=g) if bias else None
+    got = QuantLinear(q, b)(x)
+    w = q.dequantize().double()
+    ref = x.double() @ w.T + (0 if b is None else b.double())
+    # fp32 accumulation in another order: a few ulps of the dot products' magnitude
+    tol = 1e-6 * (x.abs().double() @ w.abs().T).clamp_min(1)
+    assert got.shape == (rows, n)
+    assert ((got.double() - ref).abs() <= 8 * tol).all()
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_quant_kernel_rows_do_not_depend_on_the_batch(fmt):
+    g = torch.Generator().manual_seed(3)
+    layer = QuantLinear(fmt.quantize(torch.randn(70, 256, generator=g)))
+    x = torch.randn(16, 256, generator=g)
+    together = layer(x)
+    for i in range(16):
+        assert torch.equal(layer(x[i : i + 1])[0], together[i])
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_without_kernels_the_weight_is_dequantized(fmt):
+    g = torch.Generator().manual_seed(4)
+    q = fmt.quantize(torch.randn(24, 64, generator=g))
+    layer = QuantLinear(q)
+    layer.ops = None  # as on a CPU without AVX2 (or on CUDA)
+    x = torch.randn(3, 64, generator=g)
+    assert torch.allclose(layer(x), x @ q.dequantize().T, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_rows_and_columns_slice_like_the_dequantized_matrix(fmt):
+    w = fmt.quantize(torch.randn(20, 128, generator=torch.Generator().manual_seed(5)))
+    full = w.dequantize()
+    assert torch.equal(take_rows(w, 4, 9).dequantize(), full[4:9])
+    assert torch.equal(take_cols(w, 32, 96).dequantize(), full[:, 32:96])
+    both = cat_rows([take_rows(w, 0, 3), take_rows(w, 10, 20)])
+    assert torch.equal(both.dequantize(), torch.cat([full[:3], full[10:]]))
+    with pytest.raises(ValueError, match="multiples of 32"):
+        take_cols(w, 0, 48)
+
+
+def test_unknown_dtype_and_unaligned_inputs_are_refused():
+    with pytest.raises(ValueError, match="unknown quantized dtype"):
+        quantize(torch.zeros(4, 32), "int3")
+    with pytest.raises(ValueError, match="multiple of 32"):
+        quantize(torch.zeros(4, 40), "int8")
+    with pytest.raises(ValueError, match="weight dtype must be one of fp32, int8, int4"):
+        load_model("demo", weight_dtype="fp8")
+
+
+def dequantized_reference(tiny_dir, dtype: str):
+    """tiny_dir in fp32 with every linear weight replaced by its quantized-then-dequantized
+    value: what a quantized model must compute."""
+    from distspec.models.loader import SafetensorsWeights
+
+    weights = SafetensorsWeights(tiny_dir)
+    quantized = QuantizedWeights(weights, dtype)
+    ref = {n: weights[n] for n in weights}
+    for n in ref:
+        if QuantizedWeights.is_linear(n):
+            ref[n] = quantized[n].dequantize()
+    model = load_model(str(tiny_dir), max_len=TINY_MAX_LEN, num_slots=2).model
+    model.load_hf_state_dict(ref)
+    return model
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_a_quantized_model_computes_its_dequantized_weights(tiny_dir, dtype):
+    quant = load_model(str(tiny_dir), max_len=TINY_MAX_LEN, num_slots=2, weight_dtype=dtype).model
+    linears = [m for m in quant.modules() if isinstance(m, QuantLinear)]
+    assert len(linears) == 2 * 4 + 1 and {m.kind for m in linears} == {dtype}  # + the head
+    ref = dequantized_reference(tiny_dir, dtype)
+    tokens = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(6))
+    pos = pad_positions([0, 0], 12)
+    got, want = quant(tokens, pos), ref(tokens, pos)
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_speculative_decoding_with_an_int4_target_equals_its_own_greedy_decoding(
+    tiny_dir, tiny_drafter_dir
+):
+    """Lossless means lossless to the target as served: sd with an int4 target produces
+    exactly the tokens that plain decoding of that int4 target does."""
+    from distspec.engine import Engine, EngineConfig
+
+    prompt = list(b"The quick brown fox jumps over")
+    params = SamplingParams(max_new_tokens=40)
+    out = {}
+    for mode in ("ar", "sd"):
+        engine = Engine(
+            EngineConfig(
+                target=str(tiny_dir),
+                mode=mode,
+                drafter=str(tiny_drafter_dir),
+                max_len=TINY_MAX_LEN,
+                target_dtype="int4",
+            )
+        )
+        assert isinstance(engine.target.model.lm_head, QuantLinear)
+        out[mode] = engine.decoder.generate(prompt, params)[0]
+    assert len(out["ar"]) == 40 and out["sd"] == out["ar"]
