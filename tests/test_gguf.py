@@ -319,9 +319,7 @@ def test_demo_tokenizer_matches_transformers(demo_loaded, demo_hf):
 
 
 @pytest.mark.slow
-def test_demo_int4_target_runs_the_files_blocks_and_agrees_with_transformers(
-    demo_loaded, demo_hf
-):
+def test_demo_int4_target_runs_the_files_blocks_and_agrees_with_transformers(demo_loaded, demo_hf):
     """--target-dtype int4 on the demo GGUF: its Q4_1 layers and Q8_0 head run as stored
     (the same values transformers dequantizes, bit for bit), so logits agree as the fp32
     target's do and greedy decoding is transformers' except where two tokens nearly tie."""

@@ -68,7 +68,8 @@ def test_quantizing_here_rounds_as_ggml_does(fmt, ggml_type):
 
     w = torch.randn(40, 128, generator=torch.Generator().manual_seed(1))
     w[3, :32] = 0.25  # a constant group: scale 0
-    assert np.array_equal(gguf_blocks(fmt.quantize(w), ggml_type), gguf_quantize(w.numpy(), ggml_type))
+    ours = gguf_blocks(fmt.quantize(w), ggml_type)
+    assert np.array_equal(ours, gguf_quantize(w.numpy(), ggml_type))
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
