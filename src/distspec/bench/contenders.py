@@ -20,6 +20,12 @@ class RunResult:
     target_forwards: int | None = None
     draft_tokens: int | None = None
     accepted_tokens: int | None = None
+    num_tokens: int | None = None  # default len(token_ids); llama.cpp's own count
+    text: str | None = None  # the decoded output (what "same output" compares)
+
+    @property
+    def tokens(self) -> int:
+        return len(self.token_ids) if self.num_tokens is None else self.num_tokens
 
 
 class Contender(ABC):
@@ -71,6 +77,22 @@ class HFContender(Contender):
             out = self.model.generate(ids, **kwargs)
         wall = time.perf_counter() - t
         return RunResult(out[0, len(prompt_ids) :].tolist(), wall)
+
+
+class LlamaCppContender(Contender):
+    """llama.cpp (bench/llama_cpp.py) fed the same chat-templated prompt, as text."""
+
+    def __init__(self, name: str, runner, tokenizer):
+        self.name, self.runner, self.tokenizer = name, runner, tokenizer
+
+    def run(self, prompt_ids, params):
+        if not params.greedy:
+            raise ValueError("llama.cpp contenders run greedy only (--temperature 0)")
+        prompt = self.tokenizer.decode(prompt_ids, skip_special_tokens=False)
+        r = self.runner.run(prompt, params.max_new_tokens)
+        return RunResult(
+            [], r.wall_s, None, r.draft_tokens, r.accepted_tokens, r.num_tokens, text=r.text
+        )
 
 
 def load_hf_model(target: str):

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from distspec.models.loader import cache_dir
@@ -80,3 +82,76 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# -- contenders ------------------------------------------------------------------------------
+
+_TIMING = re.compile(r"(prompt eval|eval) time =\s*([\d.]+) ms /\s*(\d+) (?:tokens|runs)")
+_SPEC = re.compile(r"decoded\s+(\d+) tokens in\s+([\d.]+) s")
+_SPEC_ACCEPT = re.compile(r"n_drafted\s*=\s*(\d+).*?n_accept\s*=\s*(\d+)", re.S)
+
+
+def f32_gguf(gguf: Path) -> Path:
+    """An F32 copy of a GGUF file made by llama.cpp's own llama-quantize (cached beside the
+    tools, keyed by the source's name and size): llama.cpp's fp32 contender."""
+    out = install_dir() / "models" / f"{gguf.stem}.{gguf.stat().st_size}.F32.gguf"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(f".{os.getpid()}.tmp")
+        subprocess.run(
+            [str(tool("llama-quantize")), "--allow-requantize", str(gguf), str(tmp), "F32"],
+            check=True,
+            capture_output=True,
+        )
+        os.replace(tmp, out)
+    return out
+
+
+@dataclass
+class LlamaCppRun:
+    text: str
+    num_tokens: int
+    wall_s: float  # prompt processing + decoding, as llama.cpp times them (no model load)
+    draft_tokens: int | None = None
+    accepted_tokens: int | None = None
+
+
+class LlamaCpp:
+    """One llama.cpp configuration run per prompt as a subprocess, greedy, fixed threads:
+    plain decoding (llama-completion) or with a draft model (llama-speculative-simple)."""
+
+    def __init__(self, model: Path, threads: int, draft: Path | None = None, draft_max: int = 8):
+        self.model, self.threads, self.draft, self.draft_max = model, threads, draft, draft_max
+
+    def run(self, prompt: str, max_new_tokens: int) -> LlamaCppRun:
+        common = ["-m", str(self.model), "-p", prompt, "-n", str(max_new_tokens), "--temp", "0"]
+        common += ["-t", str(self.threads), "-c", "2048", "--no-warmup"]
+        if self.draft is None:
+            cmd = [str(tool("llama-completion")), *common, "-no-cnv", "--simple-io"]
+            cmd.append("--no-display-prompt")
+        else:
+            cmd = [str(tool("llama-speculative-simple")), *common, "-md", str(self.draft)]
+            cmd += ["--spec-type", "draft-simple", "--spec-draft-n-max", str(self.draft_max)]
+            cmd += ["-td", str(self.threads)]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if r.returncode != 0:
+            raise RuntimeError(f"{Path(cmd[0]).name} failed: {r.stderr.strip()[-500:]}")
+        return self._parse(r.stdout, r.stderr, prompt)
+
+    def _parse(self, stdout: str, stderr: str, prompt: str) -> LlamaCppRun:
+        if self.draft is None:
+            times = {kind: (float(ms), int(n)) for kind, ms, n in _TIMING.findall(stderr)}
+            if "eval" not in times or "prompt eval" not in times:
+                raise RuntimeError(f"no timings in llama-completion's log: {stderr[-500:]}")
+            text = stdout[:-2] if stdout.endswith("\n\n") else stdout
+            wall = (times["prompt eval"][0] + times["eval"][0]) / 1e3
+            return LlamaCppRun(text, times["eval"][1] + 1, wall)
+        m = _SPEC.search(stderr)
+        if m is None:
+            raise RuntimeError(f"no timings in llama-speculative-simple's log: {stderr[-500:]}")
+        text = stdout[len(prompt) :] if stdout.startswith(prompt) else stdout
+        prompt_ms = {k: float(ms) for k, ms, _ in _TIMING.findall(stderr)}.get("prompt eval", 0)
+        acc = _SPEC_ACCEPT.search(stderr)
+        drafted, accepted = (int(acc.group(1)), int(acc.group(2))) if acc else (None, None)
+        wall = float(m.group(2)) + prompt_ms / 1e3
+        return LlamaCppRun(text.rstrip("\n"), int(m.group(1)), wall, drafted, accepted)

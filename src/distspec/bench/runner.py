@@ -18,23 +18,30 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from distspec.bench import llama_cpp
 from distspec.bench.contenders import (
     Contender,
     DistspecContender,
     HFContender,
+    LlamaCppContender,
     distspec_decoder,
     load_hf_model,
 )
 from distspec.bench.plot import plot_bench
 from distspec.datasets import load_prompts
-from distspec.models.loader import load_for_inference
+from distspec.models.loader import gguf_source, load_for_inference
 from distspec.models.tokenizer import ChatMessage
 from distspec.spec_decode.drafters.factory import build_drafter
 from distspec.spec_decode.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
-KNOWN = ("hf-ar", "hf-lookup", "ar", "sd-ngram", "sd-demo", "sd-demo-model")
+# ar-int8/ar-int4: distspec with the target's linears weight-only quantized (--target-dtype);
+# llama.cpp-*: llama.cpp on the target's GGUF (make bench-peers builds it): plain decoding on an
+# F32 copy, on the file as it is, and speculative (F32 target, the file itself as the draft).
+LLAMA_CPP = ("llama.cpp-f32", "llama.cpp-native", "llama.cpp-sd")
+KNOWN = ("hf-ar", "hf-lookup", "ar", "ar-int8", "ar-int4", "sd-ngram", "sd-demo", "sd-demo-model")
+KNOWN += LLAMA_CPP
 
 
 @dataclass
@@ -63,6 +70,13 @@ class BenchConfig:
                 )
         if not self.contenders:
             raise ValueError("no contenders given")
+        if set(self.contenders) & set(LLAMA_CPP):
+            if gguf_source(self.target) is None:
+                raise ValueError("llama.cpp contenders need a GGUF target (demo or a .gguf file)")
+            if llama_cpp.tool("llama-completion") is None:
+                raise ValueError("llama.cpp is not built: run `make bench-peers` first")
+            if self.temperature != 0:
+                raise ValueError("llama.cpp contenders run greedy only (--temperature 0)")
         if self.repeats < 1:
             raise ValueError(f"repeats must be >= 1, got {self.repeats}")
 
@@ -71,6 +85,7 @@ def build_contenders(config: BenchConfig, target) -> list[Contender]:
     out: list[Contender] = []
     hf_model = None
     eos = target.tokenizer.eos_token_ids
+    threads = config.threads or torch.get_num_threads()
     for name in config.contenders:
         if name.startswith("hf-"):
             hf_model = hf_model or load_hf_model(config.target)
@@ -82,6 +97,16 @@ def build_contenders(config: BenchConfig, target) -> list[Contender]:
                     name, distspec_decoder(target, None, config.gamma, config.adaptive)
                 )
             )
+        elif name in ("ar-int8", "ar-int4"):
+            quant = load_for_inference(config.target, weight_dtype=name[3:])
+            decoder = distspec_decoder(quant, None, config.gamma, config.adaptive)
+            out.append(DistspecContender(name, decoder))
+        elif name in LLAMA_CPP:
+            gguf = gguf_source(config.target)
+            model = gguf if name == "llama.cpp-native" else llama_cpp.f32_gguf(gguf)
+            draft = gguf if name == "llama.cpp-sd" else None
+            runner = llama_cpp.LlamaCpp(model, threads, draft, draft_max=2 * config.gamma)
+            out.append(LlamaCppContender(name, runner, target.tokenizer))
         else:
             drafter_name, lookup = _drafter_of(name)
             drafter = build_drafter(drafter_name, target, target.model.max_len, lookup)
@@ -133,6 +158,7 @@ def run_bench(config: BenchConfig) -> dict:
                 for c in contenders[k:] + contenders[:k]:
                     bar.set_postfix_str(f"{c.name} prompt {i}")
                     r = c.run(ids, params(i))
+                    r.text = r.text if r.text is not None else target.tokenizer.decode(r.token_ids)
                     records.append({"contender": c.name, "repeat": rep, "prompt": i, **asdict(r)})
                     bar.update()
     summary = summarize(records, [c.name for c in contenders], config.temperature == 0)
@@ -161,21 +187,28 @@ def summarize(records: list[dict], names: list[str], greedy: bool) -> dict[str, 
         tps = []
         for rep in reps:
             rr = [r for r in rows if r["repeat"] == rep]
-            tps.append(sum(len(r["token_ids"]) for r in rr) / sum(r["wall_s"] for r in rr))
+            tps.append(sum(_tokens(r) for r in rr) / sum(r["wall_s"] for r in rr))
         s: dict = {
             "tokens_per_s": statistics.median(tps),
             "tokens_per_s_runs": tps,
-            "new_tokens": sum(len(r["token_ids"]) for r in rows) / len(reps),
+            "new_tokens": sum(_tokens(r) for r in rows) / len(reps),
         }
         if rows[0]["target_forwards"] is not None:
             fwd = sum(r["target_forwards"] for r in rows)
             drafted = sum(r["draft_tokens"] for r in rows)
-            s["tokens_per_target_forward"] = sum(len(r["token_ids"]) for r in rows) / fwd
+            s["tokens_per_target_forward"] = sum(_tokens(r) for r in rows) / fwd
             s["acceptance_rate"] = (
                 sum(r["accepted_tokens"] for r in rows) / drafted if drafted else None
             )
+        elif rows[0]["draft_tokens"] is not None:  # llama.cpp's speculative mode
+            drafted = sum(r["draft_tokens"] for r in rows)
+            s["acceptance_rate"] = sum(r["accepted_tokens"] for r in rows) / drafted
         if greedy:
-            s["same_output_as_" + names[0]] = _outputs(records, name) == reference
+            outputs = _outputs(records, name)
+            s["same_output_as_" + names[0]] = outputs == reference
+            s["prompts_same_as_" + names[0]] = sum(
+                outputs[k] == reference.get(k) for k in outputs
+            ) / len(outputs)
         summary[name] = s
     base = summary[names[0]]["tokens_per_s"]
     for s in summary.values():
@@ -183,8 +216,16 @@ def summarize(records: list[dict], names: list[str], greedy: bool) -> dict[str, 
     return summary
 
 
+def _tokens(record: dict) -> int:
+    n = record.get("num_tokens")
+    return len(record["token_ids"]) if n is None else n
+
+
 def _outputs(records: list[dict], name: str) -> dict:
-    return {(r["repeat"], r["prompt"]): r["token_ids"] for r in records if r["contender"] == name}
+    """Each run's output text (token ids for distspec and transformers; llama.cpp's text)."""
+    return {
+        (r["repeat"], r["prompt"]): r["text"].rstrip() for r in records if r["contender"] == name
+    }
 
 
 def format_table(summary: dict[str, dict]) -> str:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distspec.models.config import ModelConfig
+from distspec.models.cpu_kernels import kernels
 from distspec.models.linear import QuantLinear
 from distspec.models.quantized import cat_rows, is_quantized, take_cols, take_rows
 from distspec.models.rope import apply_rope, rope_tables
@@ -46,6 +47,21 @@ class KVCache(nn.Module):
         self.v[idx, :, pos] = v.transpose(1, 2)
         return self.k[slots, :, :kv_len], self.v[slots, :, :kv_len]
 
+    def write(self, slots: torch.Tensor, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Write k/v given as [B, T, H, D] at (slots, pos); nothing is read back."""
+        if slots.numel() == 1:
+            s, start, t = int(slots[0]), int(pos[0, 0]), k.shape[1]
+            self.k[s, :, start : start + t] = k[0].transpose(0, 1)
+            self.v[s, :, start : start + t] = v[0].transpose(0, 1)
+        else:
+            self.k[slots[:, None], :, pos] = k
+            self.v[slots[:, None], :, pos] = v
+
+
+def decode_ops(x: torch.Tensor):
+    """distspec's fused CPU ops (kernels/decode_ops.cpp) where they apply to x, else None."""
+    return kernels() if x.dtype == torch.float32 and x.device.type == "cpu" else None
+
 
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, tp: TPContext):
@@ -66,6 +82,14 @@ class Attention(nn.Module):
         hd = self.config.head_dim
         nq, nqk = self.n_heads, self.n_heads + self.n_kv_heads
         qkv = self.wqkv(x).view(bsz, t, nqk + self.n_kv_heads, hd)
+        ops = decode_ops(x) if kv_len is not None else None
+        if ops is not None:  # one op each for rope, the cache write and attention
+            qk = ops.rope(qkv[:, :, :nqk], cos, sin)
+            self.kv_cache.write(slots, pos, qk[:, :, nq:], qkv[:, :, nqk:])
+            kc = self.kv_cache
+            window = self.config.sliding_window or 0
+            y = ops.attention(qk[:, :, :nq], kc.k, kc.v, slots, pos, window)
+            return self.tp.all_reduce(self.wo(y.view(bsz, t, nq * hd)))
         qk = apply_rope(qkv[:, :, :nqk], cos, sin)  # q and k rotated together: fewer ops
         q, k = qk[:, :, :nq].transpose(1, 2), qk[:, :, nq:].transpose(1, 2)
         v = qkv[:, :, nqk:].transpose(1, 2)
@@ -89,7 +113,11 @@ class MLP(nn.Module):
         self.w_down = nn.Linear(self.inter, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x):
-        gate, up = self.w_gate_up(x).split(self.inter, dim=-1)
+        gu = self.w_gate_up(x)
+        ops = decode_ops(gu)
+        if ops is not None:
+            return self.tp.all_reduce(self.w_down(ops.silu_mul(gu)))
+        gate, up = gu.split(self.inter, dim=-1)
         return self.tp.all_reduce(self.w_down(F.silu(gate) * up))
 
 
@@ -115,6 +143,9 @@ class Block(nn.Module):
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    ops = decode_ops(x) if not torch.is_grad_enabled() else None  # training: autograd's
+    if ops is not None:
+        return ops.rms_norm(x, weight, eps)
     return F.rms_norm(x, weight.shape, weight, eps)
 
 
@@ -211,6 +242,8 @@ class Transformer(nn.Module):
         sin = self.rope_sin[pos].unsqueeze(2)
         window = self.config.sliding_window
         need_mask = t > 1 or bsz > 1 or (window is not None and kv_len > window)
+        if decode_ops(self.rope_cos) is not None:  # its attention masks by position itself
+            need_mask = False
         mask = self._mask(pos, kv_len) if need_mask else None
         x = self.embed(tokens)
         starts = dict(fuzzy_groups)

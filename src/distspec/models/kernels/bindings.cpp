@@ -4,13 +4,19 @@
 
 namespace distspec {
 extern const int64_t kMaxRows;
-torch::Tensor skinny_linear(const torch::Tensor& x, const torch::Tensor& weight,
-                            const c10::optional<torch::Tensor>& bias);
-torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& qs,
-                        const torch::Tensor& scales, const torch::Tensor& mins,
-                        const c10::optional<torch::Tensor>& bias);
-torch::Tensor q8_linear(const torch::Tensor& x, const torch::Tensor& qs,
-                        const torch::Tensor& scales, const c10::optional<torch::Tensor>& bias);
+at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& weight,
+                            const c10::optional<at::Tensor>& bias);
+at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qs,
+                        const at::Tensor& scales, const at::Tensor& mins,
+                        const c10::optional<at::Tensor>& bias);
+at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qs,
+                        const at::Tensor& scales, const c10::optional<at::Tensor>& bias);
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
+at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
+at::Tensor silu_mul(const at::Tensor& gu);
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k_cache,
+                        const at::Tensor& v_cache, const at::Tensor& slots,
+                        const at::Tensor& pos, int64_t window);
 }  // namespace distspec
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -23,5 +29,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q8_linear", &distspec::q8_linear,
         "x @ W^T (+ b) for an 8-bit W (groups of 32: q * scale), fp32 x, any rows", arg("x"),
         arg("qs"), arg("scales"), arg("bias") = pybind11::none());
+  m.def("rms_norm", &distspec::rms_norm, "x / sqrt(mean(x^2) + eps) * weight, fp32");
+  m.def("rope", &distspec::rope, "x * cos + roll(x, D/2) * signed_sin for x [B, T, H, D]");
+  m.def("silu_mul", &distspec::silu_mul, "silu(g) * u for gu = [g | u] on the last dim");
+  m.def("attention", &distspec::attention,
+        "softmax(q k^T / sqrt(D)) v over each sequence's cached keys at positions <= its own",
+        arg("q"), arg("k_cache"), arg("v_cache"), arg("slots"), arg("pos"), arg("window") = 0);
   m.attr("MAX_ROWS") = distspec::kMaxRows;
 }

@@ -12,9 +12,10 @@
 
 #include <ATen/Parallel.h>
 #include <immintrin.h>
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 
 #include <algorithm>
+#include <vector>
 
 namespace distspec {
 
@@ -115,13 +116,13 @@ void rows(const float* x, int64_t M, int64_t K, const uint8_t* q, const at::Half
 }
 
 template <class F>
-torch::Tensor quant_linear(const torch::Tensor& x, const torch::Tensor& qs,
-                           const torch::Tensor& scales, const c10::optional<torch::Tensor>& mins,
-                           const c10::optional<torch::Tensor>& bias, const char* name) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat, name, ": float32 CPU x");
+at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qs,
+                           const at::Tensor& scales, const c10::optional<at::Tensor>& mins,
+                           const c10::optional<at::Tensor>& bias, const char* name) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, name, ": float32 CPU x");
   TORCH_CHECK(qs.dim() == 2 && qs.is_contiguous() && qs.element_size() == 1, name,
               ": contiguous 2-D byte qs");
-  TORCH_CHECK(scales.dim() == 2 && scales.is_contiguous() && scales.scalar_type() == torch::kHalf,
+  TORCH_CHECK(scales.dim() == 2 && scales.is_contiguous() && scales.scalar_type() == at::kHalf,
               name, ": contiguous float16 scales");
   const int64_t N = qs.size(0), G = scales.size(1), K = G * kGroup;
   TORCH_CHECK(scales.size(0) == N && qs.size(1) == G * F::kBytes, name, ": qs ",
@@ -130,26 +131,32 @@ torch::Tensor quant_linear(const torch::Tensor& x, const torch::Tensor& qs,
   const at::Half* mp = nullptr;
   if (mins.has_value() && mins->defined()) {
     TORCH_CHECK(mins->sizes() == scales.sizes() && mins->is_contiguous() &&
-                    mins->scalar_type() == torch::kHalf,
+                    mins->scalar_type() == at::kHalf,
                 name, ": mins like scales");
     mp = mins->data_ptr<at::Half>();
   }
   const float* bp = nullptr;
   if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->scalar_type() == torch::kFloat && bias->numel() == N && bias->is_contiguous(),
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == N && bias->is_contiguous(),
                 name, ": float32 bias of ", N);
     bp = bias->data_ptr<float>();
   }
-  const torch::Tensor x2 = x.reshape({-1, K}).contiguous();
+  const at::Tensor x2 = x.reshape({-1, K}).contiguous();
   const int64_t M = x2.size(0);
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = N;
-  torch::Tensor y = torch::empty(shape, x.options());
+  at::Tensor y = at::empty(shape, x.options());
   if (M == 0 || N == 0) return y;
-  // sum(x_g) per row and group, for the min term
-  const torch::Tensor xsum = mp ? x2.view({M, G, kGroup}).sum(-1).contiguous() : x2.new_zeros({M, G});
   const float* xp = x2.data_ptr<float>();
-  const float* sp = xsum.data_ptr<float>();
+  // sum(x_g) per row and group, for the min term
+  std::vector<float> xsum(mp ? M * G : 0);
+  for (size_t i = 0; i < xsum.size(); ++i) {
+    const float* xg = xp + i * kGroup;
+    __m256 acc = _mm256_loadu_ps(xg);
+    for (int j = 8; j < kGroup; j += 8) acc = _mm256_add_ps(acc, _mm256_loadu_ps(xg + j));
+    xsum[i] = hsum(acc);
+  }
+  const float* sp = xsum.data();
   const uint8_t* qp = static_cast<const uint8_t*>(qs.data_ptr());
   const at::Half* dp = scales.data_ptr<at::Half>();
   float* yp = y.data_ptr<float>();
@@ -169,14 +176,14 @@ torch::Tensor quant_linear(const torch::Tensor& x, const torch::Tensor& qs,
 
 }  // namespace
 
-torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& qs,
-                        const torch::Tensor& scales, const torch::Tensor& mins,
-                        const c10::optional<torch::Tensor>& bias) {
+at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qs,
+                        const at::Tensor& scales, const at::Tensor& mins,
+                        const c10::optional<at::Tensor>& bias) {
   return quant_linear<Q4>(x, qs, scales, mins, bias, "q4_linear");
 }
 
-torch::Tensor q8_linear(const torch::Tensor& x, const torch::Tensor& qs,
-                        const torch::Tensor& scales, const c10::optional<torch::Tensor>& bias) {
+at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qs,
+                        const at::Tensor& scales, const c10::optional<at::Tensor>& bias) {
   return quant_linear<Q8>(x, qs, scales, c10::nullopt, bias, "q8_linear");
 }
 

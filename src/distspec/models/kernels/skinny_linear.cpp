@@ -11,7 +11,7 @@
 
 #include <ATen/Parallel.h>
 #include <immintrin.h>
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 
 #include <algorithm>
 
@@ -67,26 +67,26 @@ inline void tile_rows(const float* x, int64_t M, int64_t K, const float* w, cons
 
 }  // namespace
 
-torch::Tensor skinny_linear(const torch::Tensor& x, const torch::Tensor& weight,
-                            const c10::optional<torch::Tensor>& bias) {
+at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& weight,
+                            const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "skinny_linear: CPU tensors");
-  TORCH_CHECK(x.scalar_type() == torch::kFloat && weight.scalar_type() == torch::kFloat,
+  TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat,
               "skinny_linear: float32 tensors");
   TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "skinny_linear: contiguous [N, K] W");
   const int64_t N = weight.size(0), K = weight.size(1);
   TORCH_CHECK(x.size(-1) == K, "skinny_linear: x has ", x.size(-1), " columns, W has ", K);
-  const torch::Tensor x2 = x.reshape({-1, K}).contiguous();
+  const at::Tensor x2 = x.reshape({-1, K}).contiguous();
   const int64_t M = x2.size(0);
   TORCH_CHECK(M <= kMaxRows, "skinny_linear: at most ", kMaxRows, " rows, got ", M);
   const float* b = nullptr;
   if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->scalar_type() == torch::kFloat && bias->numel() == N && bias->is_contiguous(),
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == N && bias->is_contiguous(),
                 "skinny_linear: float32 bias of ", N);
     b = bias->data_ptr<float>();
   }
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = N;
-  torch::Tensor y = torch::empty(shape, x.options());
+  at::Tensor y = at::empty(shape, x.options());
   if (M == 0 || N == 0) return y;
   const float* xp = x2.data_ptr<float>();
   const float* wp = weight.data_ptr<float>();
