@@ -8,7 +8,7 @@ WORKERS ?= $(shell nproc 2>/dev/null || echo 1)
 PYTEST  := $(BIN)/python -m pytest -n $(WORKERS)
 DEMO_PROMPT ?= Give me three tips for staying focused while studying.
 
-.PHONY: setup demo test test-fast bench lint format clean
+.PHONY: setup demo test test-fast bench bench-peers lint format clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,11 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/distspec bench
+
+# llama.cpp as a contender (about 10 minutes on 2 cores, once): then
+#   distspec bench --contenders ar,ar-int4,llama.cpp-f32,llama.cpp-native,llama.cpp-sd
+bench-peers: setup
+	$(BIN)/python -m distspec.bench.llama_cpp
 
 lint: setup
 	$(BIN)/ruff check src tests

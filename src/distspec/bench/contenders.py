@@ -90,9 +90,10 @@ class LlamaCppContender(Contender):
             raise ValueError("llama.cpp contenders run greedy only (--temperature 0)")
         prompt = self.tokenizer.decode(prompt_ids, skip_special_tokens=False)
         r = self.runner.run(prompt, params.max_new_tokens)
-        return RunResult(
-            [], r.wall_s, None, r.draft_tokens, r.accepted_tokens, r.num_tokens, text=r.text
-        )
+        # the speculative tool may overshoot -n by a draft: compare the first max_new_tokens
+        ids = self.tokenizer.encode(r.text)[: params.max_new_tokens]
+        text = self.tokenizer.decode(ids)
+        return RunResult([], r.wall_s, None, r.draft_tokens, r.accepted_tokens, r.num_tokens, text)
 
 
 def load_hf_model(target: str):

@@ -125,7 +125,7 @@ class LlamaCpp:
 
     def run(self, prompt: str, max_new_tokens: int) -> LlamaCppRun:
         common = ["-m", str(self.model), "-p", prompt, "-n", str(max_new_tokens), "--temp", "0"]
-        common += ["-t", str(self.threads), "-c", "2048", "--no-warmup"]
+        common += ["-t", str(self.threads), "-c", "2048"]
         if self.draft is None:
             cmd = [str(tool("llama-completion")), *common, "-no-cnv", "--simple-io"]
             cmd.append("--no-display-prompt")
@@ -149,7 +149,8 @@ class LlamaCpp:
         m = _SPEC.search(stderr)
         if m is None:
             raise RuntimeError(f"no timings in llama-speculative-simple's log: {stderr[-500:]}")
-        text = stdout[len(prompt) :] if stdout.startswith(prompt) else stdout
+        echoed = stdout.lstrip("\n")  # this tool prints the prompt first
+        text = echoed[len(prompt) :] if echoed.startswith(prompt) else echoed
         prompt_ms = {k: float(ms) for k, ms, _ in _TIMING.findall(stderr)}.get("prompt eval", 0)
         acc = _SPEC_ACCEPT.search(stderr)
         drafted, accepted = (int(acc.group(1)), int(acc.group(2))) if acc else (None, None)

@@ -134,6 +134,17 @@ def is_quantized(w) -> bool:
     return isinstance(w, Q4Weight | Q8Weight)
 
 
+def round_activations(x: torch.Tensor) -> torch.Tensor:
+    """x rounded as the int8-activation kernels round it: per group of 32 along the last dim,
+    to multiples of max |x| / 127 (ggml's Q8_0, round half away from zero)."""
+    g = x.float().reshape(*x.shape[:-1], -1, GROUP)
+    d = g.abs().amax(-1, keepdim=True) / 127
+    inv = torch.where(d == 0, 0.0, 1 / d)
+    y = g * inv
+    q = torch.sign(y) * torch.floor(y.abs() + 0.5)
+    return (q * d).reshape(x.shape).to(x.dtype)
+
+
 # Row and column operations on fp tensors and quantized weights alike: the loader fuses
 # (q, k, v), (gate, up) and shards them for tensor parallelism through these.
 

@@ -8,9 +8,10 @@ at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& weight,
                             const c10::optional<at::Tensor>& bias);
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qs,
                         const at::Tensor& scales, const at::Tensor& mins,
-                        const c10::optional<at::Tensor>& bias);
+                        const c10::optional<at::Tensor>& bias, bool int8_x);
 at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qs,
-                        const at::Tensor& scales, const c10::optional<at::Tensor>& bias);
+                        const at::Tensor& scales, const c10::optional<at::Tensor>& bias,
+                        bool int8_x);
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
 at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 at::Tensor silu_mul(const at::Tensor& gu);
@@ -24,11 +25,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("skinny_linear", &distspec::skinny_linear, "x @ W^T (+ b), fp32, up to 16 rows of x",
         arg("x"), arg("weight"), arg("bias") = pybind11::none());
   m.def("q4_linear", &distspec::q4_linear,
-        "x @ W^T (+ b) for a 4-bit W (groups of 32: q * scale + min), fp32 x, any rows",
-        arg("x"), arg("qs"), arg("scales"), arg("mins"), arg("bias") = pybind11::none());
+        "x @ W^T (+ b) for a 4-bit W (groups of 32: q * scale + min), fp32 x (int8_x: x "
+        "quantized to int8 per group of 32 first), any rows",
+        arg("x"), arg("qs"), arg("scales"), arg("mins"), arg("bias") = pybind11::none(),
+        arg("int8_x") = false);
   m.def("q8_linear", &distspec::q8_linear,
-        "x @ W^T (+ b) for an 8-bit W (groups of 32: q * scale), fp32 x, any rows", arg("x"),
-        arg("qs"), arg("scales"), arg("bias") = pybind11::none());
+        "x @ W^T (+ b) for an 8-bit W (groups of 32: q * scale), fp32 x (int8_x: as q4_linear)",
+        arg("x"), arg("qs"), arg("scales"), arg("bias") = pybind11::none(),
+        arg("int8_x") = false);
   m.def("rms_norm", &distspec::rms_norm, "x / sqrt(mean(x^2) + eps) * weight, fp32");
   m.def("rope", &distspec::rope, "x * cos + roll(x, D/2) * signed_sin for x [B, T, H, D]");
   m.def("silu_mul", &distspec::silu_mul, "silu(g) * u for gu = [g | u] on the last dim");

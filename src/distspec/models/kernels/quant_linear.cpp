@@ -15,6 +15,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 namespace distspec {
@@ -35,6 +36,15 @@ inline float hsum(__m256 v) {
 // The 32 weights of one group as 4 x 8 floats (before scale and min).
 struct Q4 {
   static constexpr int64_t kBytes = 16;
+  // the group's 32 codes as bytes, in element order (0..15 low nibbles, 16..31 high)
+  static inline __m256i bytes(const uint8_t* q) {
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), _mm256_set1_epi8(0x0F));
+  }
+  // 8 int32 partial sums of codes * x (x: int8), codes unsigned
+  static inline __m256i dot(__m256i w, __m256i x) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1));
+  }
   static inline void unpack(const uint8_t* q, __m256 w[4]) {
     const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
     const __m128i mask = _mm_set1_epi8(0x0F);
@@ -49,6 +59,14 @@ struct Q4 {
 
 struct Q8 {
   static constexpr int64_t kBytes = 32;
+  static inline __m256i bytes(const uint8_t* q) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+  }
+  // signed codes: |w| * (x with w's sign), as maddubs wants an unsigned first operand
+  static inline __m256i dot(__m256i w, __m256i x) {
+    const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+    return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+  }
   static inline void unpack(const uint8_t* q, __m256 w[4]) {
     for (int i = 0; i < 4; ++i) {
       const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8 * i));
@@ -102,6 +120,63 @@ inline void row(const float* x, int64_t K, const uint8_t* q, const at::Half* sca
   }
 }
 
+// The same with x quantized to int8 per group (xq, scale xd): integer dot products, 4x the
+// multiply-adds per instruction of fp32 (llama.cpp's way; its numerics, not fp32's).
+template <class F, int MB>
+inline void row_q8x(const int8_t* xq, const float* xd, int64_t K, const uint8_t* q,
+                    const at::Half* scale, const at::Half* min, const float* xsum, int64_t G,
+                    float bias, float* y, int64_t ldy) {
+  __m256 tot[MB];
+  for (int m = 0; m < MB; ++m) tot[m] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    const __m256i w = F::bytes(q + g * F::kBytes);
+    const float d = half_to_float(scale, g);
+    for (int m = 0; m < MB; ++m) {
+      const __m256i xv =
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + g * kGroup));
+      const __m256 p = _mm256_cvtepi32_ps(F::dot(w, xv));
+      tot[m] = _mm256_fmadd_ps(p, _mm256_set1_ps(d * xd[m * G + g]), tot[m]);
+    }
+  }
+  for (int m = 0; m < MB; ++m) {
+    float s = hsum(tot[m]) + bias;
+    if (min) s += dot_half(min, xsum + m * G, G);
+    y[m * ldy] = s;
+  }
+}
+
+template <class F>
+void rows_q8x(const int8_t* xq, const float* xd, int64_t M, int64_t K, const uint8_t* q,
+              const at::Half* scale, const at::Half* min, const float* xsum, int64_t G,
+              float bias, float* y, int64_t ldy) {
+  int64_t m = 0;
+  for (; m + kPassRows <= M; m += kPassRows)
+    row_q8x<F, kPassRows>(xq + m * K, xd + m * G, K, q, scale, min, xsum + m * G, G, bias,
+                          y + m * ldy, ldy);
+  for (; m < M; ++m)
+    row_q8x<F, 1>(xq + m * K, xd + m * G, K, q, scale, min, xsum + m * G, G, bias, y + m * ldy,
+                  ldy);
+}
+
+// x to int8 per group of 32: scale max|x| / 127, round half away from zero (ggml's Q8_0);
+// xsum then sums the rounded values (the min term multiplies what the codes multiply)
+void quantize_groups(const float* x, int64_t n_groups, int8_t* xq, float* xd, float* xsum) {
+  for (int64_t i = 0; i < n_groups; ++i) {
+    const float* xg = x + i * kGroup;
+    float amax = 0.0f;
+    for (int j = 0; j < kGroup; ++j) amax = std::max(amax, std::fabs(xg[j]));
+    const float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
+    int32_t sum = 0;
+    for (int j = 0; j < kGroup; ++j) {
+      const int8_t q = static_cast<int8_t>(std::round(xg[j] * inv));
+      xq[i * kGroup + j] = q;
+      sum += q;
+    }
+    xd[i] = d;
+    if (xsum) xsum[i] = static_cast<float>(sum) * d;
+  }
+}
+
 template <class F>
 void rows(const float* x, int64_t M, int64_t K, const uint8_t* q, const at::Half* scale,
           const at::Half* min, const float* xsum, int64_t G, float bias, float* y, int64_t ldy) {
@@ -118,7 +193,8 @@ void rows(const float* x, int64_t M, int64_t K, const uint8_t* q, const at::Half
 template <class F>
 at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qs,
                            const at::Tensor& scales, const c10::optional<at::Tensor>& mins,
-                           const c10::optional<at::Tensor>& bias, const char* name) {
+                           const c10::optional<at::Tensor>& bias, bool int8_x,
+                           const char* name) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, name, ": float32 CPU x");
   TORCH_CHECK(qs.dim() == 2 && qs.is_contiguous() && qs.element_size() == 1, name,
               ": contiguous 2-D byte qs");
@@ -156,6 +232,9 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qs,
     for (int j = 8; j < kGroup; j += 8) acc = _mm256_add_ps(acc, _mm256_loadu_ps(xg + j));
     xsum[i] = hsum(acc);
   }
+  std::vector<int8_t> xq(int8_x ? M * K : 0);
+  std::vector<float> xd(int8_x ? M * G : 0);
+  if (int8_x) quantize_groups(xp, M * G, xq.data(), xd.data(), mp ? xsum.data() : nullptr);
   const float* sp = xsum.data();
   const uint8_t* qp = static_cast<const uint8_t*>(qs.data_ptr());
   const at::Half* dp = scales.data_ptr<at::Half>();
@@ -166,9 +245,16 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qs,
   for (int64_t c = 0; c < M; c += kChunkRows) {
     const int64_t mc = std::min(kChunkRows, M - c);
     at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-      for (int64_t n = n0; n < n1; ++n)
-        rows<F>(xp + c * K, mc, K, qp + n * G * F::kBytes, dp + n * G, mp ? mp + n * G : nullptr,
-                sp + c * G, G, bp ? bp[n] : 0.0f, yp + c * N + n, N);
+      for (int64_t n = n0; n < n1; ++n) {
+        const uint8_t* qn = qp + n * G * F::kBytes;
+        const at::Half* mn = mp ? mp + n * G : nullptr;
+        const float bn = bp ? bp[n] : 0.0f;
+        if (int8_x)
+          rows_q8x<F>(xq.data() + c * K, xd.data() + c * G, mc, K, qn, dp + n * G, mn,
+                      sp + c * G, G, bn, yp + c * N + n, N);
+        else
+          rows<F>(xp + c * K, mc, K, qn, dp + n * G, mn, sp + c * G, G, bn, yp + c * N + n, N);
+      }
     });
   }
   return y;
@@ -178,13 +264,14 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qs,
 
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qs,
                         const at::Tensor& scales, const at::Tensor& mins,
-                        const c10::optional<at::Tensor>& bias) {
-  return quant_linear<Q4>(x, qs, scales, mins, bias, "q4_linear");
+                        const c10::optional<at::Tensor>& bias, bool int8_x) {
+  return quant_linear<Q4>(x, qs, scales, mins, bias, int8_x, "q4_linear");
 }
 
 at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qs,
-                        const at::Tensor& scales, const c10::optional<at::Tensor>& bias) {
-  return quant_linear<Q8>(x, qs, scales, c10::nullopt, bias, "q8_linear");
+                        const at::Tensor& scales, const c10::optional<at::Tensor>& bias,
+                        bool int8_x) {
+  return quant_linear<Q8>(x, qs, scales, c10::nullopt, bias, int8_x, "q8_linear");
 }
 
 }  // namespace distspec
