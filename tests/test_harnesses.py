@@ -75,7 +75,7 @@ def test_bench_load_one_level(capfd, caplog, tiny_dir, tiny_drafter_dir, tmp_pat
 
 
 def test_bench_kernels_on_a_tiny_model(capfd, caplog, tiny_dir, tmp_path):
-    kinds = "skinny,onednn,blas" if kernels() is not None else "onednn,blas"
+    kinds = "skinny,onednn,blas,int4,int4-x8" if kernels() is not None else "onednn,blas,int8"
     out = run_quietly(
         capfd,
         caplog,
@@ -88,4 +88,6 @@ def test_bench_kernels_on_a_tiny_model(capfd, caplog, tiny_dir, tmp_path):
     }
     assert all(r["gb_per_s"] > 0 for r in report["results"])
     assert report["read_bandwidth_gbs"] > 0 and (tmp_path / "kernels.png").stat().st_size > 0
-    assert "| kernel | rows |" in out
+    assert "| kernel | MB | rows |" in out
+    mb = {r["kernel"]: r["weight_mb"] for r in report["results"]}
+    assert max(v for k, v in mb.items() if k.startswith("int")) < 0.4 * mb["onednn"]

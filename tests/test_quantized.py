@@ -18,6 +18,7 @@ from distspec.models.quantized import (
     Q8Weight,
     cat_rows,
     quantize,
+    round_activations,
     take_cols,
     take_rows,
 )
@@ -193,3 +194,41 @@ def test_speculative_decoding_with_an_int4_target_equals_its_own_greedy_decoding
         assert isinstance(engine.target.model.lm_head, QuantLinear)
         out[mode] = engine.decoder.generate(prompt, params)[0]
     assert len(out["ar"]) == 40 and out["sd"] == out["ar"]
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 17])
+def test_int8_activations_match_the_rounded_input_product(fmt, rows):
+    """int8 activations: x rounded per group of 32 (round_activations), then the exact
+    product with the dequantized weight; a row does not depend on its batch."""
+    g = torch.Generator().manual_seed(rows)
+    q = fmt.quantize(torch.randn(96, 576, generator=g))
+    layer = QuantLinear(q, torch.randn(96, generator=g), int8_activations=True)
+    x = torch.randn(rows, 576, generator=g)
+    got = layer(x).double()
+    w = q.dequantize().double()
+    ref = round_activations(x).double() @ w.T + layer.bias.double()
+    assert ((got - ref).abs() <= 1e-5 * ref.abs().max()).all()
+    assert torch.equal(layer(x[:1]), layer(x)[:1])
+    layer.ops = None  # PyTorch's path computes the same
+    assert torch.allclose(layer(x).double(), ref, atol=1e-4)
+
+
+def test_round_activations_rounds_per_group_like_q8_0():
+    x = torch.tensor([[1.0, -0.5, 0.25] + [0.0] * 29 + [0.0] * 32])
+    r = round_activations(x)
+    assert torch.equal(r[0, 32:], torch.zeros(32))  # an all-zero group stays zero
+    step = 1.0 / 127
+    assert torch.allclose(r[0, :3], torch.tensor([1.0, -64 * step, 32 * step]))
+
+
+def test_set_activations_switches_every_quantized_layer(tiny_dir):
+    from distspec.models.linear import set_activations
+
+    model = load_model(str(tiny_dir), max_len=TINY_MAX_LEN, weight_dtype="int4").model
+    set_activations(model, "int8")
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert layers and all(m.int8_activations for m in layers)
+    with pytest.raises(ValueError, match="fp32 or int8"):
+        set_activations(model, "bf16")

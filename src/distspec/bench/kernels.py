@@ -20,14 +20,18 @@ from tqdm import tqdm
 
 from distspec.models.config import ModelConfig
 from distspec.models.cpu_kernels import kernels
-from distspec.models.linear import PackedLinear, SkinnyLinear
+from distspec.models.linear import PackedLinear, QuantLinear, SkinnyLinear
 from distspec.models.loader import resolve_model_dir
+from distspec.models.quantized import quantize
 
-KERNELS = ("skinny", "onednn", "blas")
+KERNELS = ("skinny", "onednn", "blas", "int8", "int4", "int4-x8")
 KERNEL_LABELS = {
     "skinny": "distspec skinny_linear (SkinnyLinear)",
     "onednn": "oneDNN pre-packed (PackedLinear)",
     "blas": "F.linear (BLAS)",
+    "int8": "distspec q8_linear, fp32 x (QuantLinear int8)",
+    "int4": "distspec q4_linear, fp32 x (QuantLinear int4)",
+    "int4-x8": "distspec q4_linear, int8 x",
 }
 
 
@@ -85,7 +89,16 @@ def _layers(name: str, weights: list[torch.Tensor]) -> list[nn.Module]:
         return [SkinnyLinear(linear, ops) for linear in plain]
     if name == "onednn":
         return [PackedLinear(linear) for linear in plain]
+    if name.startswith("int"):
+        dtype, _, x8 = name.partition("-")
+        return [QuantLinear(quantize(w, dtype), int8_activations=bool(x8)) for w in weights]
     return plain  # nn.Linear: F.linear, BLAS
+
+
+def _bytes(layer: nn.Module, weight: torch.Tensor) -> int:
+    if isinstance(layer, QuantLinear):
+        return sum(b.numel() * b.element_size() for b in layer.buffers())
+    return weight.numel() * weight.element_size()
 
 
 def run_kernel_bench(config: KernelBenchConfig) -> dict:
@@ -98,6 +111,10 @@ def run_kernel_bench(config: KernelBenchConfig) -> dict:
     weight_bytes = sum(w.numel() * 4 for w in weights)
     bandwidth = read_bandwidth_gbs()
     fns = {name: _layers(name, weights) for name in config.kernels}
+    kernel_bytes = {
+        name: sum(_bytes(layer, w) for layer, w in zip(layers, weights, strict=True))
+        for name, layers in fns.items()
+    }
     times: dict[tuple[str, int], list[float]] = {(k, r): [] for k in fns for r in config.rows}
     steps = config.repeats * len(config.rows) * len(fns)
     with tqdm(total=steps, desc="bench-kernels", unit="pass") as bar:
@@ -115,11 +132,12 @@ def run_kernel_bench(config: KernelBenchConfig) -> dict:
         one = statistics.median(times[name, min(config.rows)])
         for rows in config.rows:
             s = statistics.median(times[name, rows])
-            gbs = weight_bytes / s / 1e9
+            gbs = kernel_bytes[name] / s / 1e9
             results.append(
                 {
                     "kernel": name,
                     "rows": rows,
+                    "weight_mb": kernel_bytes[name] / 1e6,
                     "pass_ms": s * 1e3,
                     "gb_per_s": gbs,
                     "of_bandwidth": gbs / bandwidth,
@@ -138,16 +156,18 @@ def run_kernel_bench(config: KernelBenchConfig) -> dict:
 
 def format_kernel_table(report: dict) -> str:
     lines = [
-        f"{report['matrices']} matrices, {report['weight_mb']:.0f} MB of fp32 weights, "
+        f"{report['matrices']} matrices, {report['weight_mb']:.0f} MB of fp32 weights "
+        "(quantized: fewer, column MB), "
         f"{report['threads']} threads; machine read bandwidth {report['read_bandwidth_gbs']:.1f}"
         " GB/s",
         "",
-        "| kernel | rows | pass ms | GB/s | of bandwidth | cost vs 1 row |",
-        "|---|---|---|---|---|---|",
+        "| kernel | MB | rows | pass ms | GB/s | of bandwidth | cost vs 1 row |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
         lines.append(
-            f"| {r['kernel']} | {r['rows']} | {r['pass_ms']:.1f} | {r['gb_per_s']:.1f} | "
+            f"| {r['kernel']} | {r['weight_mb']:.0f} | {r['rows']} | {r['pass_ms']:.1f} | "
+            f"{r['gb_per_s']:.1f} | "
             f"{r['of_bandwidth']:.0%} | {r['cost_vs_fewest_rows']:.2f} |"
         )
     return "\n".join(lines)
@@ -173,7 +193,11 @@ def plot_kernels(report: dict, path: Path) -> None:
     ax.axhline(0.75 * bw, color="#bbbbbb", ls=":", lw=1, label="75% of it")
     ax.set_xlabel("rows of x (decode step = 1, verify chunk = k + 1)")
     ax.set_ylabel("weights streamed, GB/s (median)")
-    ax.set_title(f"fp32 decode-shaped matmuls, {report['weight_mb']:.0f} MB of weights", fontsize=9)
+    ax.set_title(
+        f"decode-shaped matmuls over the model's {report['matrices']} matrices "
+        f"({report['weight_mb']:.0f} MB in fp32)",
+        fontsize=9,
+    )
     ax.set_ylim(0, bw * 1.6)
     ax.set_xticks(report["config"]["rows"])
     ax.legend(fontsize=8, loc="upper right")

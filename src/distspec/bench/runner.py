@@ -36,12 +36,13 @@ from distspec.spec_decode.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
-# ar-int8/ar-int4: distspec with the target's linears weight-only quantized (--target-dtype);
+# ar-int8/ar-int4: distspec with the target's linears weight-only quantized (--target-dtype),
+# fp32 activations; ar-int4-x8: the same with int8 activations (llama.cpp's numerics);
 # llama.cpp-*: llama.cpp on the target's GGUF (make bench-peers builds it): plain decoding on an
 # F32 copy, on the file as it is, and speculative (F32 target, the file itself as the draft).
 LLAMA_CPP = ("llama.cpp-f32", "llama.cpp-native", "llama.cpp-sd")
-KNOWN = ("hf-ar", "hf-lookup", "ar", "ar-int8", "ar-int4", "sd-ngram", "sd-demo", "sd-demo-model")
-KNOWN += LLAMA_CPP
+QUANT_AR = ("ar-int8", "ar-int4", "ar-int8-x8", "ar-int4-x8")
+KNOWN = ("hf-ar", "hf-lookup", "ar", *QUANT_AR, "sd-ngram", "sd-demo", "sd-demo-model", *LLAMA_CPP)
 
 
 @dataclass
@@ -97,8 +98,12 @@ def build_contenders(config: BenchConfig, target) -> list[Contender]:
                     name, distspec_decoder(target, None, config.gamma, config.adaptive)
                 )
             )
-        elif name in ("ar-int8", "ar-int4"):
-            quant = load_for_inference(config.target, weight_dtype=name[3:])
+        elif name in QUANT_AR:
+            weights, _, x8 = name[3:].partition("-")
+            activations = "int8" if x8 else "fp32"
+            quant = load_for_inference(
+                config.target, weight_dtype=weights, quant_activations=activations
+            )
             decoder = distspec_decoder(quant, None, config.gamma, config.adaptive)
             out.append(DistspecContender(name, decoder))
         elif name in LLAMA_CPP:

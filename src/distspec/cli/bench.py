@@ -519,7 +519,9 @@ def add_bench_kernels(sub) -> None:
     p.add_argument("--target", default="demo", help="the model whose weight shapes are used")
     p.add_argument("--rows", type=positive_ints, default=[1, 2, 5, 9, 16], help="rows of x")
     p.add_argument(
-        "--kernels", default="skinny,onednn,blas", help="comma list of: skinny, onednn, blas"
+        "--kernels",
+        default="skinny,onednn,blas,int8,int4,int4-x8",
+        help="comma list of: skinny, onednn, blas, int8, int4, int4-x8",
     )
     p.add_argument("--repeats", type=int, default=7, help="alternating passes (default 7)")
     p.add_argument(

@@ -18,7 +18,7 @@ from safetensors import safe_open
 
 from distspec.models.config import ModelConfig
 from distspec.models.gguf_convert import OUTPUT_VERSION, convert_gguf, gguf_quantized_weights
-from distspec.models.linear import pack_for_cpu
+from distspec.models.linear import pack_for_cpu, set_activations
 from distspec.models.llama import Transformer
 from distspec.models.quantized import QUANT_DTYPES, QuantWeight, quantize
 from distspec.models.tensor_parallel import TPContext
@@ -357,8 +357,10 @@ def load_for_inference(
     num_slots: int = 1,
     tp: TPContext | None = None,
     weight_dtype: str = "fp32",
+    quant_activations: str = "fp32",
 ) -> LoadedModel:
-    """load_model, then pack fp weights for the CPU's fast small-batch kernels."""
+    """load_model, then pack fp weights for the CPU's fast small-batch kernels.
+    quant_activations: "fp32" or "int8", what quantized linears multiply (see QuantLinear)."""
     loaded = load_model(
         name,
         device=device,
@@ -370,4 +372,5 @@ def load_for_inference(
     )
     if torch.device(device).type == "cpu":
         pack_for_cpu(loaded.model)
+    set_activations(loaded.model, quant_activations)
     return loaded

@@ -1,0 +1,101 @@
+"""distspec's fused fp32 decode ops (kernels/decode_ops.cpp) against PyTorch's own."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distspec.models.cpu_kernels import kernels
+from distspec.models.rope import apply_rope
+
+pytestmark = pytest.mark.skipif(kernels() is None, reason="needs an AVX2 CPU and g++")
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 576), (2, 5, 64), (3, 40)])
+def test_rms_norm(shape):
+    g = gen(len(shape))
+    x, w = torch.randn(shape, generator=g), torch.randn(shape[-1], generator=g)
+    ref = F.rms_norm(x.double(), w.shape, w.double(), 1e-5)
+    got = kernels().rms_norm(x, w, 1e-5)
+    assert got.shape == x.shape and torch.allclose(got.double(), ref, atol=1e-5)
+
+
+def test_rope_is_bitwise_pytorchs():
+    """x * cos + roll(x) * signed_sin with the same roundings as PyTorch's ops, on the
+    strided q/k slice of a fused qkv projection."""
+    g = gen(1)
+    qkv = torch.randn(2, 3, 7, 16, generator=g)
+    cos, sin = torch.randn(2, 3, 1, 16, generator=g), torch.randn(2, 3, 1, 16, generator=g)
+    x = qkv[:, :, :5]
+    assert torch.equal(kernels().rope(x, cos, sin), apply_rope(x, cos, sin))
+
+
+def test_silu_mul():
+    gu = torch.randn(2, 3, 2 * 48, generator=gen(2))
+    gate, up = gu.split(48, dim=-1)
+    assert torch.allclose(kernels().silu_mul(gu), F.silu(gate) * up, atol=1e-6)
+
+
+def reference_attention(q, k_cache, v_cache, slots, pos, window):
+    """SDPA over each row's slot, keys [p - window + 1, p] (window 0: all up to p)."""
+    bsz, t, hq, d = q.shape
+    kv_len = int(pos.max()) + 1
+    k, v = k_cache[slots, :, :kv_len], v_cache[slots, :, :kv_len]
+    key = torch.arange(kv_len)
+    p = pos[:, None, :, None]
+    mask = key <= p
+    if window:
+        mask &= key > p - window
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, enable_gqa=True)
+    return y.transpose(1, 2)
+
+
+@pytest.mark.parametrize("window", [0, 5])
+@pytest.mark.parametrize(
+    "slots, pos",
+    [
+        ([0], [[17]]),  # a decode step
+        ([2], [[9, 10, 11, 12, 13]]),  # a verification chunk
+        ([3, 0, 1], [[4, 5, 6], [30, 31, 32], [0, 1, 2]]),  # a batch, each at its own place
+    ],
+    ids=["step", "chunk", "batch"],
+)
+def test_attention_reads_each_rows_slot_up_to_its_position(slots, pos, window):
+    g = gen(len(slots) + window)
+    k_cache = torch.randn(4, 2, 40, 16, generator=g)
+    v_cache = torch.randn(4, 2, 40, 16, generator=g)
+    slots, pos = torch.tensor(slots), torch.tensor(pos)
+    q = torch.randn(len(slots), pos.shape[1], 6, 16, generator=g)  # 3 query heads per KV head
+    got = kernels().attention(q, k_cache, v_cache, slots, pos, window)
+    ref = reference_attention(q, k_cache, v_cache, slots, pos, window)
+    assert torch.allclose(got, ref, atol=1e-5)
+
+
+def test_attention_refuses_positions_and_slots_outside_the_cache():
+    k = torch.zeros(2, 1, 8, 16)
+    q = torch.zeros(1, 1, 1, 16)
+    with pytest.raises(RuntimeError, match="position out of the cache"):
+        kernels().attention(q, k, k, torch.tensor([0]), torch.tensor([[8]]))
+    with pytest.raises(RuntimeError, match="bad slot"):
+        kernels().attention(q, k, k, torch.tensor([2]), torch.tensor([[0]]))
+
+
+def test_the_model_runs_them_and_keeps_its_logits(tiny_dir, monkeypatch):
+    """A tiny model's batched, ragged forward with the fused ops equals PyTorch's path."""
+    from distspec.models import llama
+    from distspec.models.loader import load_model
+    from tiny import TINY_MAX_LEN
+
+    model = load_model(str(tiny_dir), max_len=TINY_MAX_LEN, num_slots=3).model
+    tokens = torch.randint(0, 200, (3, 6), generator=gen(3))
+    pos = llama.pad_positions([0, 4, 9], 6)
+    slots = torch.tensor([2, 0, 1])
+    fused = model(tokens, pos, slots)
+    monkeypatch.setattr(llama, "decode_ops", lambda x: None)
+    plain = model(tokens, pos, slots)
+    assert torch.allclose(fused, plain, atol=1e-4)
