@@ -65,24 +65,31 @@ def reference_attention(q, k_cache, v_cache, slots, pos, window):
     ],
     ids=["step", "chunk", "batch"],
 )
-def test_attention_reads_each_rows_slot_up_to_its_position(slots, pos, window):
+def test_attention_writes_the_cache_and_reads_each_rows_slot_up_to_its_position(slots, pos, window):
     g = gen(len(slots) + window)
     k_cache = torch.randn(4, 2, 40, 16, generator=g)
     v_cache = torch.randn(4, 2, 40, 16, generator=g)
     slots, pos = torch.tensor(slots), torch.tensor(pos)
-    q = torch.randn(len(slots), pos.shape[1], 6, 16, generator=g)  # 3 query heads per KV head
-    got = kernels().attention(q, k_cache, v_cache, slots, pos, window)
-    ref = reference_attention(q, k_cache, v_cache, slots, pos, window)
+    bsz, t = pos.shape
+    q = torch.randn(bsz, t, 6, 16, generator=g)  # 3 query heads per KV head
+    kv = torch.randn(bsz, t, 4, 16, generator=g)
+    k, v = kv[:, :, :2], kv[:, :, 2:]  # strided views, as sliced from the fused projection
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    want_k[slots[:, None], :, pos] = k
+    want_v[slots[:, None], :, pos] = v
+    ref = reference_attention(q, want_k, want_v, slots, pos, window)
+    got = kernels().attention(q, k, v, k_cache, v_cache, slots, pos, window)
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
     assert torch.allclose(got, ref, atol=1e-5)
 
 
 def test_attention_refuses_positions_and_slots_outside_the_cache():
-    k = torch.zeros(2, 1, 8, 16)
-    q = torch.zeros(1, 1, 1, 16)
+    c = torch.zeros(2, 1, 8, 16)
+    q, kv = torch.zeros(1, 1, 1, 16), torch.zeros(1, 1, 1, 16)
     with pytest.raises(RuntimeError, match="position out of the cache"):
-        kernels().attention(q, k, k, torch.tensor([0]), torch.tensor([[8]]))
+        kernels().attention(q, kv, kv, c, c, torch.tensor([0]), torch.tensor([[8]]))
     with pytest.raises(RuntimeError, match="bad slot"):
-        kernels().attention(q, k, k, torch.tensor([2]), torch.tensor([[0]]))
+        kernels().attention(q, kv, kv, c, c, torch.tensor([2]), torch.tensor([[0]]))
 
 
 def test_the_model_runs_them_and_keeps_its_logits(tiny_dir, monkeypatch):

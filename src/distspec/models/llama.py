@@ -47,16 +47,6 @@ class KVCache(nn.Module):
         self.v[idx, :, pos] = v.transpose(1, 2)
         return self.k[slots, :, :kv_len], self.v[slots, :, :kv_len]
 
-    def write(self, slots: torch.Tensor, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Write k/v given as [B, T, H, D] at (slots, pos); nothing is read back."""
-        if slots.numel() == 1:
-            s, start, t = int(slots[0]), int(pos[0, 0]), k.shape[1]
-            self.k[s, :, start : start + t] = k[0].transpose(0, 1)
-            self.v[s, :, start : start + t] = v[0].transpose(0, 1)
-        else:
-            self.k[slots[:, None], :, pos] = k
-            self.v[slots[:, None], :, pos] = v
-
 
 def decode_ops(x: torch.Tensor):
     """distspec's fused CPU ops (kernels/decode_ops.cpp) where they apply to x, else None."""
@@ -83,12 +73,11 @@ class Attention(nn.Module):
         nq, nqk = self.n_heads, self.n_heads + self.n_kv_heads
         qkv = self.wqkv(x).view(bsz, t, nqk + self.n_kv_heads, hd)
         ops = decode_ops(x) if kv_len is not None else None
-        if ops is not None:  # one op each for rope, the cache write and attention
+        if ops is not None:  # one op for rope, one for the cache write and attention
             qk = ops.rope(qkv[:, :, :nqk], cos, sin)
-            self.kv_cache.write(slots, pos, qk[:, :, nq:], qkv[:, :, nqk:])
-            kc = self.kv_cache
-            window = self.config.sliding_window or 0
-            y = ops.attention(qk[:, :, :nq], kc.k, kc.v, slots, pos, window)
+            kc, window = self.kv_cache, self.config.sliding_window or 0
+            k, v = qk[:, :, nq:], qkv[:, :, nqk:]
+            y = ops.attention(qk[:, :, :nq], k, v, kc.k, kc.v, slots, pos, window)
             return self.tp.all_reduce(self.wo(y.view(bsz, t, nq * hd)))
         qk = apply_rope(qkv[:, :, :nqk], cos, sin)  # q and k rotated together: fewer ops
         q, k = qk[:, :, :nq].transpose(1, 2), qk[:, :, nq:].transpose(1, 2)

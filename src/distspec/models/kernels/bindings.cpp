@@ -15,9 +15,9 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qs,
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
 at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 at::Tensor silu_mul(const at::Tensor& gu);
-at::Tensor attention(const at::Tensor& q, const at::Tensor& k_cache,
-                        const at::Tensor& v_cache, const at::Tensor& slots,
-                        const at::Tensor& pos, int64_t window);
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const at::Tensor& k_cache, const at::Tensor& v_cache,
+                     const at::Tensor& slots, const at::Tensor& pos, int64_t window);
 }  // namespace distspec
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -37,7 +37,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope", &distspec::rope, "x * cos + roll(x, D/2) * signed_sin for x [B, T, H, D]");
   m.def("silu_mul", &distspec::silu_mul, "silu(g) * u for gu = [g | u] on the last dim");
   m.def("attention", &distspec::attention,
-        "softmax(q k^T / sqrt(D)) v over each sequence's cached keys at positions <= its own",
-        arg("q"), arg("k_cache"), arg("v_cache"), arg("slots"), arg("pos"), arg("window") = 0);
+        "write k, v into the KV cache at (slot, pos), then softmax(q k^T / sqrt(D)) v over "
+        "each sequence's cached keys at positions <= its own",
+        arg("q"), arg("k"), arg("v"), arg("k_cache"), arg("v_cache"), arg("slots"), arg("pos"),
+        arg("window") = 0);
   m.attr("MAX_ROWS") = distspec::kMaxRows;
 }

@@ -3,14 +3,15 @@
 //   rms_norm:  y = x / sqrt(mean(x^2) + eps) * w, per row
 //   rope:      y = x * cos + roll(x, D/2) * signed_sin (signed_sin's first half negated)
 //   silu_mul:  y = silu(g) * u for gu = [g | u] along the last dim
-//   attention: softmax(q k^T / sqrt(D)) v for queries at known positions, keys and values read
-//              straight from the static KV cache rows of each sequence's slot (no gather, no
-//              mask tensor): query at position p sees keys [max(0, p - window + 1), p].
+//   attention: writes the new keys and values into the static KV cache at (slot, position),
+//              then softmax(q k^T / sqrt(D)) v reading each sequence's cache rows in place (no
+//              gather, no mask tensor): query at position p sees keys [max(0, p - window + 1), p].
 
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -114,11 +115,11 @@ at::Tensor silu_mul(const at::Tensor& gu) {
   return y;
 }
 
-// q: [B, T, Hq, D] (D contiguous); k_cache, v_cache: [S, Hkv, L, D] contiguous; slots: [B];
-// pos: [B, T]. Returns [B, T, Hq, D].
-at::Tensor attention(const at::Tensor& q, const at::Tensor& k_cache,
-                        const at::Tensor& v_cache, const at::Tensor& slots,
-                        const at::Tensor& pos, int64_t window) {
+// q: [B, T, Hq, D], k, v: [B, T, Hkv, D] (D contiguous); k_cache, v_cache: [S, Hkv, L, D]
+// contiguous; slots: [B]; pos: [B, T]. Returns [B, T, Hq, D].
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const at::Tensor& k_cache, const at::Tensor& v_cache,
+                     const at::Tensor& slots, const at::Tensor& pos, int64_t window) {
   check_float(q, "attention q");
   check_float(k_cache, "attention k_cache");
   check_float(v_cache, "attention v_cache");
@@ -134,6 +135,23 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k_cache,
   const int64_t *slp = sl.data_ptr<int64_t>(), *pp = ps.data_ptr<int64_t>();
   for (int64_t i = 0; i < B * T; ++i) TORCH_CHECK(pp[i] >= 0 && pp[i] < L, "attention: position out of the cache");
   for (int64_t b = 0; b < B; ++b) TORCH_CHECK(slp[b] >= 0 && slp[b] < k_cache.size(0), "attention: bad slot");
+  check_float(k, "attention k");
+  check_float(v, "attention v");
+  TORCH_CHECK(k.dim() == 4 && v.dim() == 4 && k.size(0) == B && k.size(1) == T &&
+                  k.size(2) == Hkv && k.size(3) == D && v.sizes() == k.sizes() &&
+                  k.stride(3) == 1 && v.stride(3) == 1,
+              "attention: new k, v [B, T, Hkv, D], D contiguous");
+  {
+    float *kcp = k_cache.data_ptr<float>(), *vcp = v_cache.data_ptr<float>();
+    const float *knp = k.data_ptr<float>(), *vnp = v.data_ptr<float>();
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t h = 0; h < Hkv; ++h) {
+          const int64_t dst = ((slp[b] * Hkv + h) * L + pp[b * T + t]) * D;
+          std::copy_n(knp + b * k.stride(0) + t * k.stride(1) + h * k.stride(2), D, kcp + dst);
+          std::copy_n(vnp + b * v.stride(0) + t * v.stride(1) + h * v.stride(2), D, vcp + dst);
+        }
+  }
   at::Tensor y = at::zeros({B, T, Hq, D}, q.options());
   const float *qp = q.data_ptr<float>(), *kp = k_cache.data_ptr<float>(), *vp = v_cache.data_ptr<float>();
   float* yp = y.data_ptr<float>();
