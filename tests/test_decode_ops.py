@@ -25,16 +25,6 @@ def test_rms_norm(shape):
     assert got.shape == x.shape and torch.allclose(got.double(), ref, atol=1e-5)
 
 
-def test_rope_is_bitwise_pytorchs():
-    """x * cos + roll(x) * signed_sin with the same roundings as PyTorch's ops, on the
-    strided q/k slice of a fused qkv projection."""
-    g = gen(1)
-    qkv = torch.randn(2, 3, 7, 16, generator=g)
-    cos, sin = torch.randn(2, 3, 1, 16, generator=g), torch.randn(2, 3, 1, 16, generator=g)
-    x = qkv[:, :, :5]
-    assert torch.equal(kernels().rope(x, cos, sin), apply_rope(x, cos, sin))
-
-
 def test_silu_mul():
     gu = torch.randn(2, 3, 2 * 48, generator=gen(2))
     gate, up = gu.split(48, dim=-1)
@@ -65,31 +55,48 @@ def reference_attention(q, k_cache, v_cache, slots, pos, window):
     ],
     ids=["step", "chunk", "batch"],
 )
-def test_attention_writes_the_cache_and_reads_each_rows_slot_up_to_its_position(slots, pos, window):
+def test_attend_rotates_writes_the_cache_and_reads_each_rows_slot(slots, pos, window):
+    """From a fused qkv: RoPE bitwise PyTorch's (the keys land in the cache rotated exactly
+    as apply_rope rotates them), values written as they are, and attention over each row's
+    slot up to its own position (3 query heads per KV head)."""
     g = gen(len(slots) + window)
     k_cache = torch.randn(4, 2, 40, 16, generator=g)
     v_cache = torch.randn(4, 2, 40, 16, generator=g)
     slots, pos = torch.tensor(slots), torch.tensor(pos)
     bsz, t = pos.shape
-    q = torch.randn(bsz, t, 6, 16, generator=g)  # 3 query heads per KV head
-    kv = torch.randn(bsz, t, 4, 16, generator=g)
-    k, v = kv[:, :, :2], kv[:, :, 2:]  # strided views, as sliced from the fused projection
+    qkv = torch.randn(bsz, t, 6 + 2 * 2, 16, generator=g)
+    cos = torch.randn(bsz, t, 1, 16, generator=g)
+    sin = torch.randn(bsz, t, 1, 16, generator=g)
+    qk = apply_rope(qkv[:, :, :8], cos, sin)
     want_k, want_v = k_cache.clone(), v_cache.clone()
-    want_k[slots[:, None], :, pos] = k
-    want_v[slots[:, None], :, pos] = v
-    ref = reference_attention(q, want_k, want_v, slots, pos, window)
-    got = kernels().attention(q, k, v, k_cache, v_cache, slots, pos, window)
+    want_k[slots[:, None], :, pos] = qk[:, :, 6:]
+    want_v[slots[:, None], :, pos] = qkv[:, :, 8:]
+    ref = reference_attention(qk[:, :, :6], want_k, want_v, slots, pos, window)
+    got = kernels().attend(qkv, cos, sin, k_cache, v_cache, slots, pos, 6, window)
     assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
     assert torch.allclose(got, ref, atol=1e-5)
 
 
-def test_attention_refuses_positions_and_slots_outside_the_cache():
+def test_attend_broadcasts_one_rope_row_over_the_batch():
+    g = gen(9)
+    cache = torch.zeros(2, 1, 8, 16)
+    qkv = torch.randn(2, 1, 3, 16, generator=g)
+    cos, sin = torch.randn(1, 1, 1, 16, generator=g), torch.randn(1, 1, 1, 16, generator=g)
+    slots, pos = torch.tensor([0, 1]), torch.tensor([[0], [0]])
+    kernels().attend(qkv, cos, sin, cache, cache.clone(), slots, pos, 1)
+    assert torch.equal(cache[:, 0, 0], apply_rope(qkv[:, :, 1:2], cos, sin)[:, 0, 0])
+
+
+def test_attend_refuses_positions_slots_and_heads_that_do_not_fit():
     c = torch.zeros(2, 1, 8, 16)
-    q, kv = torch.zeros(1, 1, 1, 16), torch.zeros(1, 1, 1, 16)
+    qkv, cs = torch.zeros(1, 1, 3, 16), torch.zeros(1, 1, 1, 16)
+    one = torch.tensor([0])
     with pytest.raises(RuntimeError, match="position out of the cache"):
-        kernels().attention(q, kv, kv, c, c, torch.tensor([0]), torch.tensor([[8]]))
+        kernels().attend(qkv, cs, cs, c, c, one, torch.tensor([[8]]), 1)
     with pytest.raises(RuntimeError, match="bad slot"):
-        kernels().attention(q, kv, kv, c, c, torch.tensor([2]), torch.tensor([[0]]))
+        kernels().attend(qkv, cs, cs, c, c, torch.tensor([2]), torch.tensor([[0]]), 1)
+    with pytest.raises(RuntimeError, match="head counts do not fit"):
+        kernels().attend(qkv, cs, cs, c, c, one, torch.tensor([[0]]), 2)
 
 
 def test_the_model_runs_them_and_keeps_its_logits(tiny_dir, monkeypatch):

@@ -73,11 +73,9 @@ class Attention(nn.Module):
         nq, nqk = self.n_heads, self.n_heads + self.n_kv_heads
         qkv = self.wqkv(x).view(bsz, t, nqk + self.n_kv_heads, hd)
         ops = decode_ops(x) if kv_len is not None else None
-        if ops is not None:  # one op for rope, one for the cache write and attention
-            qk = ops.rope(qkv[:, :, :nqk], cos, sin)
+        if ops is not None:  # one call: rope, the KV cache write and attention
             kc, window = self.kv_cache, self.config.sliding_window or 0
-            k, v = qk[:, :, nq:], qkv[:, :, nqk:]
-            y = ops.attention(qk[:, :, :nq], k, v, kc.k, kc.v, slots, pos, window)
+            y = ops.attend(qkv, cos, sin, kc.k, kc.v, slots, pos, nq, window)
             return self.tp.all_reduce(self.wo(y.view(bsz, t, nq * hd)))
         qk = apply_rope(qkv[:, :, :nqk], cos, sin)  # q and k rotated together: fewer ops
         q, k = qk[:, :, :nq].transpose(1, 2), qk[:, :, nq:].transpose(1, 2)

@@ -13,11 +13,10 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qs,
                         const at::Tensor& scales, const c10::optional<at::Tensor>& bias,
                         bool int8_x);
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
-at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 at::Tensor silu_mul(const at::Tensor& gu);
-at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                     const at::Tensor& k_cache, const at::Tensor& v_cache,
-                     const at::Tensor& slots, const at::Tensor& pos, int64_t window);
+at::Tensor attend(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                  const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slots,
+                  const at::Tensor& pos, int64_t n_q, int64_t window);
 }  // namespace distspec
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -34,12 +33,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         arg("x"), arg("qs"), arg("scales"), arg("bias") = pybind11::none(),
         arg("int8_x") = false);
   m.def("rms_norm", &distspec::rms_norm, "x / sqrt(mean(x^2) + eps) * weight, fp32");
-  m.def("rope", &distspec::rope, "x * cos + roll(x, D/2) * signed_sin for x [B, T, H, D]");
   m.def("silu_mul", &distspec::silu_mul, "silu(g) * u for gu = [g | u] on the last dim");
-  m.def("attention", &distspec::attention,
-        "write k, v into the KV cache at (slot, pos), then softmax(q k^T / sqrt(D)) v over "
-        "each sequence's cached keys at positions <= its own",
-        arg("q"), arg("k"), arg("v"), arg("k_cache"), arg("v_cache"), arg("slots"), arg("pos"),
-        arg("window") = 0);
+  m.def("attend", &distspec::attend,
+        "RoPE on q and k of a fused qkv [B, T, Hq + 2 Hkv, D], k and v into the KV cache at "
+        "(slot, pos), then attention over each sequence's cached keys at positions <= its own",
+        arg("qkv"), arg("cos"), arg("sin"), arg("k_cache"), arg("v_cache"), arg("slots"),
+        arg("pos"), arg("n_q"), arg("window") = 0);
   m.attr("MAX_ROWS") = distspec::kMaxRows;
 }

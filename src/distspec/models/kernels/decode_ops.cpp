@@ -1,11 +1,12 @@
 // The small fp32 ops of a decoder layer, one call each where PyTorch takes 3-10: at one token
 // per step their dispatch costs more than their arithmetic (the weights aside).
 //   rms_norm:  y = x / sqrt(mean(x^2) + eps) * w, per row
-//   rope:      y = x * cos + roll(x, D/2) * signed_sin (signed_sin's first half negated)
 //   silu_mul:  y = silu(g) * u for gu = [g | u] along the last dim
-//   attention: writes the new keys and values into the static KV cache at (slot, position),
-//              then softmax(q k^T / sqrt(D)) v reading each sequence's cache rows in place (no
-//              gather, no mask tensor): query at position p sees keys [max(0, p - window + 1), p].
+//   attend:    from a fused q/k/v projection: RoPE on q and k (y = x * cos + roll(x, D/2) *
+//              signed_sin, signed_sin's first half negated), k and v written into the static KV
+//              cache at (slot, position), then softmax(q k^T / sqrt(D)) v reading each
+//              sequence's cache rows in place (no gather, no mask tensor): a query at position
+//              p sees keys [max(0, p - window + 1), p].
 
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -71,31 +72,14 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   return y;
 }
 
-// x: [B, T, H, D] (any strides over B, T, H; D contiguous); cos, sin: [B, T, 1, D]
-at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
-  check_float(x, "rope x");
-  TORCH_CHECK(x.dim() == 4 && x.stride(3) == 1, "rope: x [B, T, H, D], D contiguous");
-  const int64_t B = x.size(0), T = x.size(1), H = x.size(2), D = x.size(3), half = D / 2;
-  const at::Tensor c = cos.expand({B, T, 1, D}).contiguous();
-  const at::Tensor s = sin.expand({B, T, 1, D}).contiguous();
-  at::Tensor y = at::empty({B, T, H, D}, x.options());
-  const float *cp = c.data_ptr<float>(), *sp = s.data_ptr<float>(), *xp = x.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  const int64_t sb = x.stride(0), st = x.stride(1), sh = x.stride(2);
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t t = 0; t < T; ++t) {
-      const float* cr = cp + (b * T + t) * D;
-      const float* sr = sp + (b * T + t) * D;
-      for (int64_t h = 0; h < H; ++h) {
-        const float* xr = xp + b * sb + t * st + h * sh;
-        float* yr = yp + ((b * T + t) * H + h) * D;
-        for (int64_t i = 0; i < half; ++i) {
-          yr[i] = xr[i] * cr[i] + xr[i + half] * sr[i];
-          yr[i + half] = xr[i + half] * cr[i + half] + xr[i] * sr[i + half];
-        }
-      }
-    }
-  return y;
+// y = x * cos + roll(x, D/2) * signed_sin for one head (the products and the sum rounded as
+// PyTorch's separate ops round them)
+inline void rope_row(const float* x, const float* c, const float* s, float* y, int64_t D) {
+  const int64_t half = D / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    y[i] = x[i] * c[i] + x[i + half] * s[i];
+    y[i + half] = x[i + half] * c[i + half] + x[i] * s[i + half];
+  }
 }
 
 at::Tensor silu_mul(const at::Tensor& gu) {
@@ -115,55 +99,70 @@ at::Tensor silu_mul(const at::Tensor& gu) {
   return y;
 }
 
-// q: [B, T, Hq, D], k, v: [B, T, Hkv, D] (D contiguous); k_cache, v_cache: [S, Hkv, L, D]
-// contiguous; slots: [B]; pos: [B, T]. Returns [B, T, Hq, D].
-at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                     const at::Tensor& k_cache, const at::Tensor& v_cache,
-                     const at::Tensor& slots, const at::Tensor& pos, int64_t window) {
-  check_float(q, "attention q");
-  check_float(k_cache, "attention k_cache");
-  check_float(v_cache, "attention v_cache");
-  TORCH_CHECK(q.dim() == 4 && q.stride(3) == 1, "attention: q [B, T, Hq, D], D contiguous");
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 4,
-              "attention: contiguous caches [S, Hkv, L, D]");
-  const int64_t B = q.size(0), T = q.size(1), Hq = q.size(2), D = q.size(3);
-  const int64_t Hkv = k_cache.size(1), L = k_cache.size(2);
-  TORCH_CHECK(k_cache.size(3) == D && Hq % Hkv == 0, "attention: head shapes do not fit");
-  const at::Tensor sl = slots.to(at::kLong).contiguous();
-  const at::Tensor ps = pos.to(at::kLong).contiguous();
-  TORCH_CHECK(sl.numel() == B && ps.numel() == B * T, "attention: slots [B] and pos [B, T]");
+// qkv: [B, T, Hq + 2 Hkv, D] (a fused projection's output, D contiguous); cos, sin: [B or 1,
+// T or 1, 1, D]; k_cache, v_cache: [S, Hkv, L, D] contiguous; slots: [B]; pos: [B, T].
+// Rotates q and k, writes k and v at (slot, pos), attends. Returns [B, T, Hq, D].
+at::Tensor attend(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                  const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slots,
+                  const at::Tensor& pos, int64_t n_q, int64_t window) {
+  check_float(qkv, "attend qkv");
+  check_float(cos, "attend cos");
+  check_float(sin, "attend sin");
+  check_float(k_cache, "attend k_cache");
+  check_float(v_cache, "attend v_cache");
+  TORCH_CHECK(qkv.dim() == 4 && qkv.stride(3) == 1, "attend: qkv [B, T, H, D], D contiguous");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.dim() == 4 &&
+                  v_cache.sizes() == k_cache.sizes(),
+              "attend: contiguous caches [S, Hkv, L, D]");
+  const int64_t B = qkv.size(0), T = qkv.size(1), D = qkv.size(3), Hq = n_q;
+  const int64_t S = k_cache.size(0), Hkv = k_cache.size(1), L = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == D && Hq > 0 && Hq % Hkv == 0 && qkv.size(2) == Hq + 2 * Hkv,
+              "attend: head counts do not fit (qkv ", qkv.sizes(), ", cache ", k_cache.sizes(), ")");
+  TORCH_CHECK(cos.dim() == 4 && cos.sizes() == sin.sizes() && cos.size(3) == D &&
+                  cos.stride(3) == 1 && cos.strides() == sin.strides(),
+              "attend: cos, sin [B or 1, T or 1, 1, D] alike, D contiguous");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && pos.scalar_type() == at::kLong,
+              "attend: int64 slots and positions");
+  const at::Tensor sl = slots.is_contiguous() ? slots : slots.contiguous();
+  const at::Tensor ps = pos.is_contiguous() ? pos : pos.contiguous();
+  TORCH_CHECK(sl.numel() == B && ps.numel() == B * T, "attend: slots [B] and pos [B, T]");
   const int64_t *slp = sl.data_ptr<int64_t>(), *pp = ps.data_ptr<int64_t>();
-  for (int64_t i = 0; i < B * T; ++i) TORCH_CHECK(pp[i] >= 0 && pp[i] < L, "attention: position out of the cache");
-  for (int64_t b = 0; b < B; ++b) TORCH_CHECK(slp[b] >= 0 && slp[b] < k_cache.size(0), "attention: bad slot");
-  check_float(k, "attention k");
-  check_float(v, "attention v");
-  TORCH_CHECK(k.dim() == 4 && v.dim() == 4 && k.size(0) == B && k.size(1) == T &&
-                  k.size(2) == Hkv && k.size(3) == D && v.sizes() == k.sizes() &&
-                  k.stride(3) == 1 && v.stride(3) == 1,
-              "attention: new k, v [B, T, Hkv, D], D contiguous");
-  {
-    float *kcp = k_cache.data_ptr<float>(), *vcp = v_cache.data_ptr<float>();
-    const float *knp = k.data_ptr<float>(), *vnp = v.data_ptr<float>();
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t t = 0; t < T; ++t)
-        for (int64_t h = 0; h < Hkv; ++h) {
-          const int64_t dst = ((slp[b] * Hkv + h) * L + pp[b * T + t]) * D;
-          std::copy_n(knp + b * k.stride(0) + t * k.stride(1) + h * k.stride(2), D, kcp + dst);
-          std::copy_n(vnp + b * v.stride(0) + t * v.stride(1) + h * v.stride(2), D, vcp + dst);
-        }
-  }
-  at::Tensor y = at::zeros({B, T, Hq, D}, q.options());
-  const float *qp = q.data_ptr<float>(), *kp = k_cache.data_ptr<float>(), *vp = v_cache.data_ptr<float>();
+  for (int64_t i = 0; i < B * T; ++i)
+    TORCH_CHECK(pp[i] >= 0 && pp[i] < L, "attend: position out of the cache");
+  for (int64_t b = 0; b < B; ++b) TORCH_CHECK(slp[b] >= 0 && slp[b] < S, "attend: bad slot");
+
+  // rope on q (into a buffer) and k (into the cache), v into the cache
+  at::Tensor q = at::empty({B, T, Hq, D}, qkv.options());
+  float *qp = q.data_ptr<float>(), *kp = k_cache.data_ptr<float>(), *vp = v_cache.data_ptr<float>();
+  const float *xp = qkv.data_ptr<float>(), *cp = cos.data_ptr<float>(), *snp = sin.data_ptr<float>();
+  const int64_t cb = cos.size(0) == 1 ? 0 : cos.stride(0), ct = cos.size(1) == 1 ? 0 : cos.stride(1);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < T; ++t) {
+      const float* x = xp + b * qkv.stride(0) + t * qkv.stride(1);
+      const float *c = cp + b * cb + t * ct, *sn = snp + b * cb + t * ct;
+      for (int64_t h = 0; h < Hq; ++h)
+        rope_row(x + h * qkv.stride(2), c, sn, qp + ((b * T + t) * Hq + h) * D, D);
+      for (int64_t h = 0; h < Hkv; ++h) {
+        const int64_t dst = ((slp[b] * Hkv + h) * L + pp[b * T + t]) * D;
+        rope_row(x + (Hq + h) * qkv.stride(2), c, sn, kp + dst, D);
+        std::copy_n(x + (Hq + Hkv + h) * qkv.stride(2), D, vp + dst);
+      }
+    }
+
+  at::Tensor y = at::empty({B, T, Hq, D}, qkv.options());
   float* yp = y.data_ptr<float>();
   const int64_t group = Hq / Hkv;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  at::parallel_for(0, B * Hq * T, 1, [&](int64_t i0, int64_t i1) {
+  int64_t work = 0;  // key dot products; a short decode step is not worth waking a thread
+  for (int64_t i = 0; i < B * T; ++i) work += (pp[i] + 1) * Hq;
+  const int64_t grain = work * D < (1 << 16) ? B * Hq * T : 1;
+  at::parallel_for(0, B * Hq * T, grain, [&](int64_t i0, int64_t i1) {
     std::vector<float> w(L);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / (Hq * T), h = (i / T) % Hq, t = i % T;
       const int64_t p = pp[b * T + t];
       const int64_t lo = window > 0 ? std::max<int64_t>(0, p - window + 1) : 0;
-      const float* qr = qp + b * q.stride(0) + t * q.stride(1) + h * q.stride(2);
+      const float* qr = qp + ((b * T + t) * Hq + h) * D;
       const int64_t kv = (slp[b] * Hkv + h / group) * L * D;
       float mx = -INFINITY;
       for (int64_t j = lo; j <= p; ++j) {
@@ -173,6 +172,7 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
       float sum = 0.0f;
       for (int64_t j = lo; j <= p; ++j) sum += (w[j] = std::exp(w[j] - mx));
       float* yr = yp + ((b * T + t) * Hq + h) * D;
+      std::fill_n(yr, D, 0.0f);
       for (int64_t j = lo; j <= p; ++j) axpy(w[j], vp + kv + j * D, yr, D);
       const float inv = 1.0f / sum;
       for (int64_t d = 0; d < D; ++d) yr[d] *= inv;
