@@ -29,6 +29,7 @@ SOURCES = [
     Path(__file__).with_name("kernels") / name
     for name in ("skinny_linear.cpp", "quant_linear.cpp", "decode_ops.cpp", "bindings.cpp")
 ]
+HEADERS = [Path(__file__).with_name("kernels") / "vec.h"]
 # OpenMP: torch's own runtime, for parallel_for. No FMA contraction of scalar code: rope's
 # products and sums then round exactly as PyTorch's (the vector code asks for FMA itself).
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp"]
@@ -44,7 +45,7 @@ def supported() -> bool:
 def library_path() -> Path:
     """Where this build of the kernels lives: keyed by their sources, flags and torch."""
     h = hashlib.sha256()
-    for source in SOURCES:
+    for source in [*SOURCES, *HEADERS]:
         h.update(source.read_bytes())
     h.update(" ".join(FLAGS).encode())
     h.update(torch.__version__.encode())

@@ -68,13 +68,12 @@ def gguf_source(name: str) -> Path | None:
 
 def resolve_model_dir(name: str) -> Path:
     """A directory with config.json + safetensors + tokenizer.json for `name`."""
-    if name == "demo":
-        return _converted(demo_gguf_path())
+    gguf = gguf_source(name)
+    if gguf is not None:
+        return _converted(gguf)
     path = Path(name).expanduser()
     if not path.exists():
         raise ModelNotFoundError(f"model path not found: {name}")
-    if path.is_file() and path.suffix == ".gguf":
-        return _converted(path)
     if path.is_dir() and (path / "config.json").exists():
         if not (path / "tokenizer.json").exists():
             raise ModelNotFoundError(f"{name} has no tokenizer.json (a fast tokenizer is needed)")

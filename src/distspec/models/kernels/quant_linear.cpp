@@ -18,6 +18,8 @@
 #include <cmath>
 #include <vector>
 
+#include "vec.h"
+
 namespace distspec {
 
 namespace {
@@ -25,13 +27,6 @@ namespace {
 constexpr int64_t kGroup = 32;
 constexpr int64_t kChunkRows = 16;  // rows of x per pass over W
 constexpr int kPassRows = 4;        // rows of x per unpacking of a group
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 // The 32 weights of one group as 4 x 8 floats (before scale and min).
 struct Q4 {
@@ -226,7 +221,7 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& qs,
   const float* xp = x2.data_ptr<float>();
   // sum(x_g) per row and group, for the min term
   std::vector<float> xsum(mp ? M * G : 0);
-  for (size_t i = 0; i < xsum.size(); ++i) {
+  for (size_t i = 0; !int8_x && i < xsum.size(); ++i) {
     const float* xg = xp + i * kGroup;
     __m256 acc = _mm256_loadu_ps(xg);
     for (int j = 8; j < kGroup; j += 8) acc = _mm256_add_ps(acc, _mm256_loadu_ps(xg + j));

@@ -15,6 +15,8 @@
 
 #include <algorithm>
 
+#include "vec.h"
+
 namespace distspec {
 
 extern const int64_t kMaxRows = 16;  // more rows than this: the caller uses BLAS
@@ -22,13 +24,6 @@ extern const int64_t kMaxRows = 16;  // more rows than this: the caller uses BLA
 namespace {
 
 constexpr int64_t kTileRows = 4;  // rows of W per tile
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 // y[m, n] for MB rows of x and NB rows of W (w points at W's first row of the tile).
 template <int MB, int NB>
