@@ -113,3 +113,60 @@ def test_the_model_runs_them_and_keeps_its_logits(tiny_dir, monkeypatch):
     monkeypatch.setattr(llama, "decode_ops", lambda x: None)
     plain = model(tokens, pos, slots)
     assert torch.allclose(fused, plain, atol=1e-4)
+
+
+@pytest.mark.parametrize("weight_dtype", ["fp32", "int4", "int8"])
+def test_a_fused_layer_is_bitwise_the_layer_it_replaces(tiny_dir, monkeypatch, weight_dtype):
+    """kernels/decoder_layer.cpp runs a layer in one call: the same kernels in the same order
+    as Block's own fp32 CPU path, so the logits (and the KV cache) are identical."""
+    from distspec.models import llama
+    from distspec.models.loader import load_for_inference
+    from tiny import TINY_MAX_LEN
+
+    model = load_for_inference(
+        str(tiny_dir), max_len=TINY_MAX_LEN, num_slots=3, weight_dtype=weight_dtype
+    ).model
+    assert all(layer.fused_layer() is not None for layer in model.layers)
+    tokens = torch.randint(0, 200, (3, 6), generator=gen(4))
+    pos = llama.pad_positions([0, 4, 9], 6)
+    slots = torch.tensor([2, 0, 1])
+    step, step_pos = torch.randint(0, 200, (3, 1), generator=gen(5)), pos[:, -1:] + 1
+
+    def run():
+        prefill = model(tokens, pos, slots)
+        return prefill, model(step, step_pos, slots), model.layers[-1].attn.kv_cache.k.clone()
+
+    fused = run()
+    monkeypatch.setattr(llama.Block, "fused_layer", lambda self: None)
+    plain = run()
+    for a, b in zip(fused, plain, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_fused_layer_follows_the_layers_it_was_built_from(tiny_dir):
+    """Swapping a linear layer, switching int8 activations or a new KV cache rebuilds it;
+    layers the kernels do not run (oneDNN-packed) keep the module path."""
+    from distspec.models.linear import PackedLinear, set_activations
+    from distspec.models.loader import load_for_inference
+    from tiny import TINY_MAX_LEN
+
+    model = load_for_inference(str(tiny_dir), max_len=TINY_MAX_LEN, weight_dtype="int4").model
+    layer = model.layers[0]
+    first = layer.fused_layer()
+    assert layer.fused_layer() is first  # cached while nothing changes
+    tokens, pos = torch.randint(0, 200, (1, 5), generator=gen(6)), torch.arange(5)[None]
+    fp32_x = model(tokens, pos)
+    set_activations(model, "int8")
+    assert layer.fused_layer() is not first
+    int8_x = model(tokens, pos)
+    assert not torch.equal(fp32_x, int8_x)  # the int8 activations' rounding shows
+    set_activations(model, "fp32")
+    assert torch.equal(model(tokens, pos), fp32_x)
+    before = layer.fused_layer()
+    model.setup_cache(1, TINY_MAX_LEN)
+    assert layer.fused_layer() is not before
+
+    fp32 = load_for_inference(str(tiny_dir), max_len=TINY_MAX_LEN, weight_dtype="fp32").model
+    fp32.layers[0].mlp.w_down = PackedLinear(torch.nn.Linear(128, 64))
+    assert fp32.layers[0].fused_layer() is None and fp32.layers[1].fused_layer() is not None
+    assert torch.isfinite(fp32(tokens, pos)).all()

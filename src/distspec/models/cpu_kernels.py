@@ -27,9 +27,15 @@ log = logging.getLogger(__name__)
 NAME = "distspec_cpu_kernels"
 SOURCES = [
     Path(__file__).with_name("kernels") / name
-    for name in ("skinny_linear.cpp", "quant_linear.cpp", "decode_ops.cpp", "bindings.cpp")
+    for name in (
+        "skinny_linear.cpp",
+        "quant_linear.cpp",
+        "decode_ops.cpp",
+        "decoder_layer.cpp",
+        "bindings.cpp",
+    )
 ]
-HEADERS = [Path(__file__).with_name("kernels") / "vec.h"]
+HEADERS = [Path(__file__).with_name("kernels") / name for name in ("vec.h", "decoder_layer.h")]
 # OpenMP: torch's own runtime, for parallel_for. No FMA contraction of scalar code: rope's
 # products and sums then round exactly as PyTorch's (the vector code asks for FMA itself).
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp"]

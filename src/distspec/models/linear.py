@@ -96,6 +96,24 @@ class QuantLinear(nn.Module):
         return f"{self.in_features}, {self.out_features}, {self.kind}"
 
 
+def kernel_op(linear: nn.Module, ops):
+    """linear as one of the kernels' LinearOps (kernels/decoder_layer.h), sharing its weight;
+    None for a layer they do not run (oneDNN-packed, not fp32, not on CPU)."""
+    if isinstance(linear, QuantLinear):
+        if linear.ops is None:
+            return None
+        kind = "q4" if linear.format is Q4Weight else "q8"
+        parts = [getattr(linear, f"_w{i}") for i in range(linear.n_parts)]
+        return ops.LinearOp(kind, parts, linear.bias, linear.int8_activations)
+    if not isinstance(linear, SkinnyLinear | nn.Linear):
+        return None
+    w, bias = linear.weight.detach(), linear.bias
+    if w.dtype != torch.float32 or w.device.type != "cpu" or not w.is_contiguous():
+        return None
+    bias = None if bias is None else bias.detach().contiguous()
+    return ops.LinearOp("fp32", [w], bias, False)
+
+
 def set_activations(model: nn.Module, dtype: str) -> None:
     """Activations of every QuantLinear of model: "fp32" or "int8" (see QuantLinear)."""
     if dtype not in ("fp32", "int8"):

@@ -19,7 +19,7 @@ from torch import nn
 
 from distspec.models.config import ModelConfig
 from distspec.models.cpu_kernels import kernels
-from distspec.models.linear import QuantLinear
+from distspec.models.linear import QuantLinear, kernel_op
 from distspec.models.quantized import cat_rows, is_quantized, take_cols, take_rows
 from distspec.models.rope import apply_rope, rope_tables
 from distspec.models.tensor_parallel import TPContext, split_range
@@ -112,13 +112,47 @@ class Block(nn.Module):
     def __init__(self, config: ModelConfig, tp: TPContext):
         super().__init__()
         self.eps = config.rms_norm_eps
+        self.config_window = config.sliding_window or 0
         self.attn_norm = nn.Parameter(torch.ones(config.hidden_size))
         self.mlp_norm = nn.Parameter(torch.ones(config.hidden_size))
         self.attn = Attention(config, tp)
         self.mlp = MLP(config, tp)
+        self._fused = self._fused_key = None
 
     def forward(self, x, cos, sin, slots, pos, kv_len, mask):
+        fused = self.fused_layer() if kv_len is not None and decode_ops(x) is not None else None
+        if fused is not None:
+            return fused.forward(x, cos, sin, slots, pos)
         return self.finish(x + self.attend(x, cos, sin, slots, pos, kv_len, mask))
+
+    def fused_layer(self):
+        """This layer as one kernel call (kernels/decoder_layer.cpp), rebuilt whenever a linear
+        layer or the KV cache changes; None where it does not apply (tensor parallel, layers
+        the kernels do not run)."""
+        attn, mlp = self.attn, self.mlp
+        linears = (attn.wqkv, attn.wo, mlp.w_gate_up, mlp.w_down)
+        key = (*linears, attn.kv_cache, *(getattr(m, "int8_activations", 0) for m in linears))
+        if key == self._fused_key:
+            return self._fused
+        self._fused, self._fused_key = None, key
+        ops = kernels()
+        if ops is None or attn.tp.enabled or attn.kv_cache is None:
+            return None
+        lin = [kernel_op(m, ops) for m in linears]
+        if any(op is None for op in lin):
+            return None
+        kc = attn.kv_cache
+        self._fused = ops.DecoderLayer(
+            self.attn_norm.detach(),
+            self.mlp_norm.detach(),
+            self.eps,
+            *lin,
+            kc.k,
+            kc.v,
+            attn.n_heads,
+            self.config_window,
+        )
+        return self._fused
 
     def attend(self, x, cos, sin, slots, pos, kv_len, mask):
         """The attention sublayer's output (to be added to the residual stream)."""

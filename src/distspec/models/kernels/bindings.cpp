@@ -2,6 +2,8 @@
 
 #include <torch/extension.h>
 
+#include "decoder_layer.h"
+
 namespace distspec {
 extern const int64_t kMaxRows;
 at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& weight,
@@ -39,5 +41,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(slot, pos), then attention over each sequence's cached keys at positions <= its own",
         arg("qkv"), arg("cos"), arg("sin"), arg("k_cache"), arg("v_cache"), arg("slots"),
         arg("pos"), arg("n_q"), arg("window") = 0);
+  pybind11::class_<distspec::LinearOp>(m, "LinearOp",
+                                       "a linear layer's weight in one of the kernels' formats")
+      .def(pybind11::init<const std::string&, std::vector<at::Tensor>, c10::optional<at::Tensor>,
+                          bool>(),
+           arg("kind"), arg("parts"), arg("bias") = pybind11::none(), arg("int8_x") = false)
+      .def("__call__", &distspec::LinearOp::operator(), arg("x"));
+  pybind11::class_<distspec::DecoderLayer>(m, "DecoderLayer",
+                                           "a decoder layer's cached forward in one call")
+      .def(pybind11::init<at::Tensor, at::Tensor, double, distspec::LinearOp, distspec::LinearOp,
+                          distspec::LinearOp, distspec::LinearOp, at::Tensor, at::Tensor, int64_t,
+                          int64_t>(),
+           arg("attn_norm"), arg("mlp_norm"), arg("eps"), arg("wqkv"), arg("wo"), arg("gate_up"),
+           arg("down"), arg("k_cache"), arg("v_cache"), arg("n_q"), arg("window") = 0)
+      .def("forward", &distspec::DecoderLayer::forward, arg("x"), arg("cos"), arg("sin"),
+           arg("slots"), arg("pos"));
   m.attr("MAX_ROWS") = distspec::kMaxRows;
 }
