@@ -255,6 +255,36 @@ def test_dropped_connection_resumes_with_the_same_output(
         relay.stop()
 
 
+def test_a_connection_cut_before_the_session_opened_opens_it_again(
+    server, target, tiny_dir, tiny_drafter_dir
+):
+    """Cut while the OpenSession is still on its way (nothing verified yet): the client
+    retries with a fresh session instead of failing the request with UNAVAILABLE."""
+    import threading
+
+    runtime, address = server
+    relay = DelayRelay(address, delay_s=0.3).start()  # the reply to the open takes >= 0.6 s
+
+    def cut():
+        relay.drop()
+        relay.delay_s = 0.002
+
+    timer = threading.Timer(0.15, cut)
+    client = EdgeClient(relay.address, edge_drafter(tiny_dir, tiny_drafter_dir, "model"))
+    try:
+        expected = greedy_ar(target, runtime.tokenizer.encode("Once upon a time"), 30)
+        out = []
+        timer.start()
+        for step in client.generate(SamplingParams(max_new_tokens=30), prompt="Once upon a time"):
+            out += step.token_ids
+        assert out == expected
+        assert step.stats.reconnects >= 1
+    finally:
+        timer.cancel()
+        client.close()
+        relay.stop()
+
+
 def test_resume_needs_the_sessions_secret(server):
     import queue
 

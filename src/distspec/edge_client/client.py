@@ -145,7 +145,8 @@ class EdgeClient:
     ) -> Iterator[EdgeStep]:
         """Stream the verified tokens: prompt (raw text), messages ((role, content); the
         server applies the chat template) or prompt_token_ids. A broken connection is
-        re-established with backoff and the session resumed from the last verified token."""
+        re-established with backoff and the session resumed from the last verified token (or,
+        cut before the session opened, opened afresh: no token was verified yet)."""
         open_ = pb.OpenSession(
             keep_decoding=self.overlap,
             prompt=prompt or "",
@@ -168,17 +169,17 @@ class EdgeClient:
                         yield step
                     return
                 except grpc.RpcError as e:
-                    resumable = e.code() == grpc.StatusCode.UNAVAILABLE and run.session_id
-                    if not resumable or failures >= self.max_retries:
+                    if e.code() != grpc.StatusCode.UNAVAILABLE or failures >= self.max_retries:
                         raise
                     failures += 1
                     run.resumes += 1
                     time.sleep(min(self.backoff_max_s, self.backoff_s * 2 ** (failures - 1)))
-                    open_ = pb.OpenSession(
-                        resume_session_id=run.session_id,
-                        resume_secret=run.secret,
-                        resume_position=len(run.verified),
-                    )
+                    if run.session_id is not None:  # else it never opened: open it again
+                        open_ = pb.OpenSession(
+                            resume_session_id=run.session_id,
+                            resume_secret=run.secret,
+                            resume_position=len(run.verified),
+                        )
                 finally:
                     requests.put(None)
                     responses.cancel()
