@@ -8,7 +8,7 @@ WORKERS ?= $(shell nproc 2>/dev/null || echo 1)
 PYTEST  := $(BIN)/python -m pytest -n $(WORKERS)
 DEMO_PROMPT ?= Give me three tips for staying focused while studying.
 
-.PHONY: setup demo test test-fast bench bench-peers lint format clean
+.PHONY: setup demo test test-fast bench bench-peers gpu-check lint format clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,12 @@ bench: setup
 #   distspec bench --contenders ar,ar-int4,llama.cpp-f32,llama.cpp-native,llama.cpp-sd
 bench-peers: setup
 	$(BIN)/python -m distspec.bench.llama_cpp
+
+# the engine on a CUDA device (a GPU machine has no registries: no set-up step, the
+# interpreter that has torch and transformers runs the sources): exactness against
+# transformers, quantized linears, AR tokens/s of fp32/bf16/int4 targets; under 10 minutes
+gpu-check:
+	PYTHONPATH=src $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) -m distspec.bench.gpu_check --out bench-results/gpu-check
 
 lint: setup
 	$(BIN)/ruff check src tests

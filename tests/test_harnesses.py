@@ -91,3 +91,20 @@ def test_bench_kernels_on_a_tiny_model(capfd, caplog, tiny_dir, tmp_path):
     assert "| kernel | MB | rows |" in out
     mb = {r["kernel"]: r["weight_mb"] for r in report["results"]}
     assert max(v for k, v in mb.items() if k.startswith("int")) < 0.4 * mb["onednn"]
+
+
+def test_gpu_check_runs_its_checks_on_the_cpu(tiny_dir, tmp_path, capsys):
+    """make gpu-check's script, run here with --device cpu: every check passes on the tiny
+    model and the report lists them (on a GPU machine it runs the same code on CUDA)."""
+    from distspec.bench.gpu_check import main
+
+    rc = main(["--device", "cpu", "--target", str(tiny_dir), "--tokens", "12", "--prompts", "2"])
+    rc_out = capsys.readouterr().out
+    assert rc == 0, rc_out
+    for name in ("greedy float32 = transformers | ok | 2/2", "int4 linear", "sd int4 = ar int4"):
+        assert name in rc_out
+    assert "| int4 float32 |" in rc_out
+    import torch
+
+    if not torch.cuda.is_available():
+        assert main(["--device", "cuda", "--target", str(tiny_dir)]) == 2

@@ -125,7 +125,8 @@ def set_activations(model: nn.Module, dtype: str) -> None:
 
 def pack_for_cpu(model: nn.Module, use_kernels: bool = True) -> None:
     """Swap every CPU nn.Linear of a model for the fastest decode-shaped layer (in place):
-    SkinnyLinear for fp32 where distspec's kernels run (use_kernels), else PackedLinear."""
+    SkinnyLinear for fp32 where distspec's kernels run (use_kernels), else PackedLinear where
+    oneDNN runs the weight's dtype, else nn.Linear as it is."""
     ops = kernels() if use_kernels else None
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
@@ -133,5 +134,17 @@ def pack_for_cpu(model: nn.Module, use_kernels: bool = True) -> None:
                 continue
             if ops is not None and child.weight.dtype == torch.float32:
                 setattr(parent, name, SkinnyLinear(child, ops))
-            elif torch.backends.mkldnn.is_available():
+            elif onednn_runs(child.weight.dtype):
                 setattr(parent, name, PackedLinear(child))
+
+
+def onednn_runs(dtype: torch.dtype) -> bool:
+    """oneDNN has CPU kernels for this dtype here (bf16 and fp16 need CPU support: without it
+    its packed linear fails to build a primitive)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    if dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if dtype == torch.float16:
+        return torch.ops.mkldnn._is_mkldnn_fp16_supported()
+    return dtype == torch.float32
