@@ -15,6 +15,18 @@ from distspec.models.cpu_kernels import kernels
 from distspec.models.quantized import Q4Weight, QuantWeight, round_activations
 
 
+class LayerEpoch:
+    """Bumped whenever a model's layers are rearranged (a linear layer, a KV cache replaced,
+    activations switched): cached fused layers (llama.Block.fused_layer) check it in one
+    read instead of walking their modules at every step."""
+
+    value = 0
+
+    @classmethod
+    def bump(cls) -> None:
+        cls.value += 1
+
+
 class SkinnyLinear(nn.Module):
     """fp32 weight in its plain [out, in] layout. Up to MAX_ROWS rows of input go through
     distspec's skinny_linear kernel (the weight read once, at memory bandwidth, whatever the
@@ -66,13 +78,22 @@ class QuantLinear(nn.Module):
         self, weight: QuantWeight, bias: torch.Tensor | None = None, int8_activations=False
     ):
         super().__init__()
-        self.int8_activations = int8_activations
+        self._int8_activations = int8_activations
         self.kind, self.format, self.n_parts = weight.kind, type(weight), len(weight.parts())
         self.out_features, self.in_features = weight.shape
         for i, part in enumerate(weight.parts()):  # buffers, so that .to() moves them
             self.register_buffer(f"_w{i}", part.contiguous(), persistent=False)
         self.bias = None if bias is None else bias.detach().float().contiguous()
         self.ops = kernels()
+
+    @property
+    def int8_activations(self) -> bool:
+        return self._int8_activations
+
+    @int8_activations.setter
+    def int8_activations(self, value: bool) -> None:
+        self._int8_activations = value
+        LayerEpoch.bump()
 
     @property
     def weight(self) -> QuantWeight:
@@ -83,9 +104,9 @@ class QuantLinear(nn.Module):
         if self.ops is not None and x.dtype == torch.float32 and x.device.type == "cpu":
             if self.format is Q4Weight:
                 return self.ops.q4_linear(
-                    x, self._w0, self._w1, self._w2, self.bias, self.int8_activations
+                    x, self._w0, self._w1, self._w2, self.bias, self._int8_activations
                 )
-            return self.ops.q8_linear(x, self._w0, self._w1, self.bias, self.int8_activations)
+            return self.ops.q8_linear(x, self._w0, self._w1, self.bias, self._int8_activations)
         w = self.weight
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if self.int8_activations:

@@ -19,7 +19,7 @@ from torch import nn
 
 from distspec.models.config import ModelConfig
 from distspec.models.cpu_kernels import kernels
-from distspec.models.linear import QuantLinear, kernel_op
+from distspec.models.linear import LayerEpoch, QuantLinear, kernel_op
 from distspec.models.quantized import cat_rows, is_quantized, take_cols, take_rows
 from distspec.models.rope import apply_rope, rope_tables
 from distspec.models.tensor_parallel import TPContext, split_range
@@ -53,7 +53,16 @@ def decode_ops(x: torch.Tensor):
     return kernels() if x.dtype == torch.float32 and x.device.type == "cpu" else None
 
 
-class Attention(nn.Module):
+class Watched(nn.Module):
+    """A module whose attributes (sub-layers, KV cache) fused layers are built from: setting
+    one tells them (LayerEpoch)."""
+
+    def __setattr__(self, name, value) -> None:
+        super().__setattr__(name, value)
+        LayerEpoch.bump()
+
+
+class Attention(Watched):
     def __init__(self, config: ModelConfig, tp: TPContext):
         super().__init__()
         self.config, self.tp = config, tp
@@ -90,7 +99,7 @@ class Attention(nn.Module):
         return self.tp.all_reduce(self.wo(y))
 
 
-class MLP(nn.Module):
+class MLP(Watched):
     def __init__(self, config: ModelConfig, tp: TPContext):
         super().__init__()
         start, end = split_range(config.intermediate_size, tp.world_size, tp.rank)
@@ -108,16 +117,16 @@ class MLP(nn.Module):
         return self.tp.all_reduce(self.w_down(F.silu(gate) * up))
 
 
-class Block(nn.Module):
+class Block(Watched):
     def __init__(self, config: ModelConfig, tp: TPContext):
         super().__init__()
         self.eps = config.rms_norm_eps
-        self.config_window = config.sliding_window or 0
+        self.window = config.sliding_window or 0  # 0: none
         self.attn_norm = nn.Parameter(torch.ones(config.hidden_size))
         self.mlp_norm = nn.Parameter(torch.ones(config.hidden_size))
         self.attn = Attention(config, tp)
         self.mlp = MLP(config, tp)
-        self._fused = self._fused_key = None
+        self._cache_fused(None, None)
 
     def forward(self, x, cos, sin, slots, pos, kv_len, mask):
         fused = self.fused_layer() if kv_len is not None and decode_ops(x) is not None else None
@@ -127,32 +136,32 @@ class Block(nn.Module):
 
     def fused_layer(self):
         """This layer as one kernel call (kernels/decoder_layer.cpp), rebuilt whenever a linear
-        layer or the KV cache changes; None where it does not apply (tensor parallel, layers
-        the kernels do not run)."""
+        layer or the KV cache changes (checked only after a LayerEpoch bump); None where it
+        does not apply (tensor parallel, layers the kernels do not run)."""
+        if self._fused_epoch == LayerEpoch.value:
+            return self._fused
         attn, mlp = self.attn, self.mlp
         linears = (attn.wqkv, attn.wo, mlp.w_gate_up, mlp.w_down)
         key = (*linears, attn.kv_cache, *(getattr(m, "int8_activations", 0) for m in linears))
-        if key == self._fused_key:
-            return self._fused
-        self._fused, self._fused_key = None, key
-        ops = kernels()
+        if key != self._fused_key:
+            self._cache_fused(self._build_fused(linears), key)
+        vars(self)["_fused_epoch"] = LayerEpoch.value
+        return self._fused
+
+    def _build_fused(self, linears):
+        ops, attn = kernels(), self.attn
         if ops is None or attn.tp.enabled or attn.kv_cache is None:
             return None
         lin = [kernel_op(m, ops) for m in linears]
         if any(op is None for op in lin):
             return None
         kc = attn.kv_cache
-        self._fused = ops.DecoderLayer(
-            self.attn_norm.detach(),
-            self.mlp_norm.detach(),
-            self.eps,
-            *lin,
-            kc.k,
-            kc.v,
-            attn.n_heads,
-            self.config_window,
-        )
-        return self._fused
+        norms = self.attn_norm.detach(), self.mlp_norm.detach()
+        return ops.DecoderLayer(*norms, self.eps, *lin, kc.k, kc.v, attn.n_heads, self.window)
+
+    def _cache_fused(self, fused, key) -> None:
+        # plain attributes, past Watched.__setattr__: caching changes nothing in the layer
+        vars(self).update(_fused=fused, _fused_key=key, _fused_epoch=None)
 
     def attend(self, x, cos, sin, slots, pos, kv_len, mask):
         """The attention sublayer's output (to be added to the residual stream)."""
