@@ -460,12 +460,16 @@ def test_demo_edge_greedy_equals_transformers_through_the_relay(demo_hf, overlap
     client = EdgeClient(relay.address, new_drafter(load_drafter("demo", "demo")), overlap=overlap)
     try:
         torch.manual_seed(0)
+        drafted = 0
         for prompt in ("What is the capital of France?", "List three primary colors."):
             steps = list(
                 client.generate(SamplingParams(max_new_tokens=40), messages=[("user", prompt)])
             )
             assert [t for s in steps for t in s.token_ids] == hf_greedy(demo_hf, prompt)
-            assert steps[-1].stats.draft_tokens > 0
+            drafted += steps[-1].stats.draft_tokens
+        # over both: with overlap the server may finish a short first answer (8 tokens) on
+        # its own before the drafter's first, cold draft arrives
+        assert drafted > 0
     finally:
         client.close()
         relay.stop()
