@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -120,7 +121,9 @@ def measure_speed(target, prompts, n, device, max_len) -> tuple[list[Check], lis
             out, tps = greedy(eng, ids, n)
             speeds.append(tps)
             outs.append(out)
-        rows.append({"target": f"{target_dtype} {dtype}", "ar_tokens_per_s": median(speeds)})
+        rows.append(
+            {"target": f"{target_dtype} {dtype}", "ar_tokens_per_s": statistics.median(speeds)}
+        )
         if target_dtype == "int4":
             sd = engine(target, "sd", device, dtype, target_dtype, max_len)
             pairs = zip(prompts, outs, strict=True)
@@ -129,10 +132,6 @@ def measure_speed(target, prompts, n, device, max_len) -> tuple[list[Check], lis
             checks.append(Check("sd int4 = ar int4", ok, detail))
         del eng
     return checks, rows
-
-
-def median(xs: list[float]) -> float:
-    return sorted(xs)[len(xs) // 2]
 
 
 def main(argv: list[str] | None = None) -> int:

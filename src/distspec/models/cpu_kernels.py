@@ -35,7 +35,9 @@ SOURCES = [
         "bindings.cpp",
     )
 ]
-HEADERS = [Path(__file__).with_name("kernels") / name for name in ("vec.h", "decoder_layer.h")]
+HEADERS = [
+    Path(__file__).with_name("kernels") / name for name in ("vec.h", "ops.h", "decoder_layer.h")
+]
 # OpenMP: torch's own runtime, for parallel_for. No FMA contraction of scalar code: rope's
 # products and sums then round exactly as PyTorch's (the vector code asks for FMA itself).
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp"]

@@ -3,23 +3,7 @@
 #include <torch/extension.h>
 
 #include "decoder_layer.h"
-
-namespace distspec {
-extern const int64_t kMaxRows;
-at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& weight,
-                            const c10::optional<at::Tensor>& bias);
-at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qs,
-                        const at::Tensor& scales, const at::Tensor& mins,
-                        const c10::optional<at::Tensor>& bias, bool int8_x);
-at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qs,
-                        const at::Tensor& scales, const c10::optional<at::Tensor>& bias,
-                        bool int8_x);
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
-at::Tensor silu_mul(const at::Tensor& gu);
-at::Tensor attend(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
-                  const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slots,
-                  const at::Tensor& pos, int64_t n_q, int64_t window);
-}  // namespace distspec
+#include "ops.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using pybind11::arg;

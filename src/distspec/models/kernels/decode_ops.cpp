@@ -16,6 +16,7 @@
 #include <cmath>
 #include <vector>
 
+#include "ops.h"
 #include "vec.h"
 
 namespace distspec {

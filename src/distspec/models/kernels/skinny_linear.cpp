@@ -17,6 +17,7 @@
 
 #include <algorithm>
 
+#include "ops.h"
 #include "vec.h"
 
 namespace distspec {
