@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -45,10 +46,8 @@ def assert_one_line_error(rc: int, err: str) -> str:
 
 
 def run_cli(capsys, *args: str) -> tuple[int, str, str]:
-    """generate with args; tiny targets take the n-gram drafter unless args name one (the
-    default demo drafter fits only the demo target)."""
-    extra = [] if "--drafter" in args else ["--drafter", "ngram"]
-    rc = main(["generate", *args, *extra])
+    """generate with args (the default drafter, a copy of the target, fits any target)."""
+    rc = main(["generate", *args])
     captured = capsys.readouterr()
     return rc, captured.out, captured.err
 
@@ -225,6 +224,21 @@ def test_plain_output_streams_text(capsys, tiny_dir):
     )
     assert rc2 == 0
     assert out == json.loads(out2)["text"] + "\n"  # same seed, same text
+
+
+@pytest.mark.parametrize("mode", ["sd", "ar"])
+def test_plain_output_ends_with_a_summary_on_stderr(capsys, tiny_dir, mode):
+    rc, _, err = run_cli(
+        capsys,
+        *("--target", str(tiny_dir), "--prompt", "abcabcabc", "--max-new-tokens", "12"),
+        *("--mode", mode),
+    )
+    assert rc == 0 and err.count("\n") == 1
+    assert re.fullmatch(r"12 tokens in [\d.]+ s, [\d.]+ tokens/s; mode \w+.*\n", err), err
+    if mode == "sd":
+        assert re.search(r"drafter self: tau [\d.]+ tokens per target forward, \d+% of \d+ ", err)
+    else:
+        assert "drafter" not in err
 
 
 # ---------------------------------------------------------------------------------------------

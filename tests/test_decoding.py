@@ -10,6 +10,7 @@ import torch
 from scipy.stats import chi2_contingency, chisquare
 
 from distspec.models.loader import load_model
+from distspec.models.self_draft import load_self_drafter
 from distspec.spec_decode import decoding
 from distspec.spec_decode.decoding import SpeculativeDecoder
 from distspec.spec_decode.drafter import Draft, Drafter
@@ -776,6 +777,22 @@ def test_sampling_filters_lossless(small, kind, filters):
     pvalue = gof_pvalue(counts, exact)  # also: no outcome of probability 0 sampled
     label = f"t={params.temperature} top_k={params.top_k} top_p={params.top_p}"
     print(f"e2e {label} {kind}: joint p={pvalue:.4g}")
+    assert pvalue > ALPHA
+
+
+@pytest.mark.slow  # chi-square over sampled runs, as above
+@pytest.mark.parametrize("form", ["int4", "int8"])
+def test_sampling_with_a_self_drafter_matches_the_target(small, form):
+    """A quantized copy of the target drafts sampled tokens with its own (dense) q."""
+    tgt, _ = small
+    params = SamplingParams(temperature=1.0)
+    exact = exact_joint(tgt.model, SMALL_PROMPT, params)
+    drafter = ModelDrafter(load_self_drafter(tgt, form, max_len=32).model)
+    seeds = range(500_000, 500_000 + SAMPLES // 2)
+    counts, totals = sample_outcomes(tgt.model, drafter, params, seeds)
+    assert 0 < totals["accepted"] < totals["draft"]  # both verifier paths ran
+    pvalue = gof_pvalue(counts, exact)
+    print(f"e2e t=1 self-{form}: joint p={pvalue:.4g}, accepted {totals['accepted']}")
     assert pvalue > ALPHA
 
 

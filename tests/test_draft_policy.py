@@ -6,7 +6,7 @@ import pytest
 
 from distspec.models.loader import load_model
 from distspec.spec_decode.decoding import SpeculativeDecoder
-from distspec.spec_decode.draft_policy import DraftLengthPolicy
+from distspec.spec_decode.draft_policy import DraftCosts, DraftLengthPolicy, costs_from
 from distspec.spec_decode.drafter import Draft, Drafter
 from distspec.spec_decode.drafters import NgramDrafter
 from distspec.spec_decode.sampling import SamplingParams
@@ -106,3 +106,33 @@ def test_useless_drafter_is_switched_off(target):
     assert last_f.stats.draft_tokens == 4 * 79 - (1 + 2 + 3 + 4)
     assert last_a.stats.accepted_tokens == 0
     assert last_a.stats.draft_tokens < last_f.stats.draft_tokens / 4
+
+
+def test_verify_table_is_interpolated_and_extrapolated():
+    table = ((1, 0.010), (3, 0.012), (7, 0.020))
+    c = DraftCosts(t_step=0.010, t_draft=0.001, beta=0.0, verify=table)
+    assert c.t_verify(1) == pytest.approx(0.010)
+    assert c.t_verify(2) == pytest.approx(0.011)
+    assert c.t_verify(5) == pytest.approx(0.016)
+    assert c.t_verify(9) == pytest.approx(0.024)  # along the last segment
+    assert DraftCosts(0.010, 0.001, beta=0.5).t_verify(3) == pytest.approx(0.020)  # no table
+
+
+def test_a_measured_table_reaches_long_drafts_a_line_would_not():
+    # the demo target on this CPU: up to 9 rows cost 1.0-1.6 steps, 13 rows 2.3 (a second
+    # pass over each weight row); a line through the 13-row point overprices 6-9 rows
+    table = ((1, 0.039), (2, 0.042), (3, 0.045), (5, 0.049), (7, 0.059), (9, 0.061), (13, 0.089))
+    measured = costs_from(table, t_draft=0.0125)
+    line = DraftCosts(measured.t_step, measured.t_draft, measured.beta)
+    k_line = DraftLengthPolicy(max_k=12, alpha=0.95, costs=line).best_k()
+    k_table = DraftLengthPolicy(max_k=12, alpha=0.95, costs=measured).best_k()
+    assert (k_line, k_table) == (6, 8)
+
+
+def test_each_draft_token_weighs_alike_in_alpha():
+    long, short = DraftLengthPolicy(alpha=0.6), DraftLengthPolicy(alpha=0.6)
+    long.observe_round(8, 8, 0.01, 0.03)
+    for _ in range(4):
+        short.observe_round(2, 2, 0.01, 0.03)
+    assert long.alpha == pytest.approx(short.alpha)  # 8 successes either way
+    assert long.alpha == pytest.approx(1 - 0.4 * 0.9**8)

@@ -12,6 +12,7 @@ from distspec.models.llama import check_easyspec
 from distspec.models.loader import WEIGHT_DTYPES, LoadedModel, load_for_inference
 from distspec.models.tokenizer import ChatMessage, StreamDecoder
 from distspec.spec_decode.decoding import SpeculativeDecoder, StepOutput
+from distspec.spec_decode.defaults import DEFAULT_DRAFTER, DEFAULT_GAMMA
 from distspec.spec_decode.draft_policy import measure_costs
 from distspec.spec_decode.drafter import Drafter
 from distspec.spec_decode.drafters.factory import build_drafter
@@ -28,8 +29,8 @@ MODES = ("ar", "sd", "pearl")
 class EngineConfig:
     target: str = "demo"
     mode: str = "sd"
-    drafter: str = "demo"
-    gamma: int = 4
+    drafter: str = DEFAULT_DRAFTER
+    gamma: int = DEFAULT_GAMMA
     adaptive: bool = True  # gamma is then the longest draft; see DraftLengthPolicy
     lookup: bool = True  # model drafters start with prompt-lookup matches (ModelDrafter)
     max_len: int = 4096

@@ -31,6 +31,7 @@ from distspec.bench.plot import plot_bench
 from distspec.datasets import load_prompts
 from distspec.models.loader import gguf_source, load_for_inference
 from distspec.models.tokenizer import ChatMessage
+from distspec.spec_decode.defaults import DEFAULT_GAMMA
 from distspec.spec_decode.drafters.factory import build_drafter
 from distspec.spec_decode.sampling import SamplingParams
 
@@ -42,20 +43,32 @@ log = logging.getLogger(__name__)
 # F32 copy, on the file as it is, and speculative (F32 target, the file itself as the draft).
 LLAMA_CPP = ("llama.cpp-f32", "llama.cpp-native", "llama.cpp-sd")
 QUANT_AR = ("ar-int8", "ar-int4", "ar-int8-x8", "ar-int4-x8")
-KNOWN = ("hf-ar", "hf-lookup", "ar", *QUANT_AR, "sd-ngram", "sd-demo", "sd-demo-model", *LLAMA_CPP)
+# sd-self*: a quantized copy of the target drafts (models/self_draft.py); -model: no lookup
+SELF_SD = ("sd-self", "sd-self-int4", "sd-self-int8", "sd-self-bf16", "sd-self-model")
+KNOWN = (
+    "hf-ar",
+    "hf-lookup",
+    "ar",
+    *QUANT_AR,
+    *SELF_SD,
+    "sd-ngram",
+    "sd-demo",
+    "sd-demo-model",
+    *LLAMA_CPP,
+)
 
 
 @dataclass
 class BenchConfig:
     target: str = "demo"
     contenders: list[str] = field(
-        default_factory=lambda: ["hf-ar", "hf-lookup", "ar", "sd-ngram", "sd-demo"]
+        default_factory=lambda: ["hf-ar", "hf-lookup", "ar", "sd-ngram", "sd-demo", "sd-self"]
     )
     prompts_file: str | None = None
     num_prompts: int | None = None
     max_new_tokens: int = 128
     repeats: int = 3
-    gamma: int = 4
+    gamma: int = DEFAULT_GAMMA
     adaptive: bool = True
     lookup_tokens: int = 5
     temperature: float = 0.0
@@ -110,7 +123,8 @@ def build_contenders(config: BenchConfig, target) -> list[Contender]:
             gguf = gguf_source(config.target)
             model = gguf if name == "llama.cpp-native" else llama_cpp.f32_gguf(gguf)
             draft = gguf if name == "llama.cpp-sd" else None
-            runner = llama_cpp.LlamaCpp(model, threads, draft, draft_max=2 * config.gamma)
+            draft_max = min(16, 2 * config.gamma)
+            runner = llama_cpp.LlamaCpp(model, threads, draft, draft_max=draft_max)
             out.append(LlamaCppContender(name, runner, target.tokenizer))
         else:
             drafter_name, lookup = _drafter_of(name)

@@ -10,6 +10,7 @@ from distspec.cli.args import (
     exact_layers,
     positive_ints,
 )
+from distspec.spec_decode.defaults import DEFAULT_GAMMA
 
 
 def add_bench(sub) -> None:
@@ -17,9 +18,11 @@ def add_bench(sub) -> None:
     p.add_argument("--target", default="demo", help="demo | PATH (HF dir or .gguf)")
     p.add_argument(
         "--contenders",
-        default="hf-ar,hf-lookup,ar,sd-ngram,sd-demo",
-        help="comma list of: hf-ar, hf-lookup, ar, sd-ngram, sd-demo, sd-demo-model, sd:PATH, "
-        "sd-model:PATH (the -model forms draft without prompt lookup)",
+        default="hf-ar,hf-lookup,ar,sd-ngram,sd-demo,sd-self",
+        help="comma list of: hf-ar, hf-lookup, ar, ar-int8, ar-int4 (-x8: int8 activations), "
+        "sd-self (-int4, -int8, -bf16: a quantized copy of the target drafts), sd-ngram, "
+        "sd-demo, sd-demo-model, sd:PATH, sd-model:PATH (the -model forms draft without prompt "
+        "lookup), llama.cpp-f32, llama.cpp-native, llama.cpp-sd (make bench-peers)",
     )
     p.add_argument("--prompts", default=None, help="JSON file of prompts (default: built-in set)")
     p.add_argument(
@@ -34,7 +37,9 @@ def add_bench(sub) -> None:
         default=3,
         help="passes over the prompts; medians reported (default %(default)s)",
     )
-    p.add_argument("--gamma", type=int, default=4, help="draft tokens per round (the most)")
+    p.add_argument(
+        "--gamma", type=int, default=DEFAULT_GAMMA, help="draft tokens per round (the most)"
+    )
     p.add_argument(
         "--adaptive",
         action=argparse.BooleanOptionalAction,

@@ -12,6 +12,7 @@ from distspec.cli.args import (
     exact_layers,
     sampling_params,
 )
+from distspec.spec_decode.defaults import DEFAULT_DRAFTER, DEFAULT_GAMMA, DRAFTER_HELP
 
 
 def add_generate(sub) -> None:
@@ -23,8 +24,14 @@ def add_generate(sub) -> None:
         default="sd",
         help="ar: plain decoding; sd: draft then verify; pearl: draft while verifying (PEARL)",
     )
-    p.add_argument("--drafter", default="demo", help="demo | ngram | PATH (HF dir or .gguf)")
-    p.add_argument("--gamma", type=int, default=4, help="draft tokens per round (the most)")
+    p.add_argument(
+        "--drafter",
+        default=DEFAULT_DRAFTER,
+        help=f"{DRAFTER_HELP} (default {DEFAULT_DRAFTER}: a quantized copy of the target)",
+    )
+    p.add_argument(
+        "--gamma", type=int, default=DEFAULT_GAMMA, help="draft tokens per round (the most)"
+    )
     p.add_argument(
         "--adaptive",
         action=argparse.BooleanOptionalAction,
@@ -115,4 +122,17 @@ def _stream_generation(args: argparse.Namespace, engine, params) -> int:
         print(json.dumps(result))
     else:
         sys.stdout.write("\n")
+        print(summary_line(step.stats, args.mode, args.drafter), file=sys.stderr)
     return 0
+
+
+def summary_line(stats, mode: str, drafter: str) -> str:
+    """What decoding did, in one line (as llama.cpp ends with its timings)."""
+    line = f"{stats.new_tokens} tokens in {stats.wall_s:.2f} s, {stats.tokens_per_s:.1f} tokens/s"
+    if mode == "ar":
+        return f"{line}; mode ar"
+    return (
+        f"{line}; mode {mode}, drafter {drafter}: tau {stats.tokens_per_target_forward:.2f} "
+        f"tokens per target forward, {stats.acceptance_rate:.0%} of "
+        f"{stats.draft_tokens} draft tokens accepted"
+    )

@@ -37,7 +37,8 @@ class ModelNotFoundError(ValueError):
 class LoadedModel:
     model: Transformer
     tokenizer: Tokenizer
-    path: Path
+    path: Path  # the model directory read (a GGUF's converted one)
+    source: str = ""  # the name it was loaded by: "demo", a .gguf file, a directory
 
 
 def cache_dir() -> Path:
@@ -205,10 +206,26 @@ def _publish(tmp: Path, out: Path) -> None:
 class QuantizedWeights(Mapping[str, torch.Tensor | QuantWeight]):
     """weights with every linear layer's weight quantized: the GGUF's own blocks where it
     stores them in a format read natively (kept as stored, whatever `dtype` asks: no second
-    rounding), else quantized here to `dtype`. Embeddings, norms and biases stay as they are."""
+    rounding), else quantized here to `dtype` (the output head to `head_dtype`, if given).
+    With `exact_dtypes` every linear is in the dtype asked for: stored blocks of another
+    format are quantized again from the fp weights. Embeddings, norms and biases stay as
+    they are."""
 
-    def __init__(self, weights: Mapping[str, torch.Tensor], dtype: str, native=None):
-        self.weights, self.dtype, self.native = weights, dtype, native or {}
+    def __init__(
+        self,
+        weights: Mapping[str, torch.Tensor],
+        dtype: str,
+        native=None,
+        head_dtype: str | None = None,
+        exact_dtypes: bool = False,
+    ):
+        self.weights, self.dtype = weights, dtype
+        self.head_dtype = head_dtype or dtype
+        self.native = {
+            n: w
+            for n, w in (native or {}).items()
+            if not exact_dtypes or w.kind == (self.head_dtype if n == "lm_head.weight" else dtype)
+        }
 
     @staticmethod
     def is_linear(name: str) -> bool:
@@ -219,8 +236,9 @@ class QuantizedWeights(Mapping[str, torch.Tensor | QuantWeight]):
             return self.weights[name]
         if name in self.native:
             return self.native[name]
-        if name == "lm_head.weight" and name not in self.weights:  # tied to the embedding
-            return quantize(self.weights["model.embed_tokens.weight"], self.dtype)
+        if name == "lm_head.weight":
+            source = name if name in self.weights else "model.embed_tokens.weight"  # tied
+            return quantize(self.weights[source], self.head_dtype)
         return quantize(self.weights[name], self.dtype)
 
     def __contains__(self, name) -> bool:
@@ -267,9 +285,12 @@ def load_model(
     num_slots: int = 1,
     max_len: int = 4096,
     weight_dtype: str = "fp32",
+    head_dtype: str | None = None,
+    exact_dtypes: bool = False,
 ) -> LoadedModel:
     """weight_dtype: "fp32" (weights in `dtype`), or "int8"/"int4": every linear layer
-    weight-only quantized (see QuantizedWeights), activations in `dtype`."""
+    weight-only quantized (see QuantizedWeights, also for head_dtype and exact_dtypes),
+    activations in `dtype`."""
     if weight_dtype not in WEIGHT_DTYPES:
         known = ", ".join(WEIGHT_DTYPES)
         raise ValueError(f"weight dtype must be one of {known}, got {weight_dtype!r}")
@@ -277,8 +298,14 @@ def load_model(
     config = ModelConfig.from_json_file(model_dir / "config.json")
     if config.embedding_from_target:
         raise ValueError(f"{name} is a drafter built on its target's embedding: load it as one")
-    model = _build(model_dir, config, tp, device, dtype, num_slots, max_len, weight_dtype, name)
-    return LoadedModel(model, Tokenizer.from_dir(model_dir, config.eos_token_ids), model_dir)
+    weights = SafetensorsWeights(model_dir)
+    if weight_dtype != "fp32":
+        gguf = gguf_source(name)
+        native = gguf and gguf_quantized_weights(gguf)
+        weights = QuantizedWeights(weights, weight_dtype, native, head_dtype, exact_dtypes)
+    model = _build(weights, config, tp, device, dtype, num_slots, max_len)
+    tokenizer = Tokenizer.from_dir(model_dir, config.eos_token_ids)
+    return LoadedModel(model, tokenizer, model_dir, name)
 
 
 def load_tokenizer(name: str) -> tuple[Tokenizer, int]:
@@ -317,9 +344,9 @@ def load_drafter_model(
                     f"the drafter's vocabulary ({config.vocab_size} tokens, {path}) differs "
                     f"from the target's ({embedding.num_embeddings} tokens)"
                 )
-            model = _build(path, config, tp, device, dtype, num_slots, max_len)
+            model = _build(SafetensorsWeights(path), config, tp, device, dtype, num_slots, max_len)
             model.share_embedding(embedding)
-            return LoadedModel(model, tokenizer, path)
+            return LoadedModel(model, tokenizer, path, name)
     return load_model(name, device=device, dtype=dtype, tp=tp, num_slots=num_slots, max_len=max_len)
 
 
@@ -335,14 +362,8 @@ def _target_embedding(
     return embedding, Tokenizer.from_dir(model_dir, config.eos_token_ids)
 
 
-def _build(
-    model_dir, config, tp, device, dtype, num_slots, max_len, weight_dtype="fp32", name=""
-) -> Transformer:
+def _build(weights, config, tp, device, dtype, num_slots, max_len) -> Transformer:
     model = Transformer.empty(config, tp, device=device, dtype=dtype)
-    weights = SafetensorsWeights(model_dir)
-    if weight_dtype != "fp32":
-        gguf = gguf_source(name)
-        weights = QuantizedWeights(weights, weight_dtype, gguf and gguf_quantized_weights(gguf))
     model.load_hf_state_dict(weights)
     model.setup_cache(num_slots, max_len)
     return model

@@ -35,7 +35,7 @@ from distspec.scheduler.metrics import SchedulerMetrics
 from distspec.scheduler.session import Session, SessionError
 from distspec.scheduler.switch import SpeculationSwitch
 from distspec.spec_decode.decoding import StepOutput, clip_new_tokens
-from distspec.spec_decode.draft_policy import DraftCosts, DraftLengthPolicy, ema
+from distspec.spec_decode.draft_policy import DraftCosts, DraftLengthPolicy, costs_from, ema
 from distspec.spec_decode.drafter import EMPTY_DRAFT, Draft
 from distspec.spec_decode.pearl import PearlState, pearl_gamma
 from distspec.spec_decode.sampling import SamplingParams
@@ -659,5 +659,4 @@ def calibrate(target: Remote, drafter: Remote, info: ModelInfo, k: int) -> Draft
     timing = target("calibrate", k)
     if timing is None:
         return None
-    t_draft = drafter("calibrate", k, info.vocab_size)
-    return DraftCosts(t_step=timing[0], t_draft=t_draft, beta=timing[1])
+    return costs_from(tuple(map(tuple, timing)), drafter("calibrate", k, info.vocab_size))

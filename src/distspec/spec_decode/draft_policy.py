@@ -3,8 +3,12 @@
 Start from PEARL's rule (gamma ~ t_target / t_draft) and keep choosing the k that maximises
 expected tokens per second under the standard model: each draft token is accepted with
 probability alpha (estimated online from verdicts), a round of k drafts yields
-(1 - alpha^(k+1)) / (1 - alpha) tokens and costs k * t_draft + t_verify(k), with
-t_verify(k) = t_step * (1 + beta * k). When no k beats plain decoding, speculation switches
+(1 - alpha^(k+1)) / (1 - alpha) tokens and costs k * t_draft + t_verify(k + 1 rows).
+t_verify comes from the calibration's table of chunk sizes where there is one: it is far from
+linear on a CPU, where a chunk of up to 6 rows reads each weight once (1.0-1.3x a step) and
+longer ones start another pass (13 rows: 2.8x), so a line through one point picks drafts too
+short on one side of it or too long on the other. Without a table, t_step * (1 + beta * k).
+When no k beats plain decoding, speculation switches
 off (k = 0) and is probed again every `probe_every` rounds, so a drafter that starts to fit
 the text comes back.
 
@@ -30,6 +34,18 @@ class DraftCosts:
     t_step: float  # seconds for a one-token target forward
     t_draft: float  # seconds per drafted token
     beta: float  # extra verify cost per draft token, relative to t_step
+    # measured target forwards: (rows, seconds), rows ascending (see time_target)
+    verify: tuple[tuple[int, float], ...] = ()
+
+    def t_verify(self, rows: int) -> float:
+        """Seconds for a target forward of `rows` rows: the table's, linearly interpolated
+        (extrapolated past its last point along its last segment); else the beta line."""
+        pts = self.verify
+        if len(pts) < 2:
+            return self.t_step * (1 + self.beta * (rows - 1))
+        i = next((i for i in range(1, len(pts)) if rows <= pts[i][0]), len(pts) - 1)
+        (r0, t0), (r1, t1) = pts[i - 1], pts[i]
+        return t0 + (t1 - t0) * (rows - r0) / (r1 - r0)
 
 
 @dataclass
@@ -47,6 +63,7 @@ class DraftLengthPolicy:
         self._t_step = c.t_step if c else None
         self._t_draft = c.t_draft if c else None
         self._beta = c.beta if c else 0.08
+        self._table = c if c and c.verify else None
         self._off_rounds = 0
 
     def next_k(self) -> int:
@@ -69,7 +86,8 @@ class DraftLengthPolicy:
         best_k, best_rate = 0, 1.0 / ts
         for k in range(1, self.max_k + 1):
             tokens = (1 - a ** (k + 1)) / (1 - a)
-            rate = tokens / (k * td + ts * (1 + self._beta * k))
+            t_verify = self._table.t_verify(k + 1) if self._table else ts * (1 + self._beta * k)
+            rate = tokens / (k * td + t_verify)
             if rate > best_rate * (self.min_gain if best_k == 0 else 1.0):
                 best_k, best_rate = k, rate
         return best_k
@@ -78,10 +96,14 @@ class DraftLengthPolicy:
         """Feed one round's outcome: k drafted, accepted of them, and its timings."""
         d = self.decay
         if k > 0:
-            # geometric model: accepted successes, then one failure unless all were accepted
+            # geometric model: accepted successes, then one failure unless all were accepted;
+            # each trial weighs the same, so a long accepted draft moves alpha as far as
+            # that many short ones (a drafter that agrees 97% of the time reaches long
+            # drafts within a few rounds, not a few dozen)
             trials = accepted + (1 if accepted < k else 0)
             if trials:
-                self.alpha = d * self.alpha + (1 - d) * (accepted / trials)
+                w = d**trials
+                self.alpha = w * self.alpha + (1 - w) * (accepted / trials)
         if self.costs is not None:
             return
         if k == 0:
@@ -109,13 +131,18 @@ def measure_costs(
     if timing is None:
         return None
     t_draft = time_drafter(drafter, target.config.vocab_size, k, context_len, repeats)
-    return DraftCosts(timing[0], t_draft, timing[1])
+    return costs_from(timing, t_draft)
+
+
+# chunk sizes the calibration times (up to the longest draft + 1); others are interpolated
+VERIFY_ROWS = (1, 2, 3, 5, 7, 9, 13, 17, 25, 33)
 
 
 def time_target(
     target: Transformer, k: int, context_len: int = 64, repeats: int = 3
-) -> tuple[float, float] | None:
-    """(t_step, beta): a one-token forward's time and the extra cost per verified token."""
+) -> tuple[tuple[int, float], ...] | None:
+    """Target forwards of 1 to k + 1 rows, timed: ((rows, seconds), ...) for the sizes of
+    VERIFY_ROWS up to k + 1, and k + 1 itself."""
     context_len = min(context_len, target.max_len - 2 * (k + 1))
     if context_len < 1:
         return None
@@ -126,8 +153,16 @@ def time_target(
         return lambda: target(torch.tensor([context[-1:] * n]), pos, torch.tensor([0]))
 
     target(torch.tensor([context]), torch.arange(context_len)[None], torch.tensor([0]))
-    t_step, t_verify = _timed(forward(1), repeats), _timed(forward(k + 1), repeats)
-    return t_step, max(0.0, (t_verify / t_step - 1) / k)
+    sizes = sorted({n for n in VERIFY_ROWS if n <= k + 1} | {k + 1})
+    return tuple((n, _timed(forward(n), repeats)) for n in sizes)
+
+
+def costs_from(verify: tuple[tuple[int, float], ...], t_draft: float) -> DraftCosts:
+    """DraftCosts from time_target's table and a drafter's seconds per token."""
+    t_step = verify[0][1]
+    rows, t_last = verify[-1]
+    beta = max(0.0, (t_last / t_step - 1) / (rows - 1)) if rows > 1 else 0.0
+    return DraftCosts(t_step, t_draft, beta, verify)
 
 
 def time_drafter(

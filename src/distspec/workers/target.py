@@ -116,11 +116,12 @@ class TargetWorker(GroupMember):
     def stats(self) -> dict:
         return {"busy_s": self.busy_s, "steps": self.steps}
 
-    def calibrate(self, k: int) -> tuple[float, float] | None:
-        """(t_step, beta) of this group (time_target); before any session uses slot 0."""
+    def calibrate(self, k: int) -> tuple[tuple[int, float], ...] | None:
+        """This group's forwards of 1 to k + 1 rows, timed (time_target); before any session
+        uses slot 0."""
         return self.collective("_time_target", k)
 
-    def _time_target(self, k: int) -> tuple[float, float] | None:
+    def _time_target(self, k: int) -> tuple[tuple[int, float], ...] | None:
         return time_target(self.model, k)
 
     # -- every rank ------------------------------------------------------------------------

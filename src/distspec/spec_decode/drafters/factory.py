@@ -1,5 +1,7 @@
-"""Drafters by name: demo (the drafter shipped for the demo target), ngram (prompt lookup),
-or a model path sharing the target's tokenizer; loaded once, then one drafter per request."""
+"""Drafters by name: self (a quantized copy of the target: self, self-int4, self-int8,
+self-bf16; see models/self_draft.py), demo (the small drafter trained for the demo target),
+ngram (prompt lookup), or a model path sharing the target's tokenizer; loaded once, then one
+drafter per request."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import torch
 from distspec.models.linear import pack_for_cpu
 from distspec.models.llama import easyspec_groups
 from distspec.models.loader import LoadedModel, load_drafter_model, load_tokenizer
+from distspec.models.self_draft import load_self_drafter, self_form
 from distspec.models.tensor_parallel import TPContext
 from distspec.spec_decode.drafter import Drafter
 from distspec.spec_decode.drafters.model import ModelDrafter
@@ -29,11 +32,11 @@ def build_drafter(
     easyspec_group: int = 0,
     easyspec_exact: tuple[int, int] = (1, 1),
 ) -> Drafter:
-    """ngram | demo | a model path (HF directory or .gguf) sharing the target's tokenizer.
-    Model drafters go on the target's device, in its dtype; with `lookup` they follow prompt
-    lookup matches of 2+ tokens first (see ModelDrafter); with `easyspec_group` N >= 2 they
-    draft with EasySpec's fuzzy groups of N layers, in this process (easyspec_exact: the
-    first and last layers kept exact)."""
+    """A drafter by name (DRAFTER_HELP in spec_decode/defaults.py). Model drafters go on the
+    target's device (a path: in its dtype); with `lookup` they follow prompt lookup matches
+    of 2+ tokens first (see ModelDrafter); with `easyspec_group` N >= 2 they draft with
+    EasySpec's fuzzy groups of N layers, in this process (easyspec_exact: the first and last
+    layers kept exact)."""
     model = load_drafter(name, target, max_len)
     if easyspec_group and model is None:
         raise ValueError("EasySpec needs a model drafter, not ngram")
@@ -57,6 +60,11 @@ def load_drafter(
     its name when the drafter runs in a process of its own."""
     if name == "ngram":
         return None
+    form = self_form(name)
+    if form is not None:
+        return load_self_drafter(
+            target, form, num_slots=num_slots, max_len=max_len, tp=tp, device=device
+        )
     if name == "demo":
         name = str(demo_drafter_dir())
     loaded = load_drafter_model(

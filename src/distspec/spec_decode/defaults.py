@@ -1,0 +1,9 @@
+"""Defaults every door shares (engine, server, drafter workers, CLI), torch-free so that the
+CLI's parser can read them without loading the engine."""
+
+# A copy of the target with int4 layers, an int8 head and int8 activations (models/self_draft):
+# on the demo target the fastest drafter measured (docs/drafter.md).
+DEFAULT_DRAFTER = "self"
+# the longest draft; the adaptive policy picks shorter ones when they pay more
+DEFAULT_GAMMA = 12
+DRAFTER_HELP = "self | self-int4 | self-int8 | self-bf16 | demo | ngram | PATH (HF dir or .gguf)"
