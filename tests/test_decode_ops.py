@@ -117,8 +117,9 @@ def test_the_model_runs_them_and_keeps_its_logits(tiny_dir, monkeypatch):
 
 @pytest.mark.parametrize("weight_dtype", ["fp32", "int4", "int8"])
 def test_a_fused_layer_is_bitwise_the_layer_it_replaces(tiny_dir, monkeypatch, weight_dtype):
-    """kernels/decoder_layer.cpp runs a layer in one call: the same kernels in the same order
-    as Block's own fp32 CPU path, so the logits (and the KV cache) are identical."""
+    """kernels/decoder_layer.cpp runs a layer in one call, and the whole model after the
+    embedding in another (DecoderStack): the same kernels in the same order as Block's own
+    fp32 CPU path, so the logits (and the KV cache) are identical on all three paths."""
     from distspec.models import llama
     from distspec.models.loader import load_for_inference
     from tiny import TINY_MAX_LEN
@@ -127,6 +128,7 @@ def test_a_fused_layer_is_bitwise_the_layer_it_replaces(tiny_dir, monkeypatch, w
         str(tiny_dir), max_len=TINY_MAX_LEN, num_slots=3, weight_dtype=weight_dtype
     ).model
     assert all(layer.fused_layer() is not None for layer in model.layers)
+    assert model.fused_stack() is not None
     tokens = torch.randint(0, 200, (3, 6), generator=gen(4))
     pos = llama.pad_positions([0, 4, 9], 6)
     slots = torch.tensor([2, 0, 1])
@@ -136,11 +138,13 @@ def test_a_fused_layer_is_bitwise_the_layer_it_replaces(tiny_dir, monkeypatch, w
         prefill = model(tokens, pos, slots)
         return prefill, model(step, step_pos, slots), model.layers[-1].attn.kv_cache.k.clone()
 
+    stack = run()
+    monkeypatch.setattr(llama.Transformer, "fused_stack", lambda self: None)
     fused = run()
     monkeypatch.setattr(llama.Block, "fused_layer", lambda self: None)
     plain = run()
-    for a, b in zip(fused, plain, strict=True):
-        assert torch.equal(a, b)
+    for a, b, c in zip(stack, fused, plain, strict=True):
+        assert torch.equal(a, b) and torch.equal(b, c)
 
 
 def test_a_fused_layer_follows_the_layers_it_was_built_from(tiny_dir):
@@ -167,6 +171,11 @@ def test_a_fused_layer_follows_the_layers_it_was_built_from(tiny_dir):
     assert layer.fused_layer() is not before
 
     fp32 = load_for_inference(str(tiny_dir), max_len=TINY_MAX_LEN, weight_dtype="fp32").model
+    stack = fp32.fused_stack()
+    assert stack is not None and fp32.fused_stack() is stack
     fp32.layers[0].mlp.w_down = PackedLinear(torch.nn.Linear(128, 64))
     assert fp32.layers[0].fused_layer() is None and fp32.layers[1].fused_layer() is not None
+    assert fp32.fused_stack() is None  # a layer does not fuse: the whole stack does not
     assert torch.isfinite(fp32(tokens, pos)).all()
+    model.lm_head = PackedLinear(torch.nn.Linear(64, model.config.vocab_size, bias=False))
+    assert model.fused_stack() is None and model.layers[0].fused_layer() is not None

@@ -179,7 +179,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x, weight.shape, weight, eps)
 
 
-class Transformer(nn.Module):
+class Transformer(Watched):
     def __init__(self, config: ModelConfig, tp: TPContext | None = None):
         super().__init__()
         self.config = config
@@ -200,6 +200,7 @@ class Transformer(nn.Module):
         self.num_slots = 0
         # EasySpec: the ranks that share a fuzzy group's attentions (each holds every layer)
         self.layer_parallel = TPContext()
+        vars(self).update(_stack=None, _stack_epoch=None)
 
     @classmethod
     def empty(cls, config: ModelConfig, tp: TPContext | None = None, device="cpu", dtype=None):
@@ -276,6 +277,35 @@ class Transformer(nn.Module):
             need_mask = False
         mask = self._mask(pos, kv_len) if need_mask else None
         x = self.embed(tokens)
+        stack = self.fused_stack() if not fuzzy_groups and decode_ops(x) is not None else None
+        if stack is not None:
+            logits = stack.forward(x, cos, sin, slots, pos, last_only)
+        else:
+            logits = self._forward_layers(x, cos, sin, slots, pos, kv_len, mask, fuzzy_groups)
+            if last_only:
+                logits = logits[:, -1:]
+            logits = self.head_logits(logits)
+        if self.head_token_ids is None:
+            return logits
+        full = logits.new_full((*logits.shape[:-1], self.config.vocab_size), float("-inf"))
+        return full.index_copy_(-1, self.head_token_ids, logits)
+
+    def fused_stack(self):
+        """The cached forward after the embedding as one kernel call (kernels/decoder_layer.h's
+        DecoderStack: every layer, the final norm, the head), rebuilt after a LayerEpoch bump;
+        None where a layer or the head does not fuse (see Block.fused_layer)."""
+        if self._stack_epoch == LayerEpoch.value:
+            return self._stack
+        layers = [layer.fused_layer() for layer in self.layers]
+        ops, stack = kernels(), None
+        head = kernel_op(self.lm_head, ops) if ops is not None and all(layers) else None
+        if head is not None:
+            norm = self.norm.detach()
+            stack = ops.DecoderStack(layers, norm, self.config.rms_norm_eps, head)
+        vars(self).update(_stack=stack, _stack_epoch=LayerEpoch.value)
+        return stack
+
+    def _forward_layers(self, x, cos, sin, slots, pos, kv_len, mask, fuzzy_groups):
         starts = dict(fuzzy_groups)
         i = 0
         while i < len(self.layers):
@@ -289,13 +319,7 @@ class Transformer(nn.Module):
             for layer, out in zip(group, outs, strict=True):
                 x = layer.finish(x + out)
             i = end
-        if last_only:
-            x = x[:, -1:]
-        logits = self.head_logits(x)
-        if self.head_token_ids is None:
-            return logits
-        full = logits.new_full((*logits.shape[:-1], self.config.vocab_size), float("-inf"))
-        return full.index_copy_(-1, self.head_token_ids, logits)
+        return x
 
     def _attend_group(self, group, x: torch.Tensor, *args) -> list[torch.Tensor]:
         """The attention outputs of a fuzzy group's layers, all from the group's input x.

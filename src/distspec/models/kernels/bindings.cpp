@@ -40,5 +40,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            arg("down"), arg("k_cache"), arg("v_cache"), arg("n_q"), arg("window") = 0)
       .def("forward", &distspec::DecoderLayer::forward, arg("x"), arg("cos"), arg("sin"),
            arg("slots"), arg("pos"));
+  pybind11::class_<distspec::DecoderStack>(m, "DecoderStack",
+                                           "every layer, the final norm and the head in one call")
+      .def(pybind11::init<std::vector<distspec::DecoderLayer>, at::Tensor, double,
+                          distspec::LinearOp>(),
+           arg("layers"), arg("norm"), arg("eps"), arg("head"))
+      .def("forward", &distspec::DecoderStack::forward, arg("x"), arg("cos"), arg("sin"),
+           arg("slots"), arg("pos"), arg("last_only") = false);
   m.attr("MAX_ROWS") = distspec::kMaxRows;
 }

@@ -62,4 +62,17 @@ at::Tensor DecoderLayer::forward(const at::Tensor& x, const at::Tensor& cos, con
   return h;
 }
 
+DecoderStack::DecoderStack(std::vector<DecoderLayer> layers, at::Tensor norm, double eps,
+                           LinearOp head)
+    : layers_(std::move(layers)), norm_(std::move(norm)), eps_(eps), head_(std::move(head)) {}
+
+at::Tensor DecoderStack::forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                                 const at::Tensor& slots, const at::Tensor& pos,
+                                 bool last_only) const {
+  at::Tensor h = x;
+  for (const DecoderLayer& layer : layers_) h = layer.forward(h, cos, sin, slots, pos);
+  if (last_only) h = h.slice(1, h.size(1) - 1, h.size(1));
+  return head_(rms_norm(h, norm_, eps_));
+}
+
 }  // namespace distspec

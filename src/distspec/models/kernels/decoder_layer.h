@@ -44,4 +44,19 @@ class DecoderLayer {
   int64_t n_q_, window_;
 };
 
+// The whole cached forward after the embedding: every layer, the final norm and the head, with
+// no Python between them. last_only: logits of each sequence's last position only.
+class DecoderStack {
+ public:
+  DecoderStack(std::vector<DecoderLayer> layers, at::Tensor norm, double eps, LinearOp head);
+  at::Tensor forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                     const at::Tensor& slots, const at::Tensor& pos, bool last_only) const;
+
+ private:
+  std::vector<DecoderLayer> layers_;
+  at::Tensor norm_;
+  double eps_;
+  LinearOp head_;
+};
+
 }  // namespace distspec

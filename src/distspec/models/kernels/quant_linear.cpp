@@ -248,22 +248,41 @@ void rows_q8x(const int8_t* xq, const float* xd, int64_t M, int64_t K, const uin
                   ldy);
 }
 
-// x to int8 per group of 32: scale max|x| / 127, round half away from zero (ggml's Q8_0);
-// xsum then sums the rounded values (the min term multiplies what the codes multiply)
+// x to int8 per group of 32: scale max|x| / 127, round half away from zero as
+// sign(y) * floor(|y| + 0.5) in fp32 (ggml's Q8_0; quantized.round_activations computes the
+// same); xsum then sums the rounded values (the min term multiplies what the codes multiply)
 void quantize_groups(const float* x, int64_t n_groups, int8_t* xq, float* xd, float* xsum) {
+  const __m256 sign = _mm256_set1_ps(-0.0f), half = _mm256_set1_ps(0.5f);
+  // packs interleave 128-bit lanes: this puts the 32 bytes back in element order
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   for (int64_t i = 0; i < n_groups; ++i) {
     const float* xg = x + i * kGroup;
-    float amax = 0.0f;
-    for (int j = 0; j < kGroup; ++j) amax = std::max(amax, std::fabs(xg[j]));
-    const float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
-    int32_t sum = 0;
-    for (int j = 0; j < kGroup; ++j) {
-      const int8_t q = static_cast<int8_t>(std::round(xg[j] * inv));
-      xq[i * kGroup + j] = q;
-      sum += q;
+    __m256 v[4], amax = _mm256_setzero_ps();
+    for (int j = 0; j < 4; ++j) {
+      v[j] = _mm256_loadu_ps(xg + 8 * j);
+      amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[j]));
     }
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    const float d = _mm_cvtss_f32(m) / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
+    __m256i q[4], sum = _mm256_setzero_si256();
+    for (int j = 0; j < 4; ++j) {
+      const __m256 y = _mm256_mul_ps(v[j], _mm256_set1_ps(inv));
+      const __m256 r = _mm256_floor_ps(_mm256_add_ps(_mm256_andnot_ps(sign, y), half));
+      q[j] = _mm256_cvttps_epi32(_mm256_or_ps(r, _mm256_and_ps(y, sign)));
+      sum = _mm256_add_epi32(sum, q[j]);
+    }
+    const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + i * kGroup),
+                        _mm256_permutevar8x32_epi32(b, order));
     xd[i] = d;
-    if (xsum) xsum[i] = static_cast<float>(sum) * d;
+    if (xsum) {
+      __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+      s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+      s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+      xsum[i] = static_cast<float>(_mm_cvtsi128_si32(s4)) * d;
+    }
   }
 }
 
