@@ -6,6 +6,7 @@ import json
 import socket
 import time
 
+import grpc
 import pytest
 
 from distspec.bench.relay import DelayRelay
@@ -211,6 +212,48 @@ def test_edge_cli_json(capsys, server, tiny_dir):
     result = json.loads(out)
     assert len(result["token_ids"]) == result["stats"]["new_tokens"] == 10
     assert {"rtt_ms", "hidden_rtt_fraction", "tokens_per_s"} <= set(result["stats"])
+
+
+def test_a_self_drafter_on_the_device_is_checked_against_the_target(
+    capsys, server, target, tiny_dir, tiny_drafter_dir, tmp_path
+):
+    """--drafter self: the device quantizes its own copy of the model file; the server checks
+    the copy's vocabulary and weights fingerprint against its target before verifying."""
+    _, address = server
+    args = ["edge", "--server", address, "--prompt", "abcabc", "--raw", "--drafter", "self"]
+    rc = main([*args, "--target", str(tiny_dir), "--max-new-tokens", "24", "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    assert result["token_ids"] == greedy_ar(target, target.tokenizer.encode("abcabc"), 24)
+    assert result["stats"]["accepted_tokens"] > 0
+    # a copy of another model with the same tokenizer: refused, one line
+    rc = main([*args, "--target", str(tiny_drafter_dir)])
+    err = capsys.readouterr().err
+    assert rc != 0 and err.count("\n") == 1 and "Traceback" not in err
+    assert "INVALID_ARGUMENT" in err and "copy of another model" in err
+
+
+def test_the_server_refuses_a_drafter_of_another_vocabulary(server, tiny_dir):
+    from distspec.models.identity import ModelIdentity, model_identity
+
+    runtime, address = server
+    ours = model_identity(str(tiny_dir), runtime.tokenizer, runtime.info.vocab_size)
+    assert ours.weights and len(ours.vocab_sha256) == 64
+    for other, words in [
+        (ModelIdentity(ours.vocab_size + 1, ours.vocab_sha256), "vocabulary"),
+        (ModelIdentity(ours.vocab_size, "0" * 64), "vocabulary"),
+        (ModelIdentity(ours.vocab_size, ours.vocab_sha256, "f" * 32), "copy of another model"),
+    ]:
+        client = EdgeClient(address, new_drafter(None), drafter_model=other)
+        with pytest.raises(grpc.RpcError) as e:
+            collect(client, SamplingParams(max_new_tokens=4), "hi")
+        client.close()
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in e.value.details()
+    client = EdgeClient(address, new_drafter(None), drafter_model=ours)  # the same model
+    try:
+        assert len(collect(client, SamplingParams(max_new_tokens=4), "hi")[0]) == 4
+    finally:
+        client.close()
 
 
 def test_edge_cli_unreachable_server_is_one_line(capsys, tiny_dir):

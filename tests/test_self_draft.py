@@ -95,3 +95,13 @@ def test_greedy_with_a_self_drafter_equals_transformers(demo_loaded, demo_hf, na
     out, last = dec.generate(ids, SamplingParams(max_new_tokens=48))
     assert out == ref[0, len(ids) :].tolist()
     assert last.stats.acceptance_rate > 0.6  # the demo drafter: about 0.4
+
+
+def test_the_weights_fingerprint_follows_content_not_location(tiny_dir, tiny_drafter_dir, tmp_path):
+    import shutil
+
+    from distspec.models.identity import weights_fingerprint
+
+    moved = shutil.copytree(tiny_dir, tmp_path / "moved")
+    assert weights_fingerprint(str(moved)) == weights_fingerprint(str(tiny_dir))
+    assert weights_fingerprint(str(tiny_drafter_dir)) != weights_fingerprint(str(tiny_dir))

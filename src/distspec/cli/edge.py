@@ -10,14 +10,24 @@ from distspec.cli.args import (
     add_prompt_and_sampling,
     sampling_params,
 )
+from distspec.spec_decode.defaults import DRAFTER_HELP
 
 
 def add_edge(sub) -> None:
     p = sub.add_parser("edge", help="draft on this device; the server's target verifies")
     p.add_argument("--server", required=True, help="HOST:PORT of a distspec server")
     add_prompt_and_sampling(p)
-    p.add_argument("--drafter", default="demo", help="demo | ngram | a model path")
-    p.add_argument("--target", default="demo", help="the server's target (tokenizer/embedding)")
+    p.add_argument(
+        "--drafter",
+        default="demo",
+        help=f"{DRAFTER_HELP} (default demo; self: a quantized copy of --target, built here)",
+    )
+    p.add_argument(
+        "--target",
+        default="demo",
+        help="the server's target: its tokenizer (and embedding, or with --drafter self the "
+        "whole model file, checked by the server against its own)",
+    )
     p.add_argument("--gamma", type=int, default=4, help="draft tokens per chunk")
     p.add_argument(
         "--overlap",
@@ -37,10 +47,18 @@ def _edge(args: argparse.Namespace) -> int:
     import grpc
 
     from distspec.edge_client import EdgeClient
+    from distspec.models.identity import model_identity
+    from distspec.models.self_draft import self_form
     from distspec.spec_decode.drafters.factory import load_drafter, new_drafter
 
     params = sampling_params(args)
-    drafter = new_drafter(load_drafter(args.drafter, args.target, max_len=4096))
+    loaded = load_drafter(args.drafter, args.target, max_len=4096)
+    identity = None
+    if loaded is not None:  # a model drafter: the server checks it fits its target
+        copy = self_form(args.drafter) is not None
+        vocab = loaded.model.config.vocab_size
+        identity = model_identity(args.target, loaded.tokenizer, vocab, weights=copy)
+    drafter = new_drafter(loaded)
     client = EdgeClient(
         args.server,
         drafter,
@@ -50,6 +68,7 @@ def _edge(args: argparse.Namespace) -> int:
         token=args.token,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
+        drafter_model=identity,
     )
     prompt = {"prompt": args.prompt} if args.raw else {"messages": [("user", args.prompt)]}
     token_ids, text = [], ""

@@ -31,6 +31,7 @@ from pathlib import Path
 import grpc
 import torch
 
+from distspec.models.identity import ModelIdentity
 from distspec.spec_decode.decoding import GenerationStats
 from distspec.spec_decode.drafter import Draft, Drafter
 from distspec.spec_decode.sampling import SamplingParams
@@ -109,11 +110,14 @@ class EdgeClient:
         max_retries: int = 5,
         backoff_s: float = 0.1,
         backoff_max_s: float = 2.0,
+        drafter_model: ModelIdentity | None = None,
     ):
         """server: "host:port"; drafter: any Drafter sharing the target's tokenizer.
         tls_ca: connect with TLS, trusting this CA (PEM); tls_cert/tls_key: this client's
         certificate for mutual TLS; token: bearer token sent with every call;
-        max_retries, backoff_s, backoff_max_s: reconnection after a broken stream."""
+        max_retries, backoff_s, backoff_max_s: reconnection after a broken stream;
+        drafter_model: the drafter's model (models/identity.py), for the server to check
+        against its target's before it verifies a draft."""
         if gamma < 1:
             raise ValueError(f"gamma must be >= 1, got {gamma}")
         self.server, self.drafter, self.gamma = server, drafter, gamma
@@ -131,6 +135,12 @@ class EdgeClient:
             self._channel = grpc.insecure_channel(server)
         self._stub = pb_grpc.SpeculativeDecodingStub(self._channel)
         self._drafting = ThreadPoolExecutor(1, thread_name_prefix="edge-drafter")
+        self._drafter_model = None
+        if drafter_model is not None:
+            m = drafter_model
+            self._drafter_model = pb.ModelIdentity(
+                vocab_size=m.vocab_size, vocab_sha256=m.vocab_sha256, weights=m.weights
+            )
 
     def close(self) -> None:
         self._channel.close()
@@ -153,6 +163,7 @@ class EdgeClient:
             messages=[pb.ChatMessage(role=r, content=c) for r, c in messages or []],
             prompt_token_ids=prompt_token_ids or [],
             sampling=_sampling_options(params),
+            drafter_model=self._drafter_model,
         )
         run = _Run(params)
         failures = 0

@@ -93,6 +93,11 @@ _FIXED_SIZE = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12:
 _STRING, _ARRAY = 8, 9  # GGUF metadata value types; the others are fixed-size scalars
 
 
+def _safetensors_header_end(m: mmap.mmap) -> int:
+    """A safetensors file: an 8-byte length, then that much JSON header."""
+    return min(len(m), 8 + int.from_bytes(m[:8], "little"))
+
+
 def gguf_content_key(gguf_path: Path) -> str:
     """A key for gguf_path's content: its size, the sha256 of its header (all metadata, the
     tokenizer, every tensor's name, shape, type and offset) and of 64 blocks of 64 KiB spread
@@ -103,10 +108,15 @@ def gguf_content_key(gguf_path: Path) -> str:
     enough because the cache must tell models apart, not detect tampering: another model,
     quantization or fine-tune differs in the header, the size, or values all through the
     data, so in the samples. (Delete an entry to force a new conversion.)"""
-    size = gguf_path.stat().st_size
-    h = hashlib.sha256(f"distspec-converted-v{OUTPUT_VERSION}:{size}:".encode())
-    with open(gguf_path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-        start = size if size <= _WHOLE_FILE_UNDER else _gguf_header_end(m)
+    return sampled_digest(gguf_path, f"distspec-converted-v{OUTPUT_VERSION}", _gguf_header_end)
+
+
+def sampled_digest(path: Path, salt: str = "", header_end=_safetensors_header_end) -> str:
+    """gguf_content_key's hash of a file: size, header (header_end(mmap) bytes), samples."""
+    size = path.stat().st_size
+    h = hashlib.sha256(f"{salt}:{size}:".encode())
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        start = size if size <= _WHOLE_FILE_UNDER else header_end(m)
         h.update(m[:start])
         rest = size - start
         if rest <= _SAMPLES * _SAMPLE_BYTES:

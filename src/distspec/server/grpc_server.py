@@ -22,6 +22,7 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from distspec.models.identity import ModelIdentity, mismatch, model_identity
 from distspec.models.tokenizer import StreamDecoder
 from distspec.scheduler.runtime import Runtime
 from distspec.scheduler.scheduler import AdmissionError, ShuttingDownError
@@ -88,6 +89,7 @@ class SpeculativeDecodingServicer(pb_grpc.SpeculativeDecodingServicer):
         self.tokenizer = runtime.tokenizer
         self.gateway = gateway or Gateway(runtime, limits)
         self.ledger: ClientLedger = self.gateway.ledger
+        self._identity: ModelIdentity | None = None  # the target's, at the first check
 
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext):
         try:
@@ -107,6 +109,7 @@ class SpeculativeDecodingServicer(pb_grpc.SpeculativeDecodingServicer):
             position = first.open.resume_position
         else:
             try:
+                self._check_drafter_model(first.open)
                 prompt_ids = self._open_prompt_ids(first.open)
                 params = self._sampling(first.open.sampling)
             except (InvalidRequest, ValueError) as e:
@@ -321,6 +324,17 @@ class SpeculativeDecodingServicer(pb_grpc.SpeculativeDecodingServicer):
             context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         except RequestTimeoutError as e:
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
+
+    def _check_drafter_model(self, open_: pb.OpenSession) -> None:
+        if not open_.HasField("drafter_model"):
+            return
+        if self._identity is None:
+            target = self.runtime.config.cluster.target.model
+            self._identity = model_identity(target, self.tokenizer, self.runtime.info.vocab_size)
+        m = open_.drafter_model
+        problem = mismatch(self._identity, ModelIdentity(m.vocab_size, m.vocab_sha256, m.weights))
+        if problem:
+            raise InvalidRequest(problem)
 
     def _open_prompt_ids(self, open_: pb.OpenSession) -> list[int]:
         given = [bool(open_.prompt), bool(open_.messages), bool(open_.prompt_token_ids)]
