@@ -555,7 +555,8 @@ def test_model_drafter_starts_with_lookup_match(draft_model, temperature):
     drafter.start(ctx, SamplingParams(temperature=temperature, seed=1))
     draft = drafter.propose(ctx, 4)
     assert draft.tokens[:2] == [58, 59] and len(draft.tokens) == 4
-    assert calls == [(0, 24), (24, 1)]
+    # the prompt but its last token read at start; then the rest and the lookup tokens
+    assert calls == [(0, 21), (21, 3), (24, 1)]
     if temperature:
         assert draft.probs.shape[0] == 4
         assert draft.probs[0, 58] == draft.probs[1, 59] == 1.0
@@ -575,7 +576,7 @@ def test_model_drafter_reuses_its_cache(draft_model):
     ctx = list(range(40, 60))
     drafter.start(ctx, params)
     first = drafter.propose(ctx, 4)
-    assert calls == [(0, 20), (20, 1), (21, 1), (22, 1)]
+    assert calls == [(0, 19), (19, 1), (20, 1), (21, 1), (22, 1)]  # (0, 19): at start
     calls.clear()
     # accepted 2, then a correction: only the correction is new
     c = ctx + first.tokens[:2] + [(first.tokens[2] + 1) % 200]

@@ -46,8 +46,16 @@ class ModelDrafter(Drafter):
         self.generator: torch.Generator | None = None
 
     def start(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Also reads the prompt (all but its last token) into the drafter's cache now, so
+        that the first draft costs what the others do: a round that also prefilled the
+        drafter looks like a slow speculative round to whoever times rounds (the policy, the
+        scheduler's speculation switch)."""
         self.cached = []
         self.exact_upto = 0
+        head = prompt_ids[:-1][: self.model.max_len - 1]
+        if head:
+            self._forward(head, 0)
+            self.cached, self.exact_upto = list(head), len(head)
         self.params = params
         self.generator = None if params.greedy else params.generator(stream=1)
         if self.lookup is not None:
