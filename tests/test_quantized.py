@@ -215,6 +215,21 @@ def test_int8_activations_match_the_rounded_input_product(fmt, rows):
     assert torch.allclose(layer(x).double(), ref, atol=1e-4)
 
 
+@needs_kernels
+@pytest.mark.parametrize("n, k", [(2, 32), (7, 96), (96, 576), (33, 1536)])
+def test_int4_int8_output_rows_do_not_depend_on_their_neighbours(n, k):
+    """int8 activations, one row of x: each output row equals its row of W alone, bit for
+    bit, whatever its neighbours (odd row counts and an odd group count included)."""
+    g = torch.Generator().manual_seed(n)
+    q = Q4Weight.quantize(torch.randn(n, k, generator=g))
+    bias = torch.randn(n, generator=g)
+    x = torch.randn(1, k, generator=g)
+    whole = QuantLinear(q, bias, int8_activations=True)(x)
+    for i in range(n):
+        alone = QuantLinear(take_rows(q, i, i + 1), bias[i : i + 1], int8_activations=True)
+        assert torch.equal(alone(x)[0, 0], whole[0, i])
+
+
 def test_round_activations_rounds_per_group_like_q8_0():
     x = torch.tensor([[1.0, -0.5, 0.25] + [0.0] * 29 + [0.0] * 32])
     r = round_activations(x)
