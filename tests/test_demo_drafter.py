@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from distspec.models.tokenizer import ChatMessage
 from distspec.spec_decode.decoding import SpeculativeDecoder
 from distspec.spec_decode.drafters import ModelDrafter
 from distspec.spec_decode.drafters.factory import build_drafter, demo_drafter_dir
 from distspec.spec_decode.sampling import SamplingParams
+from hf_reference import hf_greedy
 
 pytestmark = pytest.mark.slow
 
@@ -41,14 +41,7 @@ def test_greedy_with_demo_drafter_equals_transformers(demo_loaded, demo_hf, draf
         assert ids == demo_loaded.tokenizer.encode_chat([ChatMessage("user", text)])
     else:
         ids = hf_tok(text)["input_ids"]
-    with torch.inference_mode():
-        ref = hf_model.generate(
-            torch.tensor([ids]),
-            max_new_tokens=48,
-            do_sample=False,
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-        )
-    expected = ref[0, len(ids) :].tolist()
+    expected = hf_greedy(hf_model, ids, 48)
     dec = SpeculativeDecoder(demo_loaded.model, drafter, 4, demo_loaded.tokenizer.eos_token_ids)
     out, last = dec.generate(ids, SamplingParams(max_new_tokens=48))
     assert out == expected
