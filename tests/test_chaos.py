@@ -78,6 +78,7 @@ def test_one_fault_of_each_kind_under_load(tiny_dir, tiny_drafter_dir, tmp_path)
         (["--clients", "0"], "clients must be >= 1"),
         (["--duration-s", "30", "--fault-interval-s", "40"], "no fault fits"),
         (["--fault-interval-s", "0"], "fault_interval_s must be > 0"),
+        (["--max-slip-s", "-1"], "max_slip_s must be >= 0"),
         (["--drafter", "none"], "drafter must be a model"),
         (["--mode", "ar"], "invalid choice"),
     ],
@@ -101,3 +102,16 @@ def test_the_default_schedule_is_the_long_run():
     assert set(config.faults) <= set(FAULT_KINDS)
     short = ChaosConfig(duration_s=60, fault_interval_s=10)
     assert [k for _, k in short.schedule()] == config.faults  # one of each
+
+
+def test_a_waiting_fault_moves_the_schedule_and_the_end_up_to_max_slip():
+    from distspec.bench.chaos import _Harness
+
+    h = _Harness.__new__(_Harness)  # the bookkeeping only: no runtime, no clients
+    h.config, h.slip_s, h.deadline = ChaosConfig(max_slip_s=50.0), 0.0, 100.0
+    h._slip(30.0)
+    assert (h.slip_s, h.deadline) == (30.0, 130.0)
+    h._slip(30.0)  # capped: 50 s in all
+    assert (h.slip_s, h.deadline) == (50.0, 150.0)
+    h._slip(5.0)
+    assert (h.slip_s, h.deadline) == (50.0, 150.0)

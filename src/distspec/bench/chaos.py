@@ -400,6 +400,7 @@ class _Harness:
         self.stop = threading.Event()  # the clients start no new request
         self.finished = threading.Event()  # the monitor and the injector end
         self.t0 = 0.0
+        self.slip_s = 0.0  # how far faults waiting for the one before moved the schedule
         self.t_end = 0.0
         self.hung: list[RequestRecord] = []
 
@@ -481,10 +482,11 @@ class _Harness:
         """Until the clients are done (at most the drain's limit past the deadline)."""
         bar = tqdm(total=round(self.config.duration_s), desc="bench-chaos", unit="s")
         shown = 0
-        limit = self.deadline + self.config.request_timeout_s + DRAIN_GRACE_S
-        while any(th.is_alive() for th in threads) and time.monotonic() < limit:
+        drain_s = self.config.request_timeout_s + DRAIN_GRACE_S
+        while any(th.is_alive() for th in threads) and time.monotonic() < self.deadline + drain_s:
             time.sleep(1.0)
             now = time.monotonic()
+            bar.total = round(self.deadline - self.t0)
             if now >= self.deadline:
                 self.stop.set()
                 bar.set_description("bench-chaos (draining)")
@@ -668,12 +670,15 @@ class _Harness:
     def _inject_all(self) -> None:
         previous: _Fault | None = None
         for fault in self.faults:
-            at = self.t0 + fault.scheduled
             while not self.finished.is_set():
                 now = time.monotonic()
+                at = self.t0 + fault.scheduled + self.slip_s
                 if now >= at and (previous is None or self._settled(previous, now)):
                     break
+                if now > at + LATE_SLACK_S:
+                    self._slip(now - at - LATE_SLACK_S)
                 self.finished.wait(POLL_S)
+            at = self.t0 + fault.scheduled + self.slip_s
             # the schedule's last slot leaves this long before the end (see schedule())
             last_start = self.deadline - max(self.config.settle_s, self.config.fault_interval_s / 2)
             now = time.monotonic()
@@ -691,6 +696,13 @@ class _Harness:
                 fault.t = None
                 continue
             previous = fault
+
+    def _slip(self, by_s: float) -> None:
+        """The schedule and the clients' end move back (max_slip_s in all)."""
+        by_s = min(by_s, self.config.max_slip_s - self.slip_s)
+        if by_s > 0:
+            self.slip_s += by_s
+            self.deadline += by_s
 
     def _settled(self, fault: _Fault, now: float) -> bool:
         """The fault has recovered, settle_s ago at least."""
@@ -1016,6 +1028,7 @@ def _report(config, h: _Harness, server: dict, reference: dict, machine: dict) -
         "tokens": sum(r.tokens for r in records),
         "faults_injected": len(injected),
         "faults_scheduled": len(h.faults),
+        "schedule_slip_s": round(h.slip_s, 1),
         "kinds_injected": sorted({f.kind for f in injected}),
     }
     problems = []
@@ -1123,7 +1136,12 @@ def format_table(report: ChaosReport) -> str:
         f"({t['edge_requests']} edge), {t['completed']} completed, statuses: "
         f"{codes(t['statuses'])}; LOST {t['lost']}, WRONG {t['wrong']}; edge reconnects "
         f"{t['edge_reconnects']}; faults {t['faults_injected']}/{t['faults_scheduled']} of "
-        f"{len(t['kinds_injected'])} kinds",
+        f"{len(t['kinds_injected'])} kinds"
+        + (
+            f"; the schedule slipped {t['schedule_slip_s']:g} s (faults waited for recoveries)"
+            if t.get("schedule_slip_s")
+            else ""
+        ),
         f"baseline: p99 TTFT {f(base.ttft_p99_s, '.2f')} s, p99 ITL {f(base.itl_p99_ms, '.0f')} ms "
         f"({base.start_s:.0f}-{base.end_s:.0f} s); repaired s: kills to the scheduler's repair "
         f"(kill-drafter: /drafter back)",

@@ -28,6 +28,9 @@ class ChaosConfig:
     faults: list[str] = field(default_factory=lambda: list(DEFAULT_FAULTS))
     # a fault is never injected before the previous one has recovered (it waits)
     settle_s: float = 5.0  # a fault's window: until it recovered, and this much more
+    # a fault still waiting at its slot moves the rest of the schedule, and the end, back
+    # by as long as it waits, up to this much in all (slow repairs on a busy machine)
+    max_slip_s: float = 60.0
     warmup_s: float | None = None  # left out of the baseline; None: min(10, interval / 4)
     max_new_tokens: int = 64
     prompts_file: str | None = None  # None: the built-in benchmark prompts
@@ -64,7 +67,7 @@ class ChaosConfig:
         for name in ("duration_s", "fault_interval_s", "request_timeout_s", "stall_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("settle_s", "edge_rtt_ms", "resume_timeout_s"):
+        for name in ("settle_s", "edge_rtt_ms", "resume_timeout_s", "max_slip_s"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_new_tokens < 1 or self.stall_tokens < 1:

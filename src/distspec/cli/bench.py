@@ -291,6 +291,13 @@ def add_bench_chaos(sub) -> None:
         help="a fault's window lasts until it recovered plus this (default %(default)s)",
     )
     p.add_argument(
+        "--max-slip-s",
+        type=float,
+        default=d.max_slip_s,
+        help="a fault still waiting for the previous one to recover at its slot moves the "
+        "rest of the schedule and the end back, by this much at most (default %(default)s)",
+    )
+    p.add_argument(
         "--warmup-s",
         type=float,
         help="start of the run left out of the baseline (default min(10, interval/4))",
@@ -367,6 +374,7 @@ def _bench_chaos(args: argparse.Namespace) -> int:
         faults=[f.strip() for f in args.faults.split(",") if f.strip()],
         fault_interval_s=args.fault_interval_s,
         settle_s=args.settle_s,
+        max_slip_s=args.max_slip_s,
         warmup_s=args.warmup_s,
         max_new_tokens=args.max_new_tokens,
         prompts_file=args.prompts,
