@@ -537,35 +537,69 @@ def record_forwards(drafter: ModelDrafter) -> list[tuple[int, int]]:
     calls: list[tuple[int, int]] = []
     inner = drafter._forward
 
-    def forward(tokens, start, fuzzy_groups=()):
+    def forward(tokens, start, fuzzy_groups=(), last=1):
         calls.append((start, len(tokens)))
-        return inner(tokens, start, fuzzy_groups)
+        return inner(tokens, start, fuzzy_groups, last)
 
     drafter._forward = forward
     return calls
 
 
-@pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_model_drafter_starts_with_lookup_match(draft_model, temperature):
-    """A 2+ token match: the draft starts with what followed it, costing no model step; the
-    model catches up in one forward and drafts on. Sampled lookup tokens carry a point mass."""
-    drafter = make_drafter("lookup", draft_model)
-    calls = record_forwards(drafter)
-    ctx = list(range(40, 60)) + [58, 59]  # "58 59" occurred before, followed by "58 59"
-    drafter.start(ctx, SamplingParams(temperature=temperature, seed=1))
-    draft = drafter.propose(ctx, 4)
-    assert draft.tokens[:2] == [58, 59] and len(draft.tokens) == 4
-    # the prompt but its last token read at start; then the rest and the lookup tokens
-    assert calls == [(0, 21), (21, 3), (24, 1)]
-    if temperature:
-        assert draft.probs.shape[0] == 4
-        assert draft.probs[0, 58] == draft.probs[1, 59] == 1.0
-        assert draft.probs[2, draft.tokens[2]] > 0 and draft.probs[2].max() < 1.0
-    else:
-        assert draft.probs is None
-    calls.clear()
-    assert drafter.propose(list(range(70, 80)), 2).tokens  # no match: the model alone
-    assert calls == [(0, 10), (10, 1)]
+class FixedLookup(NgramDrafter):
+    """A prompt lookup that proposes the given tokens (their first k)."""
+
+    def __init__(self, tokens: list[int]):
+        super().__init__()
+        self.tokens = tokens
+
+    def propose(self, context: list[int], k: int) -> Draft:
+        return Draft(self.tokens[:k])
+
+
+def own_draft(draft_model, ctx, k, params) -> Draft:
+    drafter = ModelDrafter(draft_model.model)
+    drafter.start(ctx, params)
+    return drafter.propose(ctx, k)
+
+
+def test_model_drafter_keeps_looked_up_tokens_as_far_as_it_agrees(draft_model):
+    """Greedy: the draft is the model's own whatever the lookup says; the looked-up tokens
+    are read in the forward that reads the new verified ones, and the model drafts on from
+    the first it disagrees with, whose prediction that forward already made."""
+    ctx = list(range(40, 62))
+    own = own_draft(draft_model, ctx, 4, SamplingParams()).tokens
+    wrong = (own[2] + 1) % 200
+    for looked_up, expected_calls in [
+        (own[:2] + [wrong], [(0, 21), (21, 4), (24, 1)]),  # 2 kept, one step saved
+        (own, [(0, 21), (21, 5)]),  # all kept: one forward for the whole draft
+        ([(own[0] + 1) % 200], [(0, 21), (21, 2), (22, 1), (23, 1), (24, 1)]),  # none kept
+    ]:
+        drafter = ModelDrafter(draft_model.model, lookup=FixedLookup(looked_up))
+        calls = record_forwards(drafter)
+        drafter.start(ctx, SamplingParams())
+        draft = drafter.propose(ctx, 4)
+        assert draft.tokens == own and draft.probs is None
+        assert calls == expected_calls, looked_up
+
+
+def test_sampled_drafts_keep_looked_up_tokens_the_model_is_sure_of(draft_model):
+    """Sampling: a looked-up token is kept (as a point mass) only where the drafter gives it
+    at least LOOKUP_KEEP_P; the first other position is sampled from the drafter."""
+    from distspec.spec_decode.drafters.model import LOOKUP_KEEP_P
+
+    ctx = list(range(40, 62))
+    sure = SamplingParams(temperature=0.01, seed=1)  # the drafter's argmax holds ~all of q
+    own = own_draft(draft_model, ctx, 3, SamplingParams()).tokens
+    drafter = ModelDrafter(draft_model.model, lookup=FixedLookup(own[:2]))
+    drafter.start(ctx, sure)
+    draft = drafter.propose(ctx, 3)
+    assert draft.tokens[:2] == own[:2] and len(draft.tokens) == 3
+    assert draft.probs[0, own[0]] == draft.probs[1, own[1]] == 1.0
+    assert draft.probs[2].max() >= LOOKUP_KEEP_P
+    unsure = SamplingParams(temperature=1.0, seed=1)  # a random tiny model: q is flat
+    drafter.start(ctx, unsure)
+    draft = drafter.propose(ctx, 3)
+    assert draft.probs[0].max() < LOOKUP_KEEP_P  # sampled, not the looked-up point mass
 
 
 def test_model_drafter_reuses_its_cache(draft_model):
@@ -782,18 +816,23 @@ def test_sampling_filters_lossless(small, kind, filters):
 
 
 @pytest.mark.slow  # chi-square over sampled runs, as above
-@pytest.mark.parametrize("form", ["int4", "int8"])
+@pytest.mark.parametrize("form", ["int4", "int8", "int4-engine"])
 def test_sampling_with_a_self_drafter_matches_the_target(small, form):
-    """A quantized copy of the target drafts sampled tokens with its own (dense) q."""
+    """A quantized copy of the target drafts sampled tokens with its own (dense) q; as the
+    engine runs it (int4-engine): with prompt lookup, reading the target's K/V."""
     tgt, _ = small
-    params = SamplingParams(temperature=1.0)
+    params = SamplingParams(temperature=0.7)
     exact = exact_joint(tgt.model, SMALL_PROMPT, params)
-    drafter = ModelDrafter(load_self_drafter(tgt, form, max_len=32).model)
+    copy = load_self_drafter(tgt, form.removesuffix("-engine"), max_len=32).model
+    if form.endswith("-engine"):
+        drafter = ModelDrafter(copy, lookup=NgramDrafter(min_ngram=2), target_kv=(tgt.model, 0))
+    else:
+        drafter = ModelDrafter(copy)
     seeds = range(500_000, 500_000 + SAMPLES // 2)
     counts, totals = sample_outcomes(tgt.model, drafter, params, seeds)
     assert 0 < totals["accepted"] < totals["draft"]  # both verifier paths ran
     pvalue = gof_pvalue(counts, exact)
-    print(f"e2e t=1 self-{form}: joint p={pvalue:.4g}, accepted {totals['accepted']}")
+    print(f"e2e t=0.7 self-{form}: joint p={pvalue:.4g}, accepted {totals['accepted']}")
     assert pvalue > ALPHA
 
 

@@ -153,13 +153,14 @@ def test_packed_logits_match_transformers(variant, layer, variant_dirs, hf_model
     assert_close(chunk[0], ref[0, 11:16], PACKED_ATOL)
 
 
-def test_last_only(variant_dirs):
+@pytest.mark.parametrize("rows", [1, 4, 12])
+def test_logits_of_the_last_rows_only(variant_dirs, rows):
     model = load_model(str(variant_dirs["llama_gqa"]), max_len=64).model
     ids = random_ids(12, seed=3)
     full = full_logits(model, ids)
-    last = model(ids, torch.arange(12)[None], last_only=True)
-    assert last.shape == (1, 1, TINY_VOCAB)
-    assert_close(last[0, 0], full[0, -1])
+    last = model(ids, torch.arange(12)[None], last=rows)
+    assert last.shape == (1, rows, TINY_VOCAB)
+    assert_close(last[0], full[0, -rows:])
 
 
 # ---------------------------------------------------------------------------------------------

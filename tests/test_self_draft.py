@@ -49,8 +49,12 @@ def test_a_self_drafter_in_its_own_process_loads_from_the_name(tiny_dir):
 
 
 @pytest.mark.parametrize("name", ["self", "self-int8", "self-bf16"])
-def test_greedy_with_a_self_drafter_equals_plain_decoding(target, name):
-    drafter = build_drafter(name, target, max_len=TINY_MAX_LEN, lookup=False)
+@pytest.mark.parametrize("target_kv", [False, True], ids=["own-kv", "target-kv"])
+@pytest.mark.parametrize("lookup", [False, True], ids=["model", "lookup"])
+def test_greedy_with_a_self_drafter_equals_plain_decoding(target, name, target_kv, lookup):
+    slot = 0 if target_kv else None
+    drafter = build_drafter(name, target, TINY_MAX_LEN, lookup, target_kv_slot=slot)
+    assert (drafter.target_kv is not None) == target_kv
     params = SamplingParams(max_new_tokens=40)
     prompt = target.tokenizer.encode("Once upon a time")
     ar, _ = SpeculativeDecoder(target.model, None, eos_token_ids=[]).generate(prompt, params)
@@ -85,7 +89,7 @@ def test_greedy_with_a_self_drafter_equals_transformers(demo_loaded, demo_hf, na
     tok = demo_loaded.tokenizer
     ids = tok.encode_chat([ChatMessage("user", text)]) if chat else tok.encode(text)
     expected = hf_greedy(hf_model, ids, 48)
-    drafter = build_drafter(name, demo_loaded, max_len=2048)
+    drafter = build_drafter(name, demo_loaded, max_len=2048, target_kv_slot=0)  # the engine's
     dec = SpeculativeDecoder(demo_loaded.model, drafter, 12, tok.eos_token_ids, adaptive=True)
     out, last = dec.generate(ids, SamplingParams(max_new_tokens=48))
     assert out == expected
@@ -100,3 +104,48 @@ def test_the_weights_fingerprint_follows_content_not_location(tiny_dir, tiny_dra
     moved = shutil.copytree(tiny_dir, tmp_path / "moved")
     assert weights_fingerprint(str(moved)) == weights_fingerprint(str(tiny_dir))
     assert weights_fingerprint(str(tiny_drafter_dir)) != weights_fingerprint(str(tiny_dir))
+
+
+def test_a_copy_beside_its_target_reads_verified_kv_from_the_target(target):
+    """Sequential speculation in the target's slot: no prefill at start, and the first draft
+    copies the prompt's K/V from the target's cache (bitwise) instead of computing them."""
+    drafter = build_drafter("self", target, TINY_MAX_LEN, lookup=False, target_kv_slot=0)
+    forwards = []
+    inner = drafter._forward
+    drafter._forward = lambda tokens, start, *a: (
+        forwards.append((start, len(tokens))) or inner(tokens, start, *a)
+    )
+    prompt = target.tokenizer.encode("Once upon a time there was")
+    n = len(prompt)
+    target.model(torch.tensor([prompt]), torch.arange(n)[None], torch.tensor([0]))
+    drafter.start(prompt, SamplingParams())
+    assert forwards == []
+    context = [*prompt, 7]
+    drafter.propose(context, 3)
+    assert forwards[0] == (n, 1)  # only the newest token; the prompt's K/V were copied
+    for own, theirs in zip(drafter.model.layers, target.model.layers, strict=True):
+        assert torch.equal(own.attn.kv_cache.k[0, :, :n], theirs.attn.kv_cache.k[0, :, :n])
+        assert torch.equal(own.attn.kv_cache.v[0, :, :n], theirs.attn.kv_cache.v[0, :, :n])
+
+
+def test_only_a_copy_of_the_target_reads_its_kv(target, tiny_drafter_dir):
+    from distspec.spec_decode.drafters.model import ModelDrafter
+
+    other = build_drafter(str(tiny_drafter_dir), target, TINY_MAX_LEN, target_kv_slot=0)
+    assert other.target_kv is None  # not a copy: its own K/V, whatever its shapes
+    small = load_model(str(tiny_drafter_dir), max_len=TINY_MAX_LEN).model
+    if len(small.layers) != len(target.model.layers):
+        with pytest.raises(ValueError, match="not laid out as the target's"):
+            ModelDrafter(small, target_kv=(target.model, 0))
+
+
+def test_a_copy_starts_the_draft_length_policy_at_its_own_prior(target):
+    from distspec.spec_decode.defaults import SELF_PRIOR_ACCEPTANCE
+    from distspec.spec_decode.draft_policy import DraftLengthPolicy, measure_costs
+
+    drafter = build_drafter("self", target, TINY_MAX_LEN)
+    assert drafter.prior_acceptance == SELF_PRIOR_ACCEPTANCE > 0.6
+    costs = measure_costs(target.model, drafter, 8, context_len=16, repeats=1)
+    assert costs.prior_alpha == SELF_PRIOR_ACCEPTANCE
+    assert DraftLengthPolicy(costs=costs).alpha == SELF_PRIOR_ACCEPTANCE
+    assert DraftLengthPolicy().alpha == 0.6  # no costs: the general prior

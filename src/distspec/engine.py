@@ -84,6 +84,9 @@ class Engine:
                 config.lookup,
                 config.easyspec_group,
                 config.easyspec_exact,
+                # sequential rounds leave the target's cache exact up to the drafter's
+                # context (PEARL drafts past what the target has read)
+                target_kv_slot=0 if config.mode == "sd" else None,
             )
         from distspec.workers.drafter import DrafterSpec, DrafterWorker, WorkerDrafter
 

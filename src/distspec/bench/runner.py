@@ -128,7 +128,10 @@ def build_contenders(config: BenchConfig, target) -> list[Contender]:
             out.append(LlamaCppContender(name, runner, target.tokenizer))
         else:
             drafter_name, lookup = _drafter_of(name)
-            drafter = build_drafter(drafter_name, target, target.model.max_len, lookup)
+            # sequential rounds in slot 0: a copy of the target reads its verified K/V
+            drafter = build_drafter(
+                drafter_name, target, target.model.max_len, lookup, target_kv_slot=0
+            )
             out.append(
                 DistspecContender(
                     name, distspec_decoder(target, drafter, config.gamma, config.adaptive)

@@ -249,13 +249,14 @@ class Transformer(Watched):
         tokens: torch.Tensor,
         pos: torch.Tensor,
         slots: torch.Tensor | None = None,
-        last_only: bool = False,
+        last: int = 0,
         fuzzy_groups: tuple[tuple[int, int], ...] = (),
     ) -> torch.Tensor:
         """tokens, pos: [B, T] int64; slots: [B] cache rows (default 0..B-1).
 
-        Returns logits [B, T, V] (or [B, 1, V] with last_only). Rows of a ragged batch are
-        right-padded; padding must use positions past the row's real ones (see `pad_positions`).
+        Returns logits [B, T, V], or [B, last, V]: of the last `last` positions only. Rows of a
+        ragged batch are right-padded; padding must use positions past the row's real ones
+        (see `pad_positions`).
 
         fuzzy_groups: layer ranges [start, end) run the EasySpec way: every attention of a
         group reads the group's input (so they could run at once), their outputs are added
@@ -279,11 +280,11 @@ class Transformer(Watched):
         x = self.embed(tokens)
         stack = self.fused_stack() if not fuzzy_groups and decode_ops(x) is not None else None
         if stack is not None:
-            logits = stack.forward(x, cos, sin, slots, pos, last_only)
+            logits = stack.forward(x, cos, sin, slots, pos, last)
         else:
             logits = self._forward_layers(x, cos, sin, slots, pos, kv_len, mask, fuzzy_groups)
-            if last_only:
-                logits = logits[:, -1:]
+            if last:
+                logits = logits[:, -last:]
             logits = self.head_logits(logits)
         if self.head_token_ids is None:
             return logits

@@ -39,6 +39,7 @@ class LoadedModel:
     tokenizer: Tokenizer
     path: Path  # the model directory read (a GGUF's converted one)
     source: str = ""  # the name it was loaded by: "demo", a .gguf file, a directory
+    copy_of: str = ""  # a self-drafting copy (models/self_draft): its target's source
 
 
 def cache_dir() -> Path:

@@ -102,4 +102,5 @@ def load_self_drafter(
             loaded.model.share_embedding(target.model.embed)
     if loaded.model.device.type == "cpu":
         pack_for_cpu(loaded.model)
+    loaded.copy_of = source
     return loaded

@@ -26,7 +26,7 @@ def decode_step_times(
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, model.config.vocab_size, (1, n), generator=generator).to(device)
     pos, slot = torch.arange(n, device=device)[None], torch.tensor([0], device=device)
-    model(tokens[:, :context_len], pos[:, :context_len], slot, last_only=True)
+    model(tokens[:, :context_len], pos[:, :context_len], slot, last=1)
     times = []
     for i in range(context_len, n):
         with around():

@@ -659,4 +659,5 @@ def calibrate(target: Remote, drafter: Remote, info: ModelInfo, k: int) -> Draft
     timing = target("calibrate", k)
     if timing is None:
         return None
-    return costs_from(tuple(map(tuple, timing)), drafter("calibrate", k, info.vocab_size))
+    t_draft, prior_alpha = drafter("calibrate", k, info.vocab_size)
+    return costs_from(tuple(map(tuple, timing)), t_draft, prior_alpha)

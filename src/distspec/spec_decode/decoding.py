@@ -121,7 +121,7 @@ class SpeculativeDecoder:
             self.drafter.start(tokens, params)
         try:
             # Prefill: the prompt's last logits give the first token.
-            logits = self._target_forward(tokens, 0, stats, last_only=True)
+            logits = self._target_forward(tokens, 0, stats, last=1)
             verdict = verify(logits, EMPTY_DRAFT, params, generator)
             new = [verdict.next_token]
             stats.time_to_first_token_s = time.perf_counter() - t0
@@ -165,10 +165,10 @@ class SpeculativeDecoder:
         stats.count_verdict(len(draft), verdict.num_accepted)
         return verdict.tokens(draft)
 
-    def _target_forward(self, chunk, start, stats, last_only=False) -> torch.Tensor:
+    def _target_forward(self, chunk, start, stats, last=0) -> torch.Tensor:
         t = time.perf_counter()
         pos = torch.arange(start, start + len(chunk))[None]
-        logits = self.target(torch.tensor([chunk]), pos, self.slot, last_only=last_only)[0]
+        logits = self.target(torch.tensor([chunk]), pos, self.slot, last=last)[0]
         stats.verify_s += time.perf_counter() - t
         stats.target_forwards += 1
         return logits

@@ -36,6 +36,7 @@ class DraftCosts:
     beta: float  # extra verify cost per draft token, relative to t_step
     # measured target forwards: (rows, seconds), rows ascending (see time_target)
     verify: tuple[tuple[int, float], ...] = ()
+    prior_alpha: float = 0.6  # the drafter's own guess of its acceptance (Drafter)
 
     def t_verify(self, rows: int) -> float:
         """Seconds for a target forward of `rows` rows: the table's, linearly interpolated
@@ -52,14 +53,18 @@ class DraftCosts:
 class DraftLengthPolicy:
     max_k: int = 8
     fixed: bool = False  # True: always max_k (no adaptation)
-    alpha: float = 0.6  # prior per-token acceptance
-    decay: float = 0.9  # weight of the past in running estimates
+    alpha: float | None = None  # prior per-token acceptance; None: the costs' (else 0.6)
+    # weight of the past in running estimates; 0.95: about 20 draft tokens (at 0.9 one
+    # rejection cut a 0.97-acceptance drafter back to 2-token drafts for several rounds)
+    decay: float = 0.95
     probe_every: int = 8
     min_gain: float = 1.03  # speculation must beat plain decoding by this factor
     costs: DraftCosts | None = None
 
     def __post_init__(self) -> None:
         c = self.costs
+        if self.alpha is None:
+            self.alpha = c.prior_alpha if c else DraftCosts.prior_alpha
         self._t_step = c.t_step if c else None
         self._t_draft = c.t_draft if c else None
         self._beta = c.beta if c else 0.08
@@ -131,7 +136,7 @@ def measure_costs(
     if timing is None:
         return None
     t_draft = time_drafter(drafter, target.config.vocab_size, k, context_len, repeats)
-    return costs_from(timing, t_draft)
+    return costs_from(timing, t_draft, drafter.prior_acceptance)
 
 
 # chunk sizes the calibration times (up to the longest draft + 1); others are interpolated
@@ -157,12 +162,14 @@ def time_target(
     return tuple((n, _timed(forward(n), repeats)) for n in sizes)
 
 
-def costs_from(verify: tuple[tuple[int, float], ...], t_draft: float) -> DraftCosts:
-    """DraftCosts from time_target's table and a drafter's seconds per token."""
+def costs_from(
+    verify: tuple[tuple[int, float], ...], t_draft: float, prior_alpha: float = 0.6
+) -> DraftCosts:
+    """DraftCosts from time_target's table, a drafter's seconds per token and its prior."""
     t_step = verify[0][1]
     rows, t_last = verify[-1]
     beta = max(0.0, (t_last / t_step - 1) / (rows - 1)) if rows > 1 else 0.0
-    return DraftCosts(t_step, t_draft, beta, verify)
+    return DraftCosts(t_step, t_draft, beta, verify, prior_alpha)
 
 
 def time_drafter(

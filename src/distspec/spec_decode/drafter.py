@@ -52,6 +52,8 @@ EMPTY_DRAFT = Draft([])
 
 class Drafter(ABC):
     name: str = "drafter"
+    # per-token acceptance the draft-length policy assumes before a request's first verdicts
+    prior_acceptance: float = 0.6
 
     @abstractmethod
     def start(self, prompt_ids: list[int], params: SamplingParams) -> None:

@@ -97,7 +97,7 @@ def generate_samples(
                     torch.tensor([prompt]),
                     torch.arange(len(prompt))[None],
                     torch.tensor([slot]),
-                    last_only=True,
+                    last=1,
                 )[0, -1]
                 if record(row, logits):
                     finish(slot)

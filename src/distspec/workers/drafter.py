@@ -102,8 +102,9 @@ class DrafterWorker(GroupMember):
     def stats(self) -> dict:
         return {"busy_s": self.busy_s}
 
-    def calibrate(self, k: int, vocab_size: int) -> float:
-        """Seconds per drafted token (time_drafter); before any session uses slot 0."""
+    def calibrate(self, k: int, vocab_size: int) -> tuple[float, float]:
+        """(seconds per drafted token (time_drafter), the drafter's prior acceptance);
+        before any session uses slot 0."""
         return self.collective("_time_drafter", k, vocab_size)
 
     def time_steps(self, group_size: int, context_len: int = 256, steps: int = 32) -> float:
@@ -116,8 +117,9 @@ class DrafterWorker(GroupMember):
         """Benchmarks: median seconds of one all-reduce of numel values over the group."""
         return self.collective("_time_all_reduce", numel, repeats)
 
-    def _time_drafter(self, k: int, vocab_size: int) -> float:
-        return time_drafter(self._new_drafter(0), vocab_size, k)
+    def _time_drafter(self, k: int, vocab_size: int) -> tuple[float, float]:
+        drafter = self._new_drafter(0)
+        return time_drafter(drafter, vocab_size, k), drafter.prior_acceptance
 
     # -- every rank ------------------------------------------------------------------------
 

@@ -127,7 +127,8 @@ class TargetWorker(GroupMember):
     # -- every rank ------------------------------------------------------------------------
 
     def run_forwards(self, forwards: list[_Forward]) -> list[torch.Tensor]:
-        return [self.model(f.tokens, f.pos, f.slots, last_only=f.last_only) for f in forwards]
+        model = self.model
+        return [model(f.tokens, f.pos, f.slots, last=1 if f.last_only else 0) for f in forwards]
 
     # -- internals -------------------------------------------------------------------------
 

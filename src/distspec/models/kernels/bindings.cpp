@@ -46,6 +46,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                           distspec::LinearOp>(),
            arg("layers"), arg("norm"), arg("eps"), arg("head"))
       .def("forward", &distspec::DecoderStack::forward, arg("x"), arg("cos"), arg("sin"),
-           arg("slots"), arg("pos"), arg("last_only") = false);
+           arg("slots"), arg("pos"), arg("last") = 0);
   m.attr("MAX_ROWS") = distspec::kMaxRows;
 }

@@ -8,6 +8,8 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
+
 namespace distspec {
 
 LinearOp::LinearOp(const std::string& kind, std::vector<at::Tensor> parts,
@@ -68,10 +70,10 @@ DecoderStack::DecoderStack(std::vector<DecoderLayer> layers, at::Tensor norm, do
 
 at::Tensor DecoderStack::forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
                                  const at::Tensor& slots, const at::Tensor& pos,
-                                 bool last_only) const {
+                                 int64_t last) const {
   at::Tensor h = x;
   for (const DecoderLayer& layer : layers_) h = layer.forward(h, cos, sin, slots, pos);
-  if (last_only) h = h.slice(1, h.size(1) - 1, h.size(1));
+  if (last > 0) h = h.slice(1, std::max<int64_t>(0, h.size(1) - last), h.size(1));
   return head_(rms_norm(h, norm_, eps_));
 }
 

@@ -45,12 +45,12 @@ class DecoderLayer {
 };
 
 // The whole cached forward after the embedding: every layer, the final norm and the head, with
-// no Python between them. last_only: logits of each sequence's last position only.
+// no Python between them. last > 0: logits of each sequence's last `last` positions only.
 class DecoderStack {
  public:
   DecoderStack(std::vector<DecoderLayer> layers, at::Tensor norm, double eps, LinearOp head);
   at::Tensor forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
-                     const at::Tensor& slots, const at::Tensor& pos, bool last_only) const;
+                     const at::Tensor& slots, const at::Tensor& pos, int64_t last) const;
 
  private:
   std::vector<DecoderLayer> layers_;

@@ -11,10 +11,11 @@ from pathlib import Path
 import torch
 
 from distspec.models.linear import pack_for_cpu
-from distspec.models.llama import easyspec_groups
+from distspec.models.llama import Transformer, easyspec_groups
 from distspec.models.loader import LoadedModel, load_drafter_model, load_tokenizer
 from distspec.models.self_draft import load_self_drafter, self_form
 from distspec.models.tensor_parallel import TPContext
+from distspec.spec_decode.defaults import SELF_PRIOR_ACCEPTANCE
 from distspec.spec_decode.drafter import Drafter
 from distspec.spec_decode.drafters.model import ModelDrafter
 from distspec.spec_decode.drafters.ngram import NgramDrafter
@@ -31,12 +32,15 @@ def build_drafter(
     lookup: bool = True,
     easyspec_group: int = 0,
     easyspec_exact: tuple[int, int] = (1, 1),
+    target_kv_slot: int | None = None,
 ) -> Drafter:
     """A drafter by name (DRAFTER_HELP in spec_decode/defaults.py). Model drafters go on the
     target's device (a path: in its dtype); with `lookup` they follow prompt lookup matches
     of 2+ tokens first (see ModelDrafter); with `easyspec_group` N >= 2 they draft with
     EasySpec's fuzzy groups of N layers, in this process (easyspec_exact: the first and last
-    layers kept exact)."""
+    layers kept exact). target_kv_slot: for sequential speculation in the target's KV slot
+    this, a copy of the target reads verified tokens' K/V from the target's cache
+    (ModelDrafter's target_kv); other drafters ignore it."""
     model = load_drafter(name, target, max_len)
     if easyspec_group and model is None:
         raise ValueError("EasySpec needs a model drafter, not ngram")
@@ -44,7 +48,10 @@ def build_drafter(
     if easyspec_group:
         layers = model.model.config.num_hidden_layers
         groups = easyspec_groups(layers, easyspec_group, *easyspec_exact)
-    return new_drafter(model, lookup, fuzzy_groups=groups)
+    target_kv = None
+    if target_kv_slot is not None and model is not None and model.copy_of:
+        target_kv = (target.model, target_kv_slot)
+    return new_drafter(model, lookup, fuzzy_groups=groups, target_kv=target_kv)
 
 
 def load_drafter(
@@ -81,13 +88,22 @@ def new_drafter(
     lookup: bool = True,
     slot: int = 0,
     fuzzy_groups: tuple[tuple[int, int], ...] = (),
+    target_kv: tuple[Transformer, int] | None = None,
 ) -> Drafter:
     """A drafter for one request at a time, drafting in KV slot `slot` of model
-    (fuzzy_groups: EasySpec's layer groups, see ModelDrafter)."""
+    (fuzzy_groups: EasySpec's layer groups; target_kv: see ModelDrafter)."""
     if model is None:
         return NgramDrafter()
     ngram = NgramDrafter(min_ngram=2) if lookup else None
-    return ModelDrafter(model.model, slot, lookup=ngram, fuzzy_groups=fuzzy_groups)
+    prior = SELF_PRIOR_ACCEPTANCE if model.copy_of else Drafter.prior_acceptance
+    return ModelDrafter(
+        model.model,
+        slot,
+        lookup=ngram,
+        fuzzy_groups=fuzzy_groups,
+        prior_acceptance=prior,
+        target_kv=target_kv,
+    )
 
 
 def demo_drafter_dir() -> Path:
