@@ -562,6 +562,30 @@ def own_draft(draft_model, ctx, k, params) -> Draft:
     return drafter.propose(ctx, k)
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_model_drafter_starts_with_lookup_match(draft_model, temperature):
+    """Unchecked (a small drafter): a 2+ token match starts the draft with what followed it,
+    costing no model step; the model catches up in one forward and drafts on. Sampled lookup
+    tokens carry a point mass."""
+    drafter = make_drafter("lookup", draft_model)
+    calls = record_forwards(drafter)
+    ctx = list(range(40, 60)) + [58, 59]  # "58 59" occurred before, followed by "58 59"
+    drafter.start(ctx, SamplingParams(temperature=temperature, seed=1))
+    draft = drafter.propose(ctx, 4)
+    assert draft.tokens[:2] == [58, 59] and len(draft.tokens) == 4
+    # the prompt but its last token read at start; then the rest and the lookup tokens
+    assert calls == [(0, 21), (21, 3), (24, 1)]
+    if temperature:
+        assert draft.probs.shape[0] == 4
+        assert draft.probs[0, 58] == draft.probs[1, 59] == 1.0
+        assert draft.probs[2, draft.tokens[2]] > 0 and draft.probs[2].max() < 1.0
+    else:
+        assert draft.probs is None
+    calls.clear()
+    assert drafter.propose(list(range(70, 80)), 2).tokens  # no match: the model alone
+    assert calls == [(0, 10), (10, 1)]
+
+
 def test_model_drafter_keeps_looked_up_tokens_as_far_as_it_agrees(draft_model):
     """Greedy: the draft is the model's own whatever the lookup says; the looked-up tokens
     are read in the forward that reads the new verified ones, and the model drafts on from
@@ -574,7 +598,7 @@ def test_model_drafter_keeps_looked_up_tokens_as_far_as_it_agrees(draft_model):
         (own, [(0, 21), (21, 5)]),  # all kept: one forward for the whole draft
         ([(own[0] + 1) % 200], [(0, 21), (21, 2), (22, 1), (23, 1), (24, 1)]),  # none kept
     ]:
-        drafter = ModelDrafter(draft_model.model, lookup=FixedLookup(looked_up))
+        drafter = ModelDrafter(draft_model.model, lookup=FixedLookup(looked_up), check_lookup=True)
         calls = record_forwards(drafter)
         drafter.start(ctx, SamplingParams())
         draft = drafter.propose(ctx, 4)
@@ -590,7 +614,7 @@ def test_sampled_drafts_keep_looked_up_tokens_the_model_is_sure_of(draft_model):
     ctx = list(range(40, 62))
     sure = SamplingParams(temperature=0.01, seed=1)  # the drafter's argmax holds ~all of q
     own = own_draft(draft_model, ctx, 3, SamplingParams()).tokens
-    drafter = ModelDrafter(draft_model.model, lookup=FixedLookup(own[:2]))
+    drafter = ModelDrafter(draft_model.model, lookup=FixedLookup(own[:2]), check_lookup=True)
     drafter.start(ctx, sure)
     draft = drafter.propose(ctx, 3)
     assert draft.tokens[:2] == own[:2] and len(draft.tokens) == 3
@@ -825,7 +849,9 @@ def test_sampling_with_a_self_drafter_matches_the_target(small, form):
     exact = exact_joint(tgt.model, SMALL_PROMPT, params)
     copy = load_self_drafter(tgt, form.removesuffix("-engine"), max_len=32).model
     if form.endswith("-engine"):
-        drafter = ModelDrafter(copy, lookup=NgramDrafter(min_ngram=2), target_kv=(tgt.model, 0))
+        drafter = ModelDrafter(
+            copy, lookup=NgramDrafter(min_ngram=2), target_kv=(tgt.model, 0), check_lookup=True
+        )
     else:
         drafter = ModelDrafter(copy)
     seeds = range(500_000, 500_000 + SAMPLES // 2)

@@ -133,6 +133,7 @@ def test_only_a_copy_of_the_target_reads_its_kv(target, tiny_drafter_dir):
 
     other = build_drafter(str(tiny_drafter_dir), target, TINY_MAX_LEN, target_kv_slot=0)
     assert other.target_kv is None  # not a copy: its own K/V, whatever its shapes
+    assert not other.check_lookup  # and its lookup tokens are drafted unchecked
     small = load_model(str(tiny_drafter_dir), max_len=TINY_MAX_LEN).model
     if len(small.layers) != len(target.model.layers):
         with pytest.raises(ValueError, match="not laid out as the target's"):
@@ -145,6 +146,7 @@ def test_a_copy_starts_the_draft_length_policy_at_its_own_prior(target):
 
     drafter = build_drafter("self", target, TINY_MAX_LEN)
     assert drafter.prior_acceptance == SELF_PRIOR_ACCEPTANCE > 0.6
+    assert drafter.check_lookup  # it keeps looked-up tokens only where it agrees
     costs = measure_costs(target.model, drafter, 8, context_len=16, repeats=1)
     assert costs.prior_alpha == SELF_PRIOR_ACCEPTANCE
     assert DraftLengthPolicy(costs=costs).alpha == SELF_PRIOR_ACCEPTANCE

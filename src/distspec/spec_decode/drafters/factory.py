@@ -103,6 +103,7 @@ def new_drafter(
         fuzzy_groups=fuzzy_groups,
         prior_acceptance=prior,
         target_kv=target_kv,
+        check_lookup=bool(model.copy_of),  # a copy predicts the target better than a lookup
     )
 
 

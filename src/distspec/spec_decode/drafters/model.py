@@ -1,16 +1,19 @@
 """A small Llama-family model that shares the target's tokenizer, drafting autoregressively.
 
 Optionally with prompt lookup: when the verified text ends with an n-gram seen before, what
-followed it is read by the model in the same forward as the newly verified tokens, and kept
-as far as the model agrees with it (greedy: its own choice; sampling: the token holds at least
-`LOOKUP_KEEP_P` of its probability, drafted as a point mass); the model drafts on from the first
-token it disagrees with, whose prediction that forward has already made. A greedy draft is
-thus exactly the model's own, and a lookup that copies right saves model steps: checking m
-looked-up tokens is one forward of m + 1 rows, which on a CPU costs far less than m steps
-(int4 copy of the demo target: 9 rows 3.3 steps), while a wrong lookup can no longer end the
-draft early. (Unchecked, with the trained tiny drafter, lookup was right 71% of the time at
-positions with a >=2-token match against the drafter's 40%; with a copy of the target that
-agrees 97% of the time, an unchecked lookup cut drafts short.)
+followed it is read by the model in the same forward as the newly verified tokens, and the
+model drafts on after it. Which of the looked-up tokens are kept depends on which predicts the
+target better:
+- a small trained drafter (`check_lookup` off): all of them. Small drafters copy poorly and
+  copying is where a lookup is most often right (demo pair, positions with a >=2-token match:
+  lookup right 71%, drafter 40%), and the lookup tokens cost no model step.
+- a copy of the target (`check_lookup` on, set for self drafters): as far as the model agrees
+  with them (greedy: its own choice; sampling: it gives the token at least `LOOKUP_KEEP_P`, and
+  the token is drafted as a point mass), and the model drafts on from the first it disagrees
+  with, whose prediction that forward has already made. A greedy draft is then exactly the
+  model's own; a lookup that copies right saves model steps (m looked-up tokens cost one
+  forward of m + 1 rows: on this CPU 9 rows of the int4 demo copy cost 3.3 steps), and a wrong
+  one no longer ends a 97%-agreeing drafter's draft early.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class ModelDrafter(Drafter):
         fuzzy_groups: tuple[tuple[int, int], ...] = (),
         prior_acceptance: float = Drafter.prior_acceptance,
         target_kv: tuple[Transformer, int] | None = None,
+        check_lookup: bool = False,
     ):
         """min_confidence: stop drafting after a token whose probability under the drafter is
         below this (an early stop on low confidence, as in SpecDec++ / SVIP).
@@ -47,6 +51,9 @@ class ModelDrafter(Drafter):
         steps. The first forward of each draft, over the tokens verified since the last one,
         is exact and overwrites their fuzzy K/V: EasySpec's calibration, at no extra
         forward.
+        check_lookup: keep looked-up tokens only as far as the model agrees with them (see
+        the module docstring); for a model that predicts the target better than a lookup
+        does (a copy of it). Otherwise every looked-up token is drafted.
         prior_acceptance: what the draft-length policy assumes before the first verdicts.
         target_kv: (target, its KV slot) for a copy of the target drafting beside it in
         sequential speculation: the K/V of verified tokens are copied from the target's
@@ -57,6 +64,7 @@ class ModelDrafter(Drafter):
         self.model = model
         self.prior_acceptance = prior_acceptance
         self.target_kv = target_kv
+        self.check_lookup = check_lookup
         if target_kv is not None:
             _check_same_cache(model, target_kv[0])
         self.min_confidence = min_confidence
@@ -101,7 +109,8 @@ class ModelDrafter(Drafter):
         exact = True  # the first forward: verified tokens (and looked-up ones), exactly
         while len(tokens) < k:
             groups = () if exact else self.fuzzy_groups
-            rows = self._forward(pending + looked_up, len(self.cached), groups, len(looked_up) + 1)
+            last = len(looked_up) + 1 if self.check_lookup else 1
+            rows = self._forward(pending + looked_up, len(self.cached), groups, last)
             kept = self._agreed(rows, looked_up, probs)
             tokens += looked_up[:kept]
             self.cached += pending + looked_up[:kept]  # K/V past them are overwritten later
@@ -110,7 +119,8 @@ class ModelDrafter(Drafter):
             exact = False
             if len(tokens) >= k:
                 break
-            tok, confidence = self._pick(rows[kept], probs)
+            # the row after the last kept token (unchecked, only the last row was computed)
+            tok, confidence = self._pick(rows[kept - len(looked_up) - 1], probs)
             tokens.append(tok)
             if confidence < self.min_confidence:
                 break
@@ -134,17 +144,21 @@ class ModelDrafter(Drafter):
             dst.v[mine, :, start:end] = src.v[slot, :, start:end]
 
     def _agreed(self, rows: torch.Tensor, looked_up: list[int], probs: list) -> int:
-        """How many looked-up tokens the model agrees with, in order (rows[i] predicts
-        looked_up[i]); under sampling, a point mass is added to probs for each."""
-        for i, tok in enumerate(looked_up):
-            if self.generator is None:
-                if int(rows[i].argmax()) != tok:
-                    return i
-            else:
-                if float(probs_from_logits(rows[i], self.params)[tok]) < LOOKUP_KEEP_P:
-                    return i
-                probs.append(self._point_mass(tok))
-        return len(looked_up)
+        """How many looked-up tokens to keep: all, or with check_lookup as many as the model
+        agrees with, in order (rows[i] predicts looked_up[i]); under sampling, a point mass
+        is added to probs for each kept."""
+        kept = len(looked_up)
+        if self.check_lookup:
+            agree = (self._agrees(rows[i], tok) for i, tok in enumerate(looked_up))
+            kept = next((i for i, ok in enumerate(agree) if not ok), kept)
+        if self.generator is not None:
+            probs += [self._point_mass(tok) for tok in looked_up[:kept]]
+        return kept
+
+    def _agrees(self, row: torch.Tensor, tok: int) -> bool:
+        if self.generator is None:
+            return int(row.argmax()) == tok
+        return float(probs_from_logits(row, self.params)[tok]) >= LOOKUP_KEEP_P
 
     def _point_mass(self, tok: int) -> torch.Tensor:
         q = torch.zeros(self.model.config.vocab_size, device=self.model.device)
