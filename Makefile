@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # test workers (pytest-xdist): one per core by default; WORKERS=0 runs in this process
 WORKERS ?= $(shell nproc 2>/dev/null || echo 1)
-PYTEST  := $(BIN)/python -m pytest -n $(WORKERS)
+PYTEST  := $(BIN)/python -m pytest -n $(WORKERS) --durations=20
 DEMO_PROMPT ?= Give me three tips for staying focused while studying.
 
 .PHONY: setup demo test test-fast bench bench-peers gpu-check lint format clean
