@@ -36,7 +36,7 @@ class DraftCosts:
     beta: float  # extra verify cost per draft token, relative to t_step
     # measured target forwards: (rows, seconds), rows ascending (see time_target)
     verify: tuple[tuple[int, float], ...] = ()
-    prior_alpha: float = 0.6  # the drafter's own guess of its acceptance (Drafter)
+    prior_alpha: float = Drafter.prior_acceptance  # the drafter's own guess of its acceptance
 
     def t_verify(self, rows: int) -> float:
         """Seconds for a target forward of `rows` rows: the table's, linearly interpolated
@@ -163,7 +163,9 @@ def time_target(
 
 
 def costs_from(
-    verify: tuple[tuple[int, float], ...], t_draft: float, prior_alpha: float = 0.6
+    verify: tuple[tuple[int, float], ...],
+    t_draft: float,
+    prior_alpha: float = Drafter.prior_acceptance,
 ) -> DraftCosts:
     """DraftCosts from time_target's table, a drafter's seconds per token and its prior."""
     t_step = verify[0][1]

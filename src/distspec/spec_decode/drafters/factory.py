@@ -38,9 +38,9 @@ def build_drafter(
     target's device (a path: in its dtype); with `lookup` they follow prompt lookup matches
     of 2+ tokens first (see ModelDrafter); with `easyspec_group` N >= 2 they draft with
     EasySpec's fuzzy groups of N layers, in this process (easyspec_exact: the first and last
-    layers kept exact). target_kv_slot: for sequential speculation in the target's KV slot
-    this, a copy of the target reads verified tokens' K/V from the target's cache
-    (ModelDrafter's target_kv); other drafters ignore it."""
+    layers kept exact). target_kv_slot: the target's KV slot when it speculates
+    sequentially there; a copy of the target then reads verified tokens' K/V from the
+    target's cache (ModelDrafter's target_kv); other drafters ignore it."""
     model = load_drafter(name, target, max_len)
     if easyspec_group and model is None:
         raise ValueError("EasySpec needs a model drafter, not ngram")
