@@ -110,17 +110,6 @@ def draft_chunks(draw) -> Callable[[int, int], pb.DraftChunk]:
             draw(st.integers(0, len(tokens))),
             draw(st.integers(TINY_VOCAB, TINY_VOCAB + 2) | uint32),
         )
-    q = []
-    if draw(st.booleans()):  # sampled: a q per token, right or not
-        for token in tokens + draw(st.lists(st.integers(0, 10), max_size=1)):
-            ids = draw(st.lists(st.integers(0, TINY_VOCAB - 1) | uint32, max_size=4, unique=True))
-            if draw(st.booleans()):
-                ids = [token, *ids]
-            probs = draw(
-                st.lists(float32, min_size=len(ids), max_size=len(ids) + 1)
-                | st.just([1.0 / max(1, len(ids))] * len(ids))  # a distribution
-            )
-            q.append(pb.SparseDistribution(token_ids=ids, probs=probs))
 
     def make(verified: int, prompt: int) -> pb.DraftChunk:
         position = {
@@ -128,7 +117,7 @@ def draft_chunks(draw) -> Callable[[int, int], pb.DraftChunk]:
             "prompt": max(0, prompt + delta),  # (mostly) in the prompt
             "any": anywhere,
         }[where]
-        return pb.DraftChunk(position=position, token_ids=tokens, q=q)
+        return pb.DraftChunk(position=position, token_ids=tokens)
 
     return make
 

@@ -160,6 +160,9 @@ def test_subprocess_module_error_after_loading(tiny_dir, other_vocab_dir):
 # output
 
 
+AUTO = ("sd", "pearl")  # what --mode auto may choose
+
+
 @pytest.mark.parametrize(
     "mode_args",
     [
@@ -167,6 +170,7 @@ def test_subprocess_module_error_after_loading(tiny_dir, other_vocab_dir):
         ["--mode", "sd", "--drafter", "ngram"],
         ["--mode", "sd", "--gamma", "3"],
         ["--mode", "pearl", "--gamma", "3"],
+        ["--mode", "auto", "--gamma", "3"],
     ],
 )
 def test_json_contract(capsys, tiny_dir, tiny_drafter_dir, mode_args):
@@ -181,6 +185,8 @@ def test_json_contract(capsys, tiny_dir, tiny_drafter_dir, mode_args):
     assert out.count("\n") == 1  # exactly one JSON object, nothing streamed before it
     result = json.loads(out)
     assert {"text", "token_ids", "finish_reason", "stats"} <= set(result)
+    # the mode decoding ran in: auto's choice
+    assert result["mode"] == mode_args[1] or (mode_args[1] == "auto" and result["mode"] in AUTO)
     stats = result["stats"]
     assert set(stats) >= STATS_KEYS
     assert len(result["token_ids"]) == stats["new_tokens"]

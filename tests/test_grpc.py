@@ -172,8 +172,8 @@ class DraftStream:
         stub = pb_grpc.SpeculativeDecodingStub(channel)
         self.responses = stub.Speculate(iter(self._queue.get, None), timeout=timeout)
 
-    def send(self, position: int, tokens: list[int], q=None) -> None:
-        chunk = pb.DraftChunk(position=position, token_ids=tokens, q=q or [])
+    def send(self, position: int, tokens: list[int]) -> None:
+        chunk = pb.DraftChunk(position=position, token_ids=tokens)
         self._queue.put(pb.SpeculateRequest(draft=chunk))
 
     def close(self) -> None:
@@ -207,7 +207,7 @@ def test_speculate_with_a_right_drafter(server, target):
     assert verdict.stats.tokens_per_target_forward > 3
 
 
-def test_speculate_sampled_chunks_with_sparse_q(server):
+def test_speculate_sampled_chunks_are_token_ids(server):
     _, channel = server
     sampling = pb.SamplingOptions(max_new_tokens=12, temperature=1.0, seed=3)
     stream = DraftStream(channel, pb.OpenSession(prompt="Hello", sampling=sampling))
@@ -220,8 +220,7 @@ def test_speculate_sampled_chunks_with_sparse_q(server):
         total += len(verdict.token_ids)
         if verdict.finish_reason:
             break
-        q = [pb.SparseDistribution(token_ids=[100, 101], probs=[0.5, 0.5])] * 2
-        stream.send(position, [100, 101], q)
+        stream.send(position, [100, 101])
     stream.close()
     assert total == 12
 
@@ -232,9 +231,6 @@ def test_speculate_sampled_chunks_with_sparse_q(server):
         (dict(position=10**4, tokens=[1]), "verified"),
         (dict(position=1, tokens=[1]), "inside the prompt"),
         (dict(tokens=[1] * 9), "at most 8"),
-        (dict(tokens=[1], q=[pb.SparseDistribution(token_ids=[1], probs=[0.5])]), "sum to"),
-        (dict(tokens=[1], q=[pb.SparseDistribution(token_ids=[2], probs=[1.0])]), "probability 0"),
-        (dict(tokens=[1, 2], q=[pb.SparseDistribution(token_ids=[1], probs=[1.0])]), "entries"),
         (dict(tokens=[10**6]), "outside the vocabulary"),
     ],
 )

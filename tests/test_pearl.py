@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from distspec.spec_decode.draft_policy import DraftCosts
 from distspec.spec_decode.drafter import EMPTY_DRAFT, Draft
@@ -69,15 +68,6 @@ def test_empty_draft_verifies_pending_with_a_bonus():
     assert state.candidate(EMPTY_DRAFT).tokens == [4, 5]
     assert state.apply(Verdict(2, 6), EMPTY_DRAFT) == [4, 5, 6]
     assert state.mode == "pre"
-
-
-def test_candidate_keeps_the_draft_distributions():
-    q = torch.softmax(torch.randn(2, 8), -1)
-    state = PearlState(pending=Draft([1]))  # a deterministic token (point mass)
-    cand = state.candidate(Draft([3, 4], q))
-    assert cand.tokens == [1, 3]
-    assert torch.equal(cand.probs[1], q[0])
-    assert cand.probs[0].tolist() == [0, 1, 0, 0, 0, 0, 0, 0]
 
 
 def test_pearl_gamma_follows_the_speed_ratio():

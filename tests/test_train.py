@@ -114,8 +114,12 @@ def test_frequency_vocab_keeps_always_ids_and_most_frequent(target):
     vocab = frequency_vocab(samples, 6, always=[EOS_ID])
     assert len(vocab) == 6 and EOS_ID in vocab.tolist()
     assert vocab.tolist() == sorted(vocab.tolist())
-    counts = torch.bincount(torch.tensor([t for s in samples for t in s.output_ids]))
-    assert int(counts.argmax()) in vocab.tolist()
+    # what the target emitted and its near-misses (its top 4 at each position)
+    seen = [t for s in samples for t in s.output_ids + s.topk_ids[:, :4].flatten().tolist()]
+    counts = torch.bincount(torch.tensor(seen), minlength=target.model.config.vocab_size)
+    kept = [t for t in vocab.tolist() if t != EOS_ID]
+    left_out = [t for t in range(len(counts)) if t not in vocab.tolist()]
+    assert min(counts[kept]) >= max(counts[left_out])  # the most frequent (ties either way)
 
 
 def test_drafter_of_all_target_layers_reproduces_the_target(target):

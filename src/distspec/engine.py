@@ -15,14 +15,16 @@ from distspec.spec_decode.decoding import SpeculativeDecoder, StepOutput
 from distspec.spec_decode.defaults import DEFAULT_DRAFTER, DEFAULT_GAMMA
 from distspec.spec_decode.draft_policy import measure_costs
 from distspec.spec_decode.drafter import Drafter
+from distspec.spec_decode.drafters import ModelDrafter
 from distspec.spec_decode.drafters.factory import build_drafter
-from distspec.spec_decode.pearl import PearlDecoder
+from distspec.spec_decode.mode_choice import choose_mode, measure_overlap
+from distspec.spec_decode.pearl import PearlDecoder, pearl_gamma
 from distspec.spec_decode.sampling import SamplingParams
 from distspec.workers.local_group import LocalGroup
 
 log = logging.getLogger(__name__)
 
-MODES = ("ar", "sd", "pearl")
+MODES = ("ar", "sd", "pearl", "auto")  # auto: sd or pearl, measured (spec_decode/mode_choice.py)
 
 
 @dataclass
@@ -71,9 +73,15 @@ class Engine:
         self.tokenizer = self.target.tokenizer
         self._group: LocalGroup | None = None
         self.drafter = self._build_drafter(config) if config.mode != "ar" else None
-        self.decoder = make_decoder(
-            self.target, self.drafter, config.gamma, config.adaptive, pearl=config.mode == "pearl"
-        )
+        mode = "ar" if self.drafter is None else config.mode
+        self.decoder = make_decoder(self.target, self.drafter, config.gamma, config.adaptive, mode)
+
+    @property
+    def mode(self) -> str:
+        """The mode decoding runs in (what auto chose)."""
+        if self.drafter is None:
+            return "ar"
+        return "pearl" if isinstance(self.decoder, PearlDecoder) else "sd"
 
     def _build_drafter(self, config: EngineConfig) -> Drafter:
         if config.drafter_ranks == 1:
@@ -85,8 +93,9 @@ class Engine:
                 config.easyspec_group,
                 config.easyspec_exact,
                 # sequential rounds leave the target's cache exact up to the drafter's
-                # context (PEARL drafts past what the target has read)
-                target_kv_slot=0 if config.mode == "sd" else None,
+                # context (PEARL drafts past what the target has read; make_decoder turns
+                # it off when auto chooses PEARL)
+                target_kv_slot=0 if config.mode in ("sd", "auto") else None,
             )
         from distspec.workers.drafter import DrafterSpec, DrafterWorker, WorkerDrafter
 
@@ -134,17 +143,26 @@ def make_decoder(
     drafter: Drafter | None,
     gamma: int,
     adaptive: bool,
-    pearl: bool = False,
+    mode: str = "sd",
 ) -> SpeculativeDecoder:
-    """A decoder for target; with adaptive drafting, the draft costs are measured once here.
-    pearl: PEARL's parallel drafting (gamma is then the longest draft, see pearl_gamma)."""
+    """A decoder for target in mode ar, sd, pearl (gamma is then the longest draft, see
+    pearl_gamma) or auto (sd or pearl, whichever the overlap measured here favours); with
+    adaptive drafting, the draft costs are measured once here."""
+    if drafter is None:
+        if mode not in ("ar", "sd"):
+            raise ValueError(f"mode {mode} needs a drafter")
+        return SpeculativeDecoder(target.model, None, gamma, target.tokenizer.eos_token_ids)
     costs = None
-    if drafter is not None and adaptive:
+    if adaptive:
         costs = measure_costs(target.model, drafter, gamma)
         log.info("draft costs: %s", costs)
-    if pearl:
-        if drafter is None:
-            raise ValueError("PEARL needs a drafter")
+    if mode == "auto":
+        overlap = measure_overlap(target.model, drafter, pearl_gamma(costs, gamma))
+        mode = choose_mode(overlap)
+        log.info("mode auto: %s (%s)", mode, overlap)
+    if mode == "pearl":
+        if isinstance(drafter, ModelDrafter):
+            drafter.target_kv = None  # PEARL drafts past what the target's cache holds
         eos = target.tokenizer.eos_token_ids
         return PearlDecoder(target.model, drafter, gamma, eos, costs=costs)
     return SpeculativeDecoder(

@@ -108,7 +108,7 @@ def load_hf_model(target: str):
     return AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, **kw).eval()
 
 
-def distspec_decoder(target: LoadedModel, drafter, gamma: int, adaptive: bool):
+def distspec_decoder(target: LoadedModel, drafter, gamma: int, adaptive: bool, mode: str = "sd"):
     from distspec.engine import make_decoder
 
-    return make_decoder(target, drafter, gamma, adaptive)
+    return make_decoder(target, drafter, gamma, adaptive, "ar" if drafter is None else mode)

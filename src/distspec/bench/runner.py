@@ -45,12 +45,16 @@ LLAMA_CPP = ("llama.cpp-f32", "llama.cpp-native", "llama.cpp-sd")
 QUANT_AR = ("ar-int8", "ar-int4", "ar-int8-x8", "ar-int4-x8")
 # sd-self*: a quantized copy of the target drafts (models/self_draft.py); -model: no lookup
 SELF_SD = ("sd-self", "sd-self-int4", "sd-self-int8", "sd-self-bf16", "sd-self-model")
+# the same drafters with PEARL, or with the mode `generate` picks by default (auto: sd or
+# pearl, measured at start-up)
+OTHER_MODES = ("pearl-self", "auto-self", "pearl-demo", "auto-demo")
 KNOWN = (
     "hf-ar",
     "hf-lookup",
     "ar",
     *QUANT_AR,
     *SELF_SD,
+    *OTHER_MODES,
     "sd-ngram",
     "sd-demo",
     "sd-demo-model",
@@ -127,29 +131,27 @@ def build_contenders(config: BenchConfig, target) -> list[Contender]:
             runner = llama_cpp.LlamaCpp(model, threads, draft, draft_max=draft_max)
             out.append(LlamaCppContender(name, runner, target.tokenizer))
         else:
-            drafter_name, lookup = _drafter_of(name)
-            # sequential rounds in slot 0: a copy of the target reads its verified K/V
+            mode, drafter_name, lookup = _drafter_of(name)
+            # sequential rounds in slot 0: a copy of the target reads its verified K/V (not
+            # under PEARL: make_decoder turns it off)
             drafter = build_drafter(
                 drafter_name, target, target.model.max_len, lookup, target_kv_slot=0
             )
-            out.append(
-                DistspecContender(
-                    name, distspec_decoder(target, drafter, config.gamma, config.adaptive)
-                )
-            )
+            decoder = distspec_decoder(target, drafter, config.gamma, config.adaptive, mode)
+            out.append(DistspecContender(name, decoder))
     return out
 
 
-def _drafter_of(contender: str) -> tuple[str, bool]:
-    """(drafter name, prompt lookup on) of an sd contender: sd-demo, sd-demo-model, sd:PATH,
-    sd-model:PATH."""
+def _drafter_of(contender: str) -> tuple[str, str, bool]:
+    """(mode, drafter name, prompt lookup on) of a speculative contender: sd-demo,
+    sd-demo-model, pearl-self, auto-self, sd:PATH, sd-model:PATH."""
     if ":" in contender:
         kind, name = contender.split(":", 1)
-        return name, kind == "sd"
-    name = contender[3:]
+        return "sd", name, kind == "sd"
+    mode, name = contender.split("-", 1)
     if name.endswith("-model"):
-        return name[: -len("-model")], False
-    return name, True
+        return mode, name[: -len("-model")], False
+    return mode, name, True
 
 
 def run_bench(config: BenchConfig) -> dict:

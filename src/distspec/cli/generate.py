@@ -20,9 +20,11 @@ def add_generate(sub) -> None:
     add_prompt_and_sampling(p)
     p.add_argument(
         "--mode",
-        choices=["ar", "sd", "pearl"],
-        default="sd",
-        help="ar: plain decoding; sd: draft then verify; pearl: draft while verifying (PEARL)",
+        choices=["ar", "sd", "pearl", "auto"],
+        default="auto",
+        help="ar: plain decoding; sd: draft then verify; pearl: draft while verifying (PEARL); "
+        "auto (default): sd or pearl, whichever overlapping a draft with a verify measured at "
+        "start-up favours",
     )
     p.add_argument(
         "--drafter",
@@ -115,14 +117,14 @@ def _stream_generation(args: argparse.Namespace, engine, params) -> int:
             "text": engine.tokenizer.decode(token_ids),
             "token_ids": token_ids,
             "finish_reason": step.finish_reason,
-            "mode": args.mode,
-            "drafter": args.drafter if args.mode != "ar" else None,
+            "mode": engine.mode,
+            "drafter": args.drafter if engine.mode != "ar" else None,
             "stats": step.stats.to_dict(),
         }
         print(json.dumps(result))
     else:
         sys.stdout.write("\n")
-        print(summary_line(step.stats, args.mode, args.drafter), file=sys.stderr)
+        print(summary_line(step.stats, engine.mode, args.drafter), file=sys.stderr)
     return 0
 
 

@@ -11,15 +11,14 @@ predict those. The server matches them against what it decoded meanwhile and ver
 rest as a draft (a mismatch drops the chunk). Round trips then cost no target time: the
 session runs at least at the server's own decoding speed, and a right chunk adds its tokens.
 
-Drafts are lossless over the wire: deterministic drafts (greedy, prompt lookup) send ids
-only; sampled drafts are drawn from the drafter's top-k truncation, so the q each was drawn
-from is sparse and is sent exactly. A chunk's tokens are drawn one after another, so the part
-after the matched tokens is still a sample of q given the verified tokens.
+Drafts travel as token ids only, greedy or sampled: the client gives every request a seed
+(its own, else a fresh one) and the drafter draws with that seed's noise, the noise the
+server's verifier draws the target's tokens with (spec_decode/sampling.py), so the server only
+compares tokens and the output is the target's own draws whatever arrived in time.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import queue
 import statistics
 import time
@@ -29,7 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-import torch
 
 from distspec.models.identity import ModelIdentity
 from distspec.spec_decode.decoding import GenerationStats
@@ -38,7 +36,6 @@ from distspec.spec_decode.sampling import SamplingParams
 from distspec.v1 import speculative_decoding_pb2 as pb
 from distspec.v1 import speculative_decoding_pb2_grpc as pb_grpc
 
-DRAFT_TOP_K = 32  # sampled drafts come from the drafter's top-k: a sparse, exact q
 FINISH = {
     pb.FINISH_REASON_STOP: "stop",
     pb.FINISH_REASON_LENGTH: "length",
@@ -157,6 +154,7 @@ class EdgeClient:
         server applies the chat template) or prompt_token_ids. A broken connection is
         re-established with backoff and the session resumed from the last verified token (or,
         cut before the session opened, opened afresh: no token was verified yet)."""
+        params = params.seeded()  # the server's draws and the drafter's share the seed
         open_ = pb.OpenSession(
             keep_decoding=self.overlap,
             prompt=prompt or "",
@@ -207,7 +205,7 @@ class EdgeClient:
             run.session_id, run.secret = opened.session_id, opened.resume_secret
             run.verified = list(opened.prompt_token_ids)
             stats.prompt_tokens = len(run.verified)
-            self.drafter.start(run.verified, _draft_params(params))
+            self.drafter.start(run.verified, params)
         max_chunk = opened.max_draft_tokens
         in_flight: tuple[float, int] | None = None  # (sent at, tokens sent)
         for response in responses:
@@ -284,15 +282,6 @@ def _read(path: str | None) -> bytes | None:
     return None if path is None else Path(path).read_bytes()
 
 
-def _draft_params(params: SamplingParams) -> SamplingParams:
-    """What the drafter samples from: the request's temperature, top-p and a top-k truncation
-    (so q is sparse and can travel exactly)."""
-    if params.greedy:
-        return params
-    top_k = min(params.top_k, DRAFT_TOP_K) if params.top_k else DRAFT_TOP_K
-    return dataclasses.replace(params, top_k=top_k)
-
-
 def _sampling_options(params: SamplingParams) -> pb.SamplingOptions:
     options = pb.SamplingOptions(
         max_new_tokens=params.max_new_tokens,
@@ -307,9 +296,4 @@ def _sampling_options(params: SamplingParams) -> pb.SamplingOptions:
 
 
 def _chunk_message(position: int, draft: Draft) -> pb.DraftChunk:
-    message = pb.DraftChunk(position=position, token_ids=draft.tokens)
-    if draft.probs is not None:
-        for row in draft.probs:
-            ids = torch.nonzero(row > 0).flatten()
-            message.q.append(pb.SparseDistribution(token_ids=ids.tolist(), probs=row[ids].tolist()))
-    return message
+    return pb.DraftChunk(position=position, token_ids=draft.tokens)

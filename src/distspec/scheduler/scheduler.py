@@ -14,17 +14,17 @@ network round trip. With keep_decoding a session also takes plain steps while no
 there; a chunk that arrives after the tokens it predicted were decoded is matched against
 them and the rest verified as a draft.
 
-The target leader makes every accept/reject decision with the session's own generator. A
-seeded request also gets draft lengths that depend only on its own verdicts (and on the costs
-measured once at start-up), so it gives the same tokens whatever else is in the batch;
-unseeded requests draft as much as pays at the current load.
+The target leader makes every accept/reject decision with the session's seed: a sampled
+token is the target's draw with the noise of the session's seed at that position (one seed per
+session, chosen here when the request has none), so a session's output is the same whatever
+else is batched, however much is drafted at the current load, and after a repair on new
+workers.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import random
 import threading
 import time
 from collections import deque
@@ -37,7 +37,7 @@ from distspec.scheduler.switch import SpeculationSwitch
 from distspec.spec_decode.decoding import StepOutput, clip_new_tokens
 from distspec.spec_decode.draft_policy import DraftCosts, DraftLengthPolicy, costs_from, ema
 from distspec.spec_decode.drafter import EMPTY_DRAFT, Draft
-from distspec.spec_decode.pearl import PearlState, pearl_gamma
+from distspec.spec_decode.pearl import PearlState
 from distspec.spec_decode.sampling import SamplingParams
 from distspec.workers.messages import DraftRequest, ForwardItem, ModelInfo
 from distspec.workers.remote import Remote
@@ -65,10 +65,6 @@ class WorkerFailedError(RuntimeError):
 
 
 CHECK_INTERVAL_S = 1.0  # how often an idle loop checks its workers
-REPLAY_MESSAGE = (
-    "a worker failed mid-generation and a seeded sampled request cannot be continued with "
-    "the same random draws on new workers; retry the request"
-)
 
 
 @dataclass
@@ -167,11 +163,7 @@ class Scheduler:
         external: its drafts come through offer() (Speculate), not from the drafters;
         keep_decoding: it takes plain steps while no chunk is offered."""
         self._check_request(prompt_ids, params)
-        # greedy output never depends on draft lengths; seeded sampling must not either
-        reproducible = params.seed is not None and not params.greedy
-        if params.seed is None:
-            # every rank and worker must draw the same numbers: one seed, chosen here
-            params = dataclasses.replace(params, seed=random.getrandbits(62))
+        params = params.seeded()  # the target and the drafters draw with the same noise
         stops = set(self.info.eos_token_ids) | set(params.stop_token_ids)
         with self._cv:
             if self._closed or not self._admitting:
@@ -186,7 +178,7 @@ class Scheduler:
                     f"{len(self._waiting)} are waiting",
                     self._retry_after_s(),
                 )
-            session = Session(self._next_id, list(prompt_ids), params, stops, reproducible)
+            session = Session(self._next_id, list(prompt_ids), params, stops)
             session.external = external
             session.keep_decoding = external and keep_decoding
             session.tokens = list(prompt_ids)
@@ -355,9 +347,6 @@ class Scheduler:
         for s in list(self._running.values()):
             if s.finished or s.cancelled.is_set():
                 continue
-            if s.reproducible:
-                s.fail(SessionError(REPLAY_MESSAGE))
-                continue
             s.pearl = PearlState()
             (resumed if s.stats.target_forwards else unstarted).append(s)
             if repair.target is not None:
@@ -376,8 +365,8 @@ class Scheduler:
         self._release_done()
 
     def _take_back_drafters(self) -> None:
-        """Rebuilt drafters replace their stand-ins, once no seeded sampled session drafts
-        with the stand-in (its output must not change mid-way)."""
+        """Rebuilt drafters replace their stand-ins (a session's output does not depend on
+        who drafts)."""
         if self.repairer is None:
             return
         self._rebuilt.update(self.repairer.rebuilt_drafters())
@@ -387,8 +376,6 @@ class Scheduler:
                 for s in self._running.values()
                 if not s.external and not s.finished and self._drafter_index(s) == i
             ]
-            if any(s.reproducible for s in users):
-                continue
             del self._rebuilt[i]
             stand_in, self.drafters[i] = self.drafters[i], remote
             if self.config.mode != "ar":
@@ -406,10 +393,9 @@ class Scheduler:
             if self.config.mode != "ar":
                 self._drafter(s).call("open_session", s.id, s.slot, s.prompt_ids, s.params)
             if self.config.mode == "sd":
-                # decisions from the costs measured at start-up: they depend on the session's
-                # verdicts only (timing live rounds under load measured worse)
-                fixed = self.costs is None and s.reproducible
-                s.policy = DraftLengthPolicy(self.config.gamma, fixed=fixed, costs=self.costs)
+                # decisions from the costs measured at start-up (timing live rounds under
+                # load measured worse)
+                s.policy = DraftLengthPolicy(self.config.gamma, costs=self.costs)
         items = [ForwardItem(s.id, s.slot, 0, s.prompt_ids, draft=EMPTY_DRAFT) for s in sessions]
         verdicts = self._step(items)
         for s, verdict in zip(sessions, verdicts, strict=True):
@@ -419,13 +405,10 @@ class Scheduler:
             self._advance(s, [verdict.next_token])
 
     def _round(self, sessions: list[Session]) -> None:
-        """One round; for sd and pearl, the switch may make it a plain one (when only
-        sessions whose draft lengths may depend on load take part)."""
+        """One round; for sd and pearl, the switch may make it a plain one."""
         internal = [s for s in sessions if not s.external]
-        adaptive = (
-            self.config.mode != "ar" and internal and not any(s.reproducible for s in internal)
-        )
-        plain = bool(adaptive) and self.switch.plain(len(internal))
+        adaptive = self.config.mode != "ar" and bool(internal)
+        plain = adaptive and self.switch.plain(len(internal))
         before = sum(s.stats.new_tokens for s in internal)
         t = time.perf_counter()
         self._run_round(sessions, plain)
@@ -481,12 +464,13 @@ class Scheduler:
         requests = {}
         items = [_verify_item(s, offered[s.id]) for s in external]  # verified at once
         for s in sessions:
-            gamma = pearl_gamma(self.costs, self.config.gamma) if s.reproducible else live_gamma
             start, chunk = s.pearl.target_chunk(s.tokens)
             items.append(ForwardItem(s.id, s.slot, start, chunk, defer=True))
             context = s.pearl.draft_context(s.tokens)
             k = min(
-                gamma, self._room(s) - len(s.pearl.pending) - 1, self.info.max_len - len(context)
+                live_gamma,
+                self._room(s) - len(s.pearl.pending) - 1,
+                self.info.max_len - len(context),
             )
             if k > 0:
                 requests[s.id] = DraftRequest(s.id, context, k)

@@ -29,7 +29,6 @@ class Session:
     prompt_ids: list[int]
     params: SamplingParams
     stops: set[int]
-    reproducible: bool = True  # seeded by the client: draft lengths must not depend on load
     external: bool = False  # drafts come from offer() (Speculate), not the drafter workers
     keep_decoding: bool = False  # plain steps while no chunk is offered (external only)
     chunk: tuple[int, Draft] | None = None  # (position, draft) offered, until verified

@@ -24,7 +24,7 @@ DEFAULT_MAX_NEW_TOKENS = 128
 ROLES = ("system", "user", "assistant")
 STEP_TIMEOUT_S = 300.0  # a session that makes no progress this long has lost its workers
 STALL_TIMEOUT_S = 60.0  # default: the longest the server waits on a client's own I/O
-MAX_SEED = 2**63  # SamplingParams.generator seeds torch with 2 * seed + stream
+MAX_SEED = 2**63  # what every client's integers hold (JSON numbers in int64, proto uint64)
 
 
 class InvalidRequest(ValueError):

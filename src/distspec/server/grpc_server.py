@@ -18,7 +18,6 @@ from concurrent import futures
 from dataclasses import dataclass
 
 import grpc
-import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -345,10 +344,8 @@ class SpeculativeDecodingServicer(pb_grpc.SpeculativeDecodingServicer):
         return self.gateway.prompt_ids(open_.prompt, open_.messages)
 
     def _draft(self, chunk: pb.DraftChunk) -> tuple[int, Draft]:
-        """(position, Draft) of a chunk; its sparse q become dense rows (exact: the entries
-        left out have probability 0)."""
+        """(position, Draft) of a chunk."""
         tokens = list(chunk.token_ids)
-        # the scheduler checks these too, but the dense rows below cost tokens x vocabulary
         max_draft = self.scheduler.config.max_draft
         if len(tokens) > max_draft:
             raise InvalidRequest(f"the chunk has {len(tokens)} tokens; at most {max_draft}")
@@ -356,30 +353,7 @@ class SpeculativeDecodingServicer(pb_grpc.SpeculativeDecodingServicer):
         bad = [t for t in tokens if t >= vocab]
         if bad:
             raise InvalidRequest(f"draft token {bad[0]} is outside the vocabulary")
-        if not chunk.q:
-            return chunk.position, Draft(tokens)
-        if len(chunk.q) != len(tokens):
-            raise InvalidRequest(f"q has {len(chunk.q)} entries for {len(tokens)} draft tokens")
-        probs = torch.zeros(len(tokens), vocab)
-        for i, (tok, q) in enumerate(zip(tokens, chunk.q, strict=True)):
-            if len(q.token_ids) != len(q.probs) or not q.token_ids:
-                raise InvalidRequest(f"q[{i}]: token_ids and probs must be non-empty, same length")
-            if len(set(q.token_ids)) != len(q.token_ids):
-                raise InvalidRequest(f"q[{i}]: a token id appears twice")
-            ids = torch.tensor(list(q.token_ids))
-            values = torch.tensor(list(q.probs))
-            if int(ids.max()) >= vocab:
-                raise InvalidRequest(f"q[{i}]: token id {int(ids.max())} is outside the vocabulary")
-            if not bool(torch.isfinite(values).all()) or bool((values < 0).any()):
-                raise InvalidRequest(f"q[{i}]: probabilities must be finite and >= 0")
-            if abs(float(values.sum()) - 1) > 1e-3:
-                raise InvalidRequest(
-                    f"q[{i}]: probabilities sum to {float(values.sum()):.4g}, not 1"
-                )
-            probs[i, ids] = values
-            if probs[i, tok] <= 0:
-                raise InvalidRequest(f"q[{i}] gives the drafted token {tok} probability 0")
-        return chunk.position, Draft(tokens, probs)
+        return chunk.position, Draft(tokens)
 
     def _sampling(self, r) -> SamplingParams:
         def given(name: str):

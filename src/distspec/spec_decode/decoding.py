@@ -112,9 +112,9 @@ class SpeculativeDecoder:
                 f"prompt has {len(prompt_ids)} tokens; the context holds {self.target.max_len}"
             )
         stops = set(self.eos_token_ids) | set(params.stop_token_ids)
-        generator = params.generator(stream=0)
+        params = params.seeded()  # the drafter races the same noise as the verifier
         stats = GenerationStats(prompt_tokens=len(prompt_ids))
-        next_round = self._rounds(params, generator, stats)
+        next_round = self._rounds(params, stats)
         t0 = time.perf_counter()
         tokens = list(prompt_ids)
         if self.drafter is not None:
@@ -122,7 +122,7 @@ class SpeculativeDecoder:
         try:
             # Prefill: the prompt's last logits give the first token.
             logits = self._target_forward(tokens, 0, stats, last=1)
-            verdict = verify(logits, EMPTY_DRAFT, params, generator)
+            verdict = verify(logits, EMPTY_DRAFT, params, len(tokens))
             new = [verdict.next_token]
             stats.time_to_first_token_s = time.perf_counter() - t0
             while True:
@@ -142,12 +142,12 @@ class SpeculativeDecoder:
             if self.drafter is not None:
                 self.drafter.finish()
 
-    def _rounds(self, params, generator, stats) -> Callable[[list[int]], list[int]]:
+    def _rounds(self, params, stats) -> Callable[[list[int]], list[int]]:
         """A request's round function: verified tokens so far -> the next new tokens."""
         policy = DraftLengthPolicy(max_k=self.gamma, fixed=not self.adaptive, costs=self.costs)
-        return lambda tokens: self._round(tokens, params, generator, stats, policy)
+        return lambda tokens: self._round(tokens, params, stats, policy)
 
-    def _round(self, tokens, params, generator, stats, policy) -> list[int]:
+    def _round(self, tokens, params, stats, policy) -> list[int]:
         remaining = params.max_new_tokens - stats.new_tokens
         draft, draft_s = EMPTY_DRAFT, 0.0
         if self.drafter is not None:
@@ -160,7 +160,7 @@ class SpeculativeDecoder:
         chunk = [tokens[-1], *draft.tokens]
         t = time.perf_counter()
         logits = self._target_forward(chunk, len(tokens) - 1, stats)
-        verdict = verify(logits, draft, params, generator)
+        verdict = verify(logits, draft, params, len(tokens))
         policy.observe_round(len(draft), verdict.num_accepted, draft_s, time.perf_counter() - t)
         stats.count_verdict(len(draft), verdict.num_accepted)
         return verdict.tokens(draft)

@@ -151,15 +151,22 @@ def time_target(
     context_len = min(context_len, target.max_len - 2 * (k + 1))
     if context_len < 1:
         return None
-    context = _dummy_context(target.config.vocab_size, context_len)
-
-    def forward(n: int):
-        pos = torch.arange(context_len - 1, context_len - 1 + n)[None]
-        return lambda: target(torch.tensor([context[-1:] * n]), pos, torch.tensor([0]))
-
-    target(torch.tensor([context]), torch.arange(context_len)[None], torch.tensor([0]))
+    context = dummy_context(target.config.vocab_size, context_len)
+    run = target_forward(target, context, 1)  # also reads the context into slot 0
     sizes = sorted({n for n in VERIFY_ROWS if n <= k + 1} | {k + 1})
-    return tuple((n, _timed(forward(n), repeats)) for n in sizes)
+    return ((1, timed(run, repeats)),) + tuple(
+        (n, timed(target_forward(target, context, n, prefill=False), repeats)) for n in sizes[1:]
+    )
+
+
+def target_forward(target: Transformer, context: list[int], rows: int, prefill: bool = True):
+    """A callable that runs a `rows`-row target forward after context (read into cache slot
+    0 first, unless prefill is False)."""
+    if prefill:
+        target(torch.tensor([context]), torch.arange(len(context))[None], torch.tensor([0]))
+    pos = torch.arange(len(context) - 1, len(context) - 1 + rows)[None]
+    tokens = torch.tensor([context[-1:] * rows])
+    return lambda: target(tokens, pos, torch.tensor([0]))
 
 
 def costs_from(
@@ -178,19 +185,19 @@ def time_drafter(
     drafter: Drafter, vocab_size: int, k: int, context_len: int = 64, repeats: int = 3
 ) -> float:
     """Seconds per drafted token, drafting k after a context with nothing to look up."""
-    context = _dummy_context(vocab_size, context_len)
+    context = dummy_context(vocab_size, context_len)
     drafter.start(context, SamplingParams())
     drafter.propose(context, k)  # fills the drafter's cache with the context
-    t_draft = _timed(lambda: drafter.propose(context, k), repeats) / k
+    t_draft = timed(lambda: drafter.propose(context, k), repeats) / k
     drafter.finish()
     return t_draft
 
 
-def _dummy_context(vocab_size: int, n: int) -> list[int]:
+def dummy_context(vocab_size: int, n: int) -> list[int]:
     return [t % vocab_size for t in range(100, 100 + n)]
 
 
-def _timed(fn, repeats: int) -> float:
+def timed(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats + 1):  # the first call warms up
         t = time.perf_counter()

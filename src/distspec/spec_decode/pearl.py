@@ -86,7 +86,7 @@ class PearlDecoder(SpeculativeDecoder):
         self.gamma = pearl_gamma(costs, gamma)
         self._drafting = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pearl-drafter")
 
-    def _rounds(self, params, generator, stats) -> Callable[[list[int]], list[int]]:
+    def _rounds(self, params, stats) -> Callable[[list[int]], list[int]]:
         state = PearlState()
 
         def next_round(tokens: list[int]) -> list[int]:
@@ -99,7 +99,7 @@ class PearlDecoder(SpeculativeDecoder):
             draft, draft_s = drafting.result() if drafting else (EMPTY_DRAFT, 0.0)
             stats.draft_s += draft_s
             candidate = state.candidate(draft)
-            verdict = verify(logits, candidate, params, generator)
+            verdict = verify(logits, candidate, params, start + 1)
             stats.count_verdict(len(candidate), verdict.num_accepted)
             return state.apply(verdict, draft)
 

@@ -1,10 +1,24 @@
-"""Sampling parameters and the target distribution they define."""
+"""Sampling parameters, the distribution they define, and the one way tokens are drawn.
+
+A sampled token is an exponential race (the Gumbel-max trick): token = argmax_v p(v) / E_v with
+E ~ Exp(1) i.i.d., an exact draw from p. The E of each position are a function of the request's
+seed and the position alone (`race_noise`), so whoever draws at a position (the target, a
+drafter, a rank, an edge device) draws with the same noise. A drafter that races its own q
+against the same noise proposes what the target will pick whenever the two distributions agree,
+and the verifier only compares tokens (verify.py); the output is then the target's own draw at
+every position whatever was drafted, how much, in which mode and batch: the same seed gives
+the same text everywhere.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import random
 from dataclasses import dataclass, field
 
 import torch
+
+_MASK64 = (1 << 64) - 1
 
 
 @dataclass
@@ -30,16 +44,12 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
-    def generator(self, stream: int = 0) -> torch.Generator:
-        """A per-request generator: the same seed gives the same tokens, whatever the batch.
-
-        stream separates independent uses (0: verification, 1: drafting)."""
-        g = torch.Generator()
-        if self.seed is None:
-            g.seed()
-        else:
-            g.manual_seed(self.seed * 2 + stream)
-        return g
+    def seeded(self) -> SamplingParams:
+        """These params with a seed: their own, else a fresh random one (chosen once per
+        request, before the request's parts are handed to whoever drafts and verifies)."""
+        if self.seed is not None or self.greedy:
+            return self
+        return dataclasses.replace(self, seed=random.getrandbits(62))
 
 
 def probs_from_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -59,5 +69,23 @@ def probs_from_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Ten
     return logits.softmax(-1)
 
 
-def sample(probs: torch.Tensor, generator: torch.Generator) -> int:
-    return int(torch.multinomial(probs, 1, generator=generator))
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def race_noise(seed: int, pos: int, vocab: int) -> torch.Tensor:
+    """E ~ Exp(1) [vocab] for sequence position pos of the request seeded `seed`."""
+    g = torch.Generator().manual_seed(_splitmix64(_splitmix64(seed) ^ pos))
+    u = torch.rand(vocab, generator=g, dtype=torch.float64)
+    return -torch.log1p(-u)  # u in [0, 1): E > 0 except u = 0, which wins no race against p > 0
+
+
+def draw(probs: torch.Tensor, seed: int, pos: int) -> torch.Tensor:
+    """The tokens probs [rows, V] (or [V]) draw at positions pos, pos + 1, ...: [rows]."""
+    rows = probs.reshape(-1, probs.shape[-1])
+    vocab = rows.shape[-1]
+    noise = torch.stack([race_noise(seed, pos + i, vocab) for i in range(len(rows))])
+    return (rows.double().cpu() / noise).argmax(-1)

@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from distspec.models.llama import Transformer
-from distspec.spec_decode.sampling import SamplingParams, probs_from_logits, sample
+from distspec.spec_decode.sampling import SamplingParams, draw, probs_from_logits
 
 
 @dataclass
@@ -31,7 +31,6 @@ class _Row:
     request: int
     prompt_ids: list[int]
     params: SamplingParams
-    generator: torch.Generator | None
     output: list[int]
     topk_ids: list[torch.Tensor]
     topk_lp: list[torch.Tensor]
@@ -62,10 +61,11 @@ def generate_samples(
         top = torch.topk(lp, top_k)
         row.topk_ids.append(top.indices.to(torch.int32))
         row.topk_lp.append(top.values.half())
-        if row.generator is None:
+        if row.params.greedy:
             tok = int(logits.argmax())
         else:
-            tok = sample(probs_from_logits(logits, row.params), row.generator)
+            pos = len(row.prompt_ids) + len(row.output)
+            tok = int(draw(probs_from_logits(logits, row.params), row.params.seed, pos)[0])
         row.output.append(tok)
         return tok in stops or len(row.output) >= max_new_tokens
 
@@ -91,8 +91,7 @@ def generate_samples(
                     temperature=temperature,
                     seed=seed * 1_000_003 + i,
                 )
-                gen = None if params.greedy else params.generator()
-                rows[slot] = row = _Row(i, prompt, params, gen, [], [], [])
+                rows[slot] = row = _Row(i, prompt, params, [], [], [])
                 logits = model(
                     torch.tensor([prompt]),
                     torch.arange(len(prompt))[None],

@@ -1,9 +1,9 @@
 """What the scheduler needs from whoever can repair its workers (cluster/recovery.py on Ray).
 
 The scheduler decides what happens to sessions; the repairer only replaces workers. After a
-repair the scheduler resumes every session from its verified tokens: greedy and unseeded
-sessions go on as if nothing happened, seeded sampled ones end with an error (their random
-draws cannot be replayed on new workers, and a seeded request promises its output).
+repair the scheduler resumes every session from its verified tokens and each goes on as if
+nothing happened: a sampled token is a function of the session's seed and its position
+(spec_decode/sampling.py), not of the workers that draw it.
 """
 
 from __future__ import annotations

@@ -68,8 +68,9 @@ class TargetWorker(GroupMember):
             num_slots=spec.num_slots,
             eos_token_ids=tuple(loaded.tokenizer.eos_token_ids),
         )
-        self._sampling: dict[int, tuple[SamplingParams, torch.Generator]] = {}
-        self._open_rows: dict[int, torch.Tensor] = {}  # deferred rows, per session
+        self._sampling: dict[int, SamplingParams] = {}
+        # deferred rows per session, and the position the first of them decides
+        self._open_rows: dict[int, tuple[torch.Tensor, int]] = {}
         self.busy_s = 0.0  # time spent in forwards (the leader's view)
         self.steps = 0
 
@@ -82,7 +83,7 @@ class TargetWorker(GroupMember):
     # -- leader API ------------------------------------------------------------------------
 
     def open_session(self, session: int, params: SamplingParams) -> None:
-        self._sampling[session] = (params, params.generator(stream=0))
+        self._sampling[session] = params  # the scheduler gave it a seed
 
     def close_session(self, session: int) -> None:
         self._sampling.pop(session, None)
@@ -102,16 +103,17 @@ class TargetWorker(GroupMember):
             for b, i in enumerate(members):
                 item = items[i]
                 rows = logits[b, -1:] if fwd.last_only else logits[b, : len(item.tokens)]
+                end = item.start + len(item.tokens)  # the position the last row decides
                 if item.defer:
-                    self._open_rows[item.session] = rows
+                    self._open_rows[item.session] = (rows, end - len(rows) + 1)
                 else:  # the rows of the chunk's last token before the draft and of the draft
                     rows = rows[-(len(item.draft) + 1) :]
-                    verdicts[i] = self._verify(item.session, rows, item.draft)
+                    verdicts[i] = self._verify(item.session, rows, end - len(rows) + 1, item.draft)
         return verdicts, forward_s
 
     def decide(self, decisions: list[tuple[int, Draft]]) -> list[Verdict]:
         """Verdicts on deferred rows: per session, the draft its rows decide on."""
-        return [self._verify(s, self._open_rows.pop(s), d) for s, d in decisions]
+        return [self._verify(s, *self._open_rows.pop(s), draft=d) for s, d in decisions]
 
     def stats(self) -> dict:
         return {"busy_s": self.busy_s, "steps": self.steps}
@@ -132,9 +134,8 @@ class TargetWorker(GroupMember):
 
     # -- internals -------------------------------------------------------------------------
 
-    def _verify(self, session: int, rows: torch.Tensor, draft: Draft) -> Verdict:
-        params, generator = self._sampling[session]
-        return verify(rows, draft, params, generator)
+    def _verify(self, session: int, rows: torch.Tensor, pos: int, draft: Draft) -> Verdict:
+        return verify(rows, draft, self._sampling[session], pos)
 
     def _plan(self, items: list[ForwardItem]) -> list[tuple[list[int], _Forward]]:
         plan = []

@@ -8,12 +8,12 @@ target better:
   copying is where a lookup is most often right (demo pair, positions with a >=2-token match:
   lookup right 71%, drafter 40%), and the lookup tokens cost no model step.
 - a copy of the target (`check_lookup` on, set for self drafters): as far as the model agrees
-  with them (greedy: its own choice; sampling: it gives the token at least `LOOKUP_KEEP_P`, and
-  the token is drafted as a point mass), and the model drafts on from the first it disagrees
-  with, whose prediction that forward has already made. A greedy draft is then exactly the
-  model's own; a lookup that copies right saves model steps (m looked-up tokens cost one
-  forward of m + 1 rows: on this CPU 9 rows of the int4 demo copy cost 3.3 steps), and a wrong
-  one no longer ends a 97%-agreeing drafter's draft early.
+  with them (its own choice at that position: argmax, or its draw with the request's race
+  noise), and the model drafts on from the first it disagrees with, whose prediction that
+  forward has already made. A draft is then exactly the model's own; a lookup that copies
+  right saves model steps (m looked-up tokens cost one forward of m + 1 rows: on this CPU 9
+  rows of the int4 demo copy cost 3.3 steps), and a wrong one no longer ends a 97%-agreeing
+  drafter's draft early.
 """
 
 from __future__ import annotations
@@ -23,11 +23,7 @@ import torch
 from distspec.models.llama import Transformer
 from distspec.spec_decode.drafter import Draft, Drafter
 from distspec.spec_decode.drafters.ngram import NgramDrafter
-from distspec.spec_decode.sampling import SamplingParams, probs_from_logits, sample
-
-# sampling: a looked-up token is kept when the drafter gives it at least this probability (a
-# point mass on it is accepted with the target's probability of it, about this much)
-LOOKUP_KEEP_P = 0.9
+from distspec.spec_decode.sampling import SamplingParams, draw, probs_from_logits
 
 
 class ModelDrafter(Drafter):
@@ -74,7 +70,6 @@ class ModelDrafter(Drafter):
         self.cached: list[int] = []  # tokens whose K/V are in the drafter's cache, in order
         self.exact_upto = 0  # cached[:exact_upto] have exact K/V (the rest: fuzzy steps)
         self.params = SamplingParams()
-        self.generator: torch.Generator | None = None
 
     def start(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Also reads the prompt (all but its last token) into the drafter's cache now, so
@@ -87,8 +82,9 @@ class ModelDrafter(Drafter):
         if head and self.target_kv is None:  # else the first draft copies the target's
             self._forward(head, 0)
             self.cached, self.exact_upto = list(head), len(head)
+        if not params.greedy and params.seed is None:
+            raise ValueError("a sampled draft needs the request's seed (SamplingParams.seeded)")
         self.params = params
-        self.generator = None if params.greedy else params.generator(stream=1)
         if self.lookup is not None:
             self.lookup.start(prompt_ids, params)
 
@@ -104,14 +100,13 @@ class ModelDrafter(Drafter):
             self.exact_upto = len(self.cached)
         looked_up = self.lookup.propose(context, k).tokens if self.lookup is not None else []
         tokens: list[int] = []
-        probs: list[torch.Tensor] = []
         pending = context[len(self.cached) :]  # fed to the model before its next prediction
         exact = True  # the first forward: verified tokens (and looked-up ones), exactly
         while len(tokens) < k:
             groups = () if exact else self.fuzzy_groups
             last = len(looked_up) + 1 if self.check_lookup else 1
             rows = self._forward(pending + looked_up, len(self.cached), groups, last)
-            kept = self._agreed(rows, looked_up, probs)
+            kept = self._agreed(rows, looked_up, len(context) + len(tokens))
             tokens += looked_up[:kept]
             self.cached += pending + looked_up[:kept]  # K/V past them are overwritten later
             if exact or not self.fuzzy_groups:
@@ -120,12 +115,13 @@ class ModelDrafter(Drafter):
             if len(tokens) >= k:
                 break
             # the row after the last kept token (unchecked, only the last row was computed)
-            tok, confidence = self._pick(rows[kept - len(looked_up) - 1], probs)
+            row = rows[kept - len(looked_up) - 1]
+            tok, confidence = self._pick(row, len(context) + len(tokens))
             tokens.append(tok)
             if confidence < self.min_confidence:
                 break
             pending, looked_up = [tok], []
-        return Draft(tokens, torch.stack(probs) if probs else None)
+        return Draft(tokens)
 
     def _forward(
         self, tokens: list[int], start: int, fuzzy_groups=(), last: int = 1
@@ -143,37 +139,22 @@ class ModelDrafter(Drafter):
             dst.k[mine, :, start:end] = src.k[slot, :, start:end]
             dst.v[mine, :, start:end] = src.v[slot, :, start:end]
 
-    def _agreed(self, rows: torch.Tensor, looked_up: list[int], probs: list) -> int:
+    def _agreed(self, rows: torch.Tensor, looked_up: list[int], pos: int) -> int:
         """How many looked-up tokens to keep: all, or with check_lookup as many as the model
-        agrees with, in order (rows[i] predicts looked_up[i]); under sampling, a point mass
-        is added to probs for each kept."""
-        kept = len(looked_up)
-        if self.check_lookup:
-            agree = (self._agrees(rows[i], tok) for i, tok in enumerate(looked_up))
-            kept = next((i for i, ok in enumerate(agree) if not ok), kept)
-        if self.generator is not None:
-            probs += [self._point_mass(tok) for tok in looked_up[:kept]]
-        return kept
+        would choose itself, in order (rows[i] predicts looked_up[i], at position pos + i)."""
+        if not self.check_lookup:
+            return len(looked_up)
+        agree = (self._pick(rows[i], pos + i)[0] == tok for i, tok in enumerate(looked_up))
+        return next((i for i, ok in enumerate(agree) if not ok), len(looked_up))
 
-    def _agrees(self, row: torch.Tensor, tok: int) -> bool:
-        if self.generator is None:
-            return int(row.argmax()) == tok
-        return float(probs_from_logits(row, self.params)[tok]) >= LOOKUP_KEEP_P
-
-    def _point_mass(self, tok: int) -> torch.Tensor:
-        q = torch.zeros(self.model.config.vocab_size, device=self.model.device)
-        q[tok] = 1.0
-        return q
-
-    def _pick(self, logits: torch.Tensor, probs: list[torch.Tensor]) -> tuple[int, float]:
-        """(token, its probability under the drafter)."""
-        if self.generator is None:
+    def _pick(self, logits: torch.Tensor, pos: int) -> tuple[int, float]:
+        """(the model's token at position pos, its probability under the drafter)."""
+        if self.params.greedy:
             tok = int(logits.argmax())
             conf = 1.0 if self.min_confidence <= 0 else float(torch.softmax(logits, -1)[tok])
             return tok, conf
         q = probs_from_logits(logits, self.params)
-        probs.append(q)
-        tok = sample(q, self.generator)
+        tok = int(draw(q, self.params.seed, pos)[0])
         return tok, float(q[tok])
 
 
