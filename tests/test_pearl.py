@@ -70,11 +70,17 @@ def test_empty_draft_verifies_pending_with_a_bonus():
     assert state.mode == "pre"
 
 
-def test_pearl_gamma_follows_the_speed_ratio():
-    assert pearl_gamma(DraftCosts(t_step=0.020, t_draft=0.002, beta=0.05), 16) == 10
+def test_pearl_gamma_balances_a_draft_burst_with_its_verify():
+    # no table: t_verify(g) = t_step * (1 + beta * (g - 1))
+    assert pearl_gamma(DraftCosts(t_step=0.020, t_draft=0.002, beta=0.0), 16) == 10
+    assert pearl_gamma(DraftCosts(t_step=0.020, t_draft=0.002, beta=0.05), 16) == 16
     assert pearl_gamma(DraftCosts(t_step=0.020, t_draft=0.001, beta=0.05), 8) == 8
     assert pearl_gamma(DraftCosts(t_step=0.001, t_draft=0.020, beta=0.05), 8) == 1
     assert pearl_gamma(None, 6) == 6
+    # the pinned demo pair: a 1-core target step of 47.7 ms, 10.6 ms per draft token
+    table = ((1, 0.0477), (3, 0.0527), (5, 0.0560), (7, 0.0610), (9, 0.0700))
+    costs = DraftCosts(t_step=0.0477, t_draft=0.0106, beta=0.0, verify=table)
+    assert pearl_gamma(costs, 8) == 5  # 53 ms of drafting against a 56 ms verify
 
 
 # ---------------------------------------------------------------------------------------------

@@ -218,3 +218,31 @@ def test_layer_parallel_drafter_actors_are_lossless(tiny_dir, tmp_path):
         assert runtime.scheduler.counters["draft_tokens"] > 0
     finally:
         runtime.close()
+
+
+def test_target_and_drafter_actors_compute_on_cores_of_their_own(tiny_dir, tiny_drafter_dir):
+    """On one machine the drafter actor takes its core and the target every other one; each
+    actor is pinned there with as many torch threads (read back from the actors)."""
+    from distspec.models.loader import load_model
+    from test_decoding import greedy_ar
+
+    cores = sorted(os.sched_getaffinity(0))
+    cluster = ClusterConfig(
+        target=TargetSpec(str(tiny_dir), num_slots=2, max_len=128),
+        drafter=DrafterSpec(str(tiny_drafter_dir), str(tiny_dir), max_len=128, lookup=False),
+    )
+    runtime = Runtime(RuntimeConfig(cluster, SchedulerConfig(mode="pearl", gamma=3)))
+    try:
+        target_cores, drafter_cores = tuple(cores[:-1]), (cores[-1],)
+        if len(cores) < 2:  # one core: shared by both, unpinned
+            target_cores = drafter_cores = tuple(cores)
+        assert runtime.target("placement") == (target_cores, len(target_cores))
+        assert runtime.drafters[0]("placement") == (drafter_cores, 1)
+        assert f"target: 1 rank(s) x {len(target_cores)} CPU" in runtime.placement()
+        target = load_model(str(tiny_dir), max_len=128)
+        ids = target.tokenizer.encode("abcabcabc")
+        session = runtime.scheduler.submit(ids, SamplingParams(max_new_tokens=24))
+        out = [tok for step in session.stream(timeout_s=120) for tok in step.token_ids]
+        assert out == greedy_ar(target, ids, 24)[: len(out)] and out
+    finally:
+        runtime.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -15,12 +16,12 @@ from distspec.spec_decode.decoding import SpeculativeDecoder, StepOutput
 from distspec.spec_decode.defaults import DEFAULT_DRAFTER, DEFAULT_GAMMA
 from distspec.spec_decode.draft_policy import measure_costs
 from distspec.spec_decode.drafter import Drafter
-from distspec.spec_decode.drafters import ModelDrafter
 from distspec.spec_decode.drafters.factory import build_drafter
 from distspec.spec_decode.mode_choice import choose_mode, measure_overlap
 from distspec.spec_decode.pearl import PearlDecoder, pearl_gamma
 from distspec.spec_decode.sampling import SamplingParams
 from distspec.workers.local_group import LocalGroup
+from distspec.workers.placement import PinnedDrafter, split_cpus
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,9 @@ class EngineConfig:
     easyspec_group: int = 0  # EasySpec: draft with fuzzy groups of this many layers (0: off)
     easyspec_exact: tuple[int, int] = (1, 1)  # EasySpec: first and last layers kept exact
     drafter_ranks: int = 1  # > 1: the drafter's fuzzy groups run over this many processes
+    # > 0: the drafter on a thread of its own pinned to the last this many cores, the target
+    # pinned to the others (workers/placement.py); 0: both use every core, in turn
+    drafter_cpus: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -59,6 +63,8 @@ class EngineConfig:
             raise ValueError(f"drafter_ranks must be >= 1, got {self.drafter_ranks}")
         if self.drafter_ranks > 1 and not self.easyspec_group:
             raise ValueError("a drafter on several ranks needs an EasySpec group size (>= 2)")
+        if self.drafter_cpus and (self.mode == "ar" or self.drafter_ranks > 1):
+            raise ValueError("drafter cpus need a drafter in this process (not ar, one rank)")
 
 
 class Engine:
@@ -72,9 +78,15 @@ class Engine:
         )
         self.tokenizer = self.target.tokenizer
         self._group: LocalGroup | None = None
+        self.placement = split_cpus(config.drafter_cpus) if config.drafter_cpus else None
         self.drafter = self._build_drafter(config) if config.mode != "ar" else None
+        if self.placement is not None:
+            self.drafter = PinnedDrafter(self.drafter, self.placement.drafter)
         mode = "ar" if self.drafter is None else config.mode
-        self.decoder = make_decoder(self.target, self.drafter, config.gamma, config.adaptive, mode)
+        with self._on_target():  # costs and overlap are measured on the placement
+            self.decoder = make_decoder(
+                self.target, self.drafter, config.gamma, config.adaptive, mode
+            )
 
     @property
     def mode(self) -> str:
@@ -115,10 +127,15 @@ class Engine:
         return WorkerDrafter(self._group.leader)
 
     def close(self) -> None:
-        """Stop the drafter's other ranks, if it has any."""
+        """Stop the drafter's other ranks or its thread, if it has any."""
         if self._group is not None:
             self._group.close()
             self._group = None
+        if isinstance(self.drafter, PinnedDrafter):
+            self.drafter.close()
+
+    def _on_target(self):
+        return nullcontext() if self.placement is None else self.placement.on_target()
 
     def encode(self, prompt: str, raw: bool) -> list[int]:
         if not prompt.strip():
@@ -128,7 +145,8 @@ class Engine:
         return self.tokenizer.encode_chat([ChatMessage("user", prompt)])
 
     def stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[StepOutput]:
-        return self.decoder.stream(prompt_ids, params)
+        with self._on_target():
+            yield from self.decoder.stream(prompt_ids, params)
 
     def stream_text(
         self, prompt_ids: list[int], params: SamplingParams
@@ -161,8 +179,7 @@ def make_decoder(
         mode = choose_mode(overlap)
         log.info("mode auto: %s (%s)", mode, overlap)
     if mode == "pearl":
-        if isinstance(drafter, ModelDrafter):
-            drafter.target_kv = None  # PEARL drafts past what the target's cache holds
+        drafter.stop_reading_target_kv()
         eos = target.tokenizer.eos_token_ids
         return PearlDecoder(target.model, drafter, gamma, eos, costs=costs)
     return SpeculativeDecoder(

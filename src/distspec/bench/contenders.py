@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,8 @@ class RunResult:
     draft_tokens: int | None = None
     accepted_tokens: int | None = None
     num_tokens: int | None = None  # default len(token_ids); llama.cpp's own count
+    draft_s: float | None = None  # distspec: seconds drafting (in PEARL, alongside verifying)
+    verify_s: float | None = None  # distspec: seconds in target forwards
     text: str | None = None  # the decoded output (what "same output" compares)
 
     @property
@@ -36,13 +39,24 @@ class Contender(ABC):
 
 
 class DistspecContender(Contender):
-    def __init__(self, name: str, decoder: SpeculativeDecoder):
-        self.name, self.decoder = name, decoder
+    def __init__(self, name: str, decoder: SpeculativeDecoder, placement=None):
+        """placement: a CpuPlacement whose target cores the runs take (its drafter is pinned
+        already)."""
+        self.name, self.decoder, self.placement = name, decoder, placement
 
     def run(self, prompt_ids, params):
-        ids, last = self.decoder.generate(prompt_ids, params)
+        with nullcontext() if self.placement is None else self.placement.on_target():
+            ids, last = self.decoder.generate(prompt_ids, params)
         s = last.stats
-        return RunResult(ids, s.wall_s, s.target_forwards, s.draft_tokens, s.accepted_tokens)
+        return RunResult(
+            ids,
+            s.wall_s,
+            s.target_forwards,
+            s.draft_tokens,
+            s.accepted_tokens,
+            draft_s=s.draft_s,
+            verify_s=s.verify_s,
+        )
 
 
 class HFContender(Contender):

@@ -12,6 +12,7 @@ import logging
 import platform
 import statistics
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from distspec.models.tokenizer import ChatMessage
 from distspec.spec_decode.defaults import DEFAULT_GAMMA
 from distspec.spec_decode.drafters.factory import build_drafter
 from distspec.spec_decode.sampling import SamplingParams
+from distspec.workers.placement import PinnedDrafter, split_cpus
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,7 @@ QUANT_AR = ("ar-int8", "ar-int4", "ar-int8-x8", "ar-int4-x8")
 SELF_SD = ("sd-self", "sd-self-int4", "sd-self-int8", "sd-self-bf16", "sd-self-model")
 # the same drafters with PEARL, or with the mode `generate` picks by default (auto: sd or
 # pearl, measured at start-up)
-OTHER_MODES = ("pearl-self", "auto-self", "pearl-demo", "auto-demo")
+OTHER_MODES = ("pearl-self", "pearl-self-model", "auto-self", "pearl-demo", "auto-demo")
 KNOWN = (
     "hf-ar",
     "hf-lookup",
@@ -78,6 +80,7 @@ class BenchConfig:
     temperature: float = 0.0
     seed: int = 0
     threads: int | None = None
+    drafter_cpus: int = 0  # > 0: speculative contenders pin drafter and target apart
     out_dir: str = "bench-results"
 
     def __post_init__(self) -> None:
@@ -137,8 +140,12 @@ def build_contenders(config: BenchConfig, target) -> list[Contender]:
             drafter = build_drafter(
                 drafter_name, target, target.model.max_len, lookup, target_kv_slot=0
             )
-            decoder = distspec_decoder(target, drafter, config.gamma, config.adaptive, mode)
-            out.append(DistspecContender(name, decoder))
+            placement = split_cpus(config.drafter_cpus) if config.drafter_cpus else None
+            if placement is not None:
+                drafter = PinnedDrafter(drafter, placement.drafter)
+            with nullcontext() if placement is None else placement.on_target():
+                decoder = distspec_decoder(target, drafter, config.gamma, config.adaptive, mode)
+            out.append(DistspecContender(name, decoder, placement))
     return out
 
 
@@ -224,6 +231,13 @@ def summarize(records: list[dict], names: list[str], greedy: bool) -> dict[str, 
             s["acceptance_rate"] = (
                 sum(r["accepted_tokens"] for r in rows) / drafted if drafted else None
             )
+            # where a round's time goes: drafting, target forwards, and the share of the
+            # wall time the target computes (PEARL overlaps the first with the second)
+            wall = sum(r["wall_s"] for r in rows)
+            s["draft_ms_per_round"] = 1e3 * sum(r["draft_s"] for r in rows) / fwd
+            s["verify_ms_per_round"] = 1e3 * sum(r["verify_s"] for r in rows) / fwd
+            s["wall_ms_per_round"] = 1e3 * wall / fwd
+            s["target_busy"] = sum(r["verify_s"] for r in rows) / wall
         elif rows[0]["draft_tokens"] is not None:  # llama.cpp's speculative mode
             drafted = sum(r["draft_tokens"] for r in rows)
             s["acceptance_rate"] = sum(r["accepted_tokens"] for r in rows) / drafted
@@ -255,17 +269,24 @@ def _outputs(records: list[dict], name: str) -> dict:
 def format_table(summary: dict[str, dict]) -> str:
     base = next(iter(summary))
     lines = [
-        f"| contender | tokens/s (median) | speedup vs {base} | tau | acceptance | same output |",
-        "|---|---|---|---|---|---|",
+        f"| contender | tokens/s (median) | speedup vs {base} | tau | acceptance | same output "
+        "| ms per round: draft / verify / wall | target busy |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, s in summary.items():
         tau = s.get("tokens_per_target_forward")
         acc = s.get("acceptance_rate")
         same = s.get("same_output_as_" + base)
+        rounds, busy = "-", "-"
+        if "target_busy" in s:
+            rounds = " / ".join(
+                f"{s[k + '_ms_per_round']:.1f}" for k in ("draft", "verify", "wall")
+            )
+            busy = f"{s['target_busy']:.2f}"
         lines.append(
             f"| {name} | {s['tokens_per_s']:.1f} | {s['speedup_vs_' + base]:.2f}x | "
             f"{'-' if tau is None else f'{tau:.2f}'} | {'-' if acc is None else f'{acc:.2f}'} | "
-            f"{'-' if same is None else ('yes' if same else 'NO')} |"
+            f"{'-' if same is None else ('yes' if same else 'NO')} | {rounds} | {busy} |"
         )
     return "\n".join(lines)
 

@@ -53,6 +53,14 @@ def add_bench(sub) -> None:
     p.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's own)"
     )
+    p.add_argument(
+        "--drafter-cpus",
+        type=int,
+        default=0,
+        metavar="N",
+        help="speculative contenders pin their drafter to the last N cores and the target to "
+        "the others (as generate --drafter-cpus; default 0: both use every core)",
+    )
     p.add_argument("--out", default="bench-results", help="directory for JSON and PNG")
     p.set_defaults(func=_bench)
 
@@ -72,6 +80,7 @@ def _bench(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         seed=args.seed,
         threads=args.threads,
+        drafter_cpus=args.drafter_cpus,
         out_dir=args.out,
     )
     run_bench(config)

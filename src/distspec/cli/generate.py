@@ -71,6 +71,14 @@ def add_generate(sub) -> None:
     add_target_dtype(p)
     p.add_argument("--max-len", type=int, default=4096, help="KV cache length (context)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument(
+        "--drafter-cpus",
+        type=int,
+        default=0,
+        metavar="N",
+        help="pin the drafter to the last N cores and the target to the others, so drafting "
+        "and verifying (PEARL) run at once (default 0: both use every core, in turn)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object at the end")
     p.set_defaults(func=_generate)
 
@@ -94,6 +102,7 @@ def _generate(args: argparse.Namespace) -> int:
         easyspec_group=args.easyspec_group,
         easyspec_exact=args.easyspec_exact,
         drafter_ranks=args.drafter_ranks if args.drafter_parallel == "layer" else 1,
+        drafter_cpus=args.drafter_cpus,
     )
     engine = Engine(config)
     try:
@@ -119,22 +128,25 @@ def _stream_generation(args: argparse.Namespace, engine, params) -> int:
             "finish_reason": step.finish_reason,
             "mode": engine.mode,
             "drafter": args.drafter if engine.mode != "ar" else None,
+            "placement": None if engine.placement is None else str(engine.placement),
             "stats": step.stats.to_dict(),
         }
         print(json.dumps(result))
     else:
         sys.stdout.write("\n")
-        print(summary_line(step.stats, engine.mode, args.drafter), file=sys.stderr)
+        summary = summary_line(step.stats, engine.mode, args.drafter, engine.placement)
+        print(summary, file=sys.stderr)
     return 0
 
 
-def summary_line(stats, mode: str, drafter: str) -> str:
+def summary_line(stats, mode: str, drafter: str, placement=None) -> str:
     """What decoding did, in one line (as llama.cpp ends with its timings)."""
     line = f"{stats.new_tokens} tokens in {stats.wall_s:.2f} s, {stats.tokens_per_s:.1f} tokens/s"
     if mode == "ar":
         return f"{line}; mode ar"
-    return (
+    line = (
         f"{line}; mode {mode}, drafter {drafter}: tau {stats.tokens_per_target_forward:.2f} "
         f"tokens per target forward, {stats.acceptance_rate:.0%} of "
         f"{stats.draft_tokens} draft tokens accepted"
     )
+    return line if placement is None else f"{line}; {placement}"

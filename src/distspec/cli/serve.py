@@ -66,6 +66,13 @@ def add_serve(sub) -> None:
     p.add_argument("--max-waiting", type=int, help="sessions queued beyond the slots")
     p.add_argument("--device", help="cpu | cuda")
     p.add_argument("--threads", type=int, help="torch threads per worker")
+    p.add_argument(
+        "--target-cpus",
+        type=float,
+        help="CPUs per target rank (default on one machine: every core the drafters do not "
+        "take; ranks are pinned to cores of their own where whole cores go round)",
+    )
+    p.add_argument("--drafter-cpus", type=float, help="CPUs per drafter rank (default 1)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     p.add_argument("--tls-cert", help="server certificate (PEM): serve TLS")
     p.add_argument("--tls-key", help="the certificate's private key (PEM)")

@@ -38,12 +38,21 @@ class ClusterConfig:
     drafter_tp: int = 1
     num_drafters: int = 1
     address: str | None = None  # None: start a local Ray instance
-    cpus_per_rank: float = 1.0  # CPU bundles; on GPUs each rank also takes one GPU
+    cpus_per_rank: float = 1.0  # CPU bundles (where the two below do not say); GPUs: 1 each
+    # CPUs per target rank; None: on a local instance every core the drafters do not take
+    # (split over the TP ranks: `distspec serve --mode ar` decodes on every core), else
+    # cpus_per_rank
+    target_cpus: float | None = None
+    drafter_cpus: float | None = None  # CPUs per drafter rank; None: cpus_per_rank
 
     def __post_init__(self) -> None:
         for name in ("target_tp", "drafter_tp", "num_drafters"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("cpus_per_rank", "target_cpus", "drafter_cpus"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
         if self.drafter is not None:  # a session drafts in the KV slot it has on the target
             self.drafter = replace(self.drafter, num_slots=self.target.num_slots)
 
@@ -96,10 +105,13 @@ class RayCluster:
 
         self.config = config
         self._started_ray = not ray.is_initialized()
+        # under `ray job submit` RAY_ADDRESS names the job's cluster: join it
+        address = config.address or os.environ.get("RAY_ADDRESS") or None
+        local = self._started_ray and address is None
+        # group name -> (CPUs per rank, the cores each rank is pinned to: [] unpinned)
+        self.plan = plan_cpus(config, sorted(os.sched_getaffinity(0)) if local else None)
         if self._started_ray:
-            # under `ray job submit` RAY_ADDRESS names the job's cluster: join it
-            address = config.address or os.environ.get("RAY_ADDRESS") or None
-            if address is None:
+            if local:
                 self._start_local_ray()
             else:
                 ray.init(address=address, log_to_driver=False, configure_logging=False)
@@ -140,11 +152,21 @@ class RayCluster:
                 log.warning("the local Ray instance did not start (%s); trying again", e)
 
     def _local_cpus(self) -> int:
-        """Logical CPUs for a local instance: at least one per rank, even on a small machine
-        (ranks then share cores, which is what a laptop test of TP=2 means)."""
+        """Logical CPUs for a local instance: at least what the ranks ask for, even on a small
+        machine (ranks then share cores, which is what a laptop test of TP=2 means)."""
         c = self.config
-        ranks = c.target_tp + (c.num_drafters * c.drafter_tp if c.drafter else 0)
-        return max(os.cpu_count() or 1, int(ranks * c.cpus_per_rank + 0.999))
+        tp = {"target": c.target_tp}
+        asked = sum(cpus * tp.get(name, c.drafter_tp) for name, (cpus, _) in self.plan.items())
+        return max(os.cpu_count() or 1, int(asked + 0.999))
+
+    def placement(self) -> str:
+        """Where each group computes, in one line (the start-up line, /metrics)."""
+        parts = []
+        for name, (cpus, cores) in self.plan.items():
+            tp = self.config.target_tp if name == "target" else self.config.drafter_tp
+            where = f" on cores {' | '.join(_cores(c) for c in cores)}" if cores else ""
+            parts.append(f"{name}: {tp} rank(s) x {cpus:g} CPU{where}")
+        return "; ".join(parts)
 
     def _start_group(self, name: str, cls: type, spec: Any, tp: int) -> WorkerGroup:
         import ray
@@ -152,7 +174,8 @@ class RayCluster:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         gpu = self.config.gpu
-        bundle = {"CPU": self.config.cpus_per_rank, **({"GPU": 1} if gpu else {})}
+        cpus, cores = self.plan[name]
+        bundle = {"CPU": cpus, **({"GPU": 1} if gpu else {})}
         pg = placement_group([bundle] * tp, strategy="STRICT_PACK" if gpu else "PACK")
         ray.get(pg.ready(), timeout=READY_TIMEOUT_S)
         init = None
@@ -160,17 +183,16 @@ class RayCluster:
             host, port = self._rendezvous(pg)
             init = f"tcp://{host}:{port}"
         actor_cls = ray.remote(cls)
-        threads = max(1, int(self.config.cpus_per_rank))
-        spec = replace(spec, threads=spec.threads or threads)
+        spec = replace(spec, threads=spec.threads or max(1, int(cpus)))
         actors = []
         for rank in range(tp):
             strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank)
             group = GroupSpec(rank, tp, init, "nccl" if gpu else "gloo")
             actor = actor_cls.options(
                 scheduling_strategy=strategy,
-                num_cpus=self.config.cpus_per_rank,
+                num_cpus=cpus,
                 num_gpus=1 if gpu else 0,
-            ).remote(spec, group)
+            ).remote(replace(spec, cpus=cores[rank] if cores else ()), group)
             actors.append(actor)
         group = WorkerGroup(name, actors, [], pg, cls, spec)
         with self._lock:
@@ -233,6 +255,39 @@ class RayCluster:
             log.warning("%s: could not free its placement group: %s", group.name, e)
         with self._lock:
             self.groups = [g for g in self.groups if g is not group]
+
+
+def plan_cpus(config: ClusterConfig, cores: list[int] | None) -> dict[str, tuple[float, list]]:
+    """Group name -> (CPUs per rank, the cores each rank is pinned to). cores: this machine's,
+    for a local instance (None: a cluster, where Ray places the ranks and nothing is pinned).
+    Locally the target takes every core the drafters do not; ranks are pinned to cores of
+    their own, target first, when whole cores go round."""
+    c = config
+    drafters = [f"drafter-{i}" for i in range(c.num_drafters)] if c.drafter else []
+    drafter_cpus = c.drafter_cpus or c.cpus_per_rank
+    target_cpus = c.target_cpus
+    if target_cpus is None:
+        target_cpus = c.cpus_per_rank
+        if cores is not None:
+            free = len(cores) - len(drafters) * c.drafter_tp * drafter_cpus
+            target_cpus = max(c.cpus_per_rank, free // c.target_tp)
+    sizes = [("target", target_cpus, c.target_tp)]
+    sizes += [(d, drafter_cpus, c.drafter_tp) for d in drafters]
+    whole = all(float(cpus).is_integer() for _, cpus, _ in sizes)
+    fits = cores is not None and whole and sum(int(n) * tp for _, n, tp in sizes) <= len(cores)
+    plan, next_core = {}, 0
+    for name, cpus, tp in sizes:
+        pinned = []
+        if fits and not c.gpu:
+            for _ in range(tp):
+                pinned.append(tuple(cores[next_core : next_core + int(cpus)]))
+                next_core += int(cpus)
+        plan[name] = (cpus, pinned)
+    return plan
+
+
+def _cores(cores: tuple[int, ...]) -> str:
+    return ",".join(map(str, cores))
 
 
 def _rendezvous() -> tuple[str, int]:

@@ -53,6 +53,18 @@ class SchedulerMetrics:
             "Fraction of wall time the target computed, since the previous scrape",
             registry=r,
         )
+        self.worker_cpus = Gauge(
+            "distspec:worker_cpus",
+            "CPUs per rank of each worker group; cores: those its ranks are pinned to",
+            ["group", "cores"],
+            registry=r,
+        )
+
+    def set_placement(self, plan: dict[str, tuple[float, list[tuple[int, ...]]]]) -> None:
+        """plan: group -> (CPUs per rank, each rank's pinned cores), as RayCluster.plan."""
+        for group, (cpus, cores) in plan.items():
+            pinned = " | ".join(",".join(map(str, c)) for c in cores)
+            self.worker_cpus.labels(group=group, cores=pinned).set(cpus)
 
     def on_verdict(self, num_draft: int, accepted: int) -> None:
         if num_draft:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field, replace
 
+import torch
+
 from distspec.cluster.ray_cluster import ClusterConfig, RayCluster
 from distspec.models.loader import load_tokenizer
 from distspec.models.tokenizer import Tokenizer
@@ -65,8 +67,16 @@ class Runtime:
         self.scheduler = Scheduler(
             target, drafters, self.info, config.scheduler, costs, repairer=repairer
         )
+        if self.cluster is not None:
+            self.scheduler.metrics.set_placement(self.cluster.plan)
         tokenizer, _ = load_tokenizer(c.target.model)
         self.tokenizer: Tokenizer = tokenizer
+
+    def placement(self) -> str:
+        """Where the workers compute, in one line."""
+        if self.cluster is not None:
+            return self.cluster.placement()
+        return f"every worker in this process ({torch.get_num_threads()} torch threads)"
 
     def close(self) -> None:
         self.scheduler.close()

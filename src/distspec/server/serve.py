@@ -48,6 +48,8 @@ class ServeConfig:
     dtype: str = "float32"
     target_dtype: str = "fp32"  # the target's weights: fp32 (in dtype) | int8 | int4
     cpus_per_rank: float = 1.0
+    target_cpus: float | None = None  # per target rank; default: see ClusterConfig
+    drafter_cpus: float | None = None  # per drafter rank; default: cpus_per_rank
     threads: int | None = None  # torch threads per worker (default: one per CPU of its bundle)
     metrics_port: int | None = None
     http_port: int | None = None  # the OpenAI-compatible HTTP API (0: a free port)
@@ -118,6 +120,8 @@ class ServeConfig:
             num_drafters=self.num_drafters,
             address=self.address,
             cpus_per_rank=self.cpus_per_rank,
+            target_cpus=self.target_cpus,
+            drafter_cpus=self.drafter_cpus,
         )
         scheduler = SchedulerConfig(mode=mode, gamma=self.gamma, max_waiting=self.max_waiting)
         return RuntimeConfig(cluster, scheduler, use_ray=self.use_ray)
@@ -171,6 +175,7 @@ def serve(config: ServeConfig) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, on_signal)
         mode = runtime.config.scheduler.mode
+        print(f"distspec: placement: {runtime.placement()}", file=sys.stderr, flush=True)
         print(f"distspec: serving {config.target} ({mode}) on {config.host}:{port}", flush=True)
         if http is not None:
             scheme = "https" if tls else "http"

@@ -48,3 +48,9 @@ class Drafter(ABC):
     def finish(self) -> None:
         """End the request (free per-request resources)."""
         return None
+
+    def stop_reading_target_kv(self) -> None:
+        """The target's cache will not hold the drafter's verified context when it drafts
+        (PEARL drafts past what the target has read): a drafter that reads K/V from there
+        stops doing so."""
+        return None

@@ -21,6 +21,7 @@ from distspec.spec_decode.drafters.factory import load_drafter, new_drafter
 from distspec.spec_decode.sampling import SamplingParams
 from distspec.workers.group import GroupMember, GroupSpec, join_group
 from distspec.workers.messages import DraftRequest
+from distspec.workers.placement import apply_placement, current_placement
 
 
 @dataclass
@@ -36,6 +37,7 @@ class DrafterSpec:
     parallel: str = "tensor"  # how the group's ranks split the drafter: tensor | layer
     easyspec_group: int = 0  # EasySpec: fuzzy groups of this many layers (0: exact drafting)
     easyspec_exact: tuple[int, int] = (1, 1)  # EasySpec: first and last layers kept exact
+    cpus: tuple[int, ...] = ()  # the cores this rank is pinned to (empty: not pinned)
 
     def __post_init__(self) -> None:
         if self.parallel not in PARALLEL:
@@ -55,8 +57,7 @@ PARALLEL = ("tensor", "layer")
 
 class DrafterWorker(GroupMember):
     def __init__(self, spec: DrafterSpec, group: GroupSpec | None = None):
-        if spec.threads:
-            torch.set_num_threads(spec.threads)
+        apply_placement(spec.cpus, spec.threads)
         self.spec = spec
         self.tp = join_group(group or GroupSpec())
         layer_parallel = spec.parallel == "layer"
@@ -82,6 +83,10 @@ class DrafterWorker(GroupMember):
 
     def ready(self) -> bool:
         return True
+
+    def placement(self) -> tuple[tuple[int, ...], int]:
+        """(cores, torch threads) this rank computes with, read back."""
+        return current_placement()
 
     # -- leader API (each runs on every rank) ----------------------------------------------
 

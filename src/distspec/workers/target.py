@@ -21,6 +21,7 @@ from distspec.spec_decode.sampling import SamplingParams
 from distspec.spec_decode.verify import Verdict, verify
 from distspec.workers.group import GroupMember, GroupSpec, join_group
 from distspec.workers.messages import ForwardItem, ModelInfo
+from distspec.workers.placement import apply_placement, current_placement
 
 # Chunks longer than this (prompts) get a forward of their own, so short chunks are not padded
 # to a prompt's length.
@@ -36,6 +37,7 @@ class TargetSpec:
     dtype: str = "float32"
     threads: int | None = None
     weight_dtype: str = "fp32"  # fp32 | int8 | int4 (weight-only quantized linears)
+    cpus: tuple[int, ...] = ()  # the cores this rank is pinned to (empty: not pinned)
 
 
 @dataclass
@@ -48,8 +50,7 @@ class _Forward:
 
 class TargetWorker(GroupMember):
     def __init__(self, spec: TargetSpec, group: GroupSpec | None = None):
-        if spec.threads:
-            torch.set_num_threads(spec.threads)
+        apply_placement(spec.cpus, spec.threads)
         self.tp = join_group(group or GroupSpec())
         loaded = load_for_inference(
             spec.model,
@@ -76,6 +77,10 @@ class TargetWorker(GroupMember):
 
     def model_info(self) -> ModelInfo:
         return self.info
+
+    def placement(self) -> tuple[tuple[int, ...], int]:
+        """(cores, torch threads) this rank computes with, read back."""
+        return current_placement()
 
     def ready(self) -> bool:
         return True

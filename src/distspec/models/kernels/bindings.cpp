@@ -1,4 +1,6 @@
-// The Python module of distspec's CPU kernels (one library, every kernel file).
+// The Python module of distspec's CPU kernels (one library, every kernel file). Every call
+// releases the GIL while it computes (arguments are converted before, results after): a
+// drafter thread and the target's thread then really run at once (PEARL), not in turn.
 
 #include <torch/extension.h>
 
@@ -7,20 +9,21 @@
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using pybind11::arg;
-  m.def("skinny_linear", &distspec::skinny_linear, "x @ W^T (+ b), fp32, up to 16 rows of x",
+  const auto nogil = pybind11::call_guard<pybind11::gil_scoped_release>();
+  m.def("skinny_linear", &distspec::skinny_linear, nogil, "x @ W^T (+ b), fp32, up to 16 rows of x",
         arg("x"), arg("weight"), arg("bias") = pybind11::none());
-  m.def("q4_linear", &distspec::q4_linear,
+  m.def("q4_linear", &distspec::q4_linear, nogil,
         "x @ W^T (+ b) for a 4-bit W (groups of 32: q * scale + min), fp32 x (int8_x: x "
         "quantized to int8 per group of 32 first), any rows",
         arg("x"), arg("qs"), arg("scales"), arg("mins"), arg("bias") = pybind11::none(),
         arg("int8_x") = false);
-  m.def("q8_linear", &distspec::q8_linear,
+  m.def("q8_linear", &distspec::q8_linear, nogil,
         "x @ W^T (+ b) for an 8-bit W (groups of 32: q * scale), fp32 x (int8_x: as q4_linear)",
         arg("x"), arg("qs"), arg("scales"), arg("bias") = pybind11::none(),
         arg("int8_x") = false);
-  m.def("rms_norm", &distspec::rms_norm, "x / sqrt(mean(x^2) + eps) * weight, fp32");
-  m.def("silu_mul", &distspec::silu_mul, "silu(g) * u for gu = [g | u] on the last dim");
-  m.def("attend", &distspec::attend,
+  m.def("rms_norm", &distspec::rms_norm, nogil, "x / sqrt(mean(x^2) + eps) * weight, fp32");
+  m.def("silu_mul", &distspec::silu_mul, nogil, "silu(g) * u for gu = [g | u] on the last dim");
+  m.def("attend", &distspec::attend, nogil,
         "RoPE on q and k of a fused qkv [B, T, Hq + 2 Hkv, D], k and v into the KV cache at "
         "(slot, pos), then attention over each sequence's cached keys at positions <= its own",
         arg("qkv"), arg("cos"), arg("sin"), arg("k_cache"), arg("v_cache"), arg("slots"),
@@ -30,7 +33,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(pybind11::init<const std::string&, std::vector<at::Tensor>, c10::optional<at::Tensor>,
                           bool>(),
            arg("kind"), arg("parts"), arg("bias") = pybind11::none(), arg("int8_x") = false)
-      .def("__call__", &distspec::LinearOp::operator(), arg("x"));
+      .def("__call__", &distspec::LinearOp::operator(), nogil, arg("x"));
   pybind11::class_<distspec::DecoderLayer>(m, "DecoderLayer",
                                            "a decoder layer's cached forward in one call")
       .def(pybind11::init<at::Tensor, at::Tensor, double, distspec::LinearOp, distspec::LinearOp,
@@ -38,14 +41,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                           int64_t>(),
            arg("attn_norm"), arg("mlp_norm"), arg("eps"), arg("wqkv"), arg("wo"), arg("gate_up"),
            arg("down"), arg("k_cache"), arg("v_cache"), arg("n_q"), arg("window") = 0)
-      .def("forward", &distspec::DecoderLayer::forward, arg("x"), arg("cos"), arg("sin"),
+      .def("forward", &distspec::DecoderLayer::forward, nogil, arg("x"), arg("cos"), arg("sin"),
            arg("slots"), arg("pos"));
   pybind11::class_<distspec::DecoderStack>(m, "DecoderStack",
                                            "every layer, the final norm and the head in one call")
       .def(pybind11::init<std::vector<distspec::DecoderLayer>, at::Tensor, double,
                           distspec::LinearOp>(),
            arg("layers"), arg("norm"), arg("eps"), arg("head"))
-      .def("forward", &distspec::DecoderStack::forward, arg("x"), arg("cos"), arg("sin"),
+      .def("forward", &distspec::DecoderStack::forward, nogil, arg("x"), arg("cos"), arg("sin"),
            arg("slots"), arg("pos"), arg("last") = 0);
   m.attr("MAX_ROWS") = distspec::kMaxRows;
 }

@@ -71,6 +71,9 @@ class ModelDrafter(Drafter):
         self.exact_upto = 0  # cached[:exact_upto] have exact K/V (the rest: fuzzy steps)
         self.params = SamplingParams()
 
+    def stop_reading_target_kv(self) -> None:
+        self.target_kv = None
+
     def start(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Also reads the prompt (all but its last token) into the drafter's cache now, so
         that the first draft costs what the others do: a round that also prefilled the
