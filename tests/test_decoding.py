@@ -528,9 +528,9 @@ def record_forwards(drafter: ModelDrafter) -> list[tuple[int, int]]:
     calls: list[tuple[int, int]] = []
     inner = drafter._forward
 
-    def forward(tokens, start, fuzzy_groups=(), last=1):
-        calls.append((start, len(tokens)))
-        return inner(tokens, start, fuzzy_groups, last)
+    def forward(step):
+        calls.append((step.start, len(step.tokens)))
+        return inner(step)
 
     drafter._forward = forward
     return calls

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from distspec.models.loader import load_model
@@ -137,3 +139,25 @@ def test_each_draft_token_weighs_alike_in_alpha():
         short.observe_round(2, 2, 0.01, 0.03)
     assert long.alpha == pytest.approx(short.alpha)  # 8 successes either way
     assert long.alpha == pytest.approx(1 - 0.4 * long.decay**8)
+
+
+def test_the_draft_length_follows_the_batch():
+    """One core's target: 1 row 48 ms, then about 3 ms more per row (compute-bound from a
+    few dozen rows); drafting 16 sessions at once costs 3x drafting one."""
+    verify = ((1, 0.048), (9, 0.070), (33, 0.150), (129, 0.450))
+    costs = DraftCosts(
+        t_step=0.048, t_draft=0.011, beta=0.0, verify=verify, prior_alpha=0.95,
+        draft_batch=((1, 0.011), (4, 0.015), (16, 0.033)),
+    )  # fmt: skip
+    assert costs.t_draft_at(1) == 0.011 and costs.t_draft_at(16) == pytest.approx(0.033)
+    assert costs.t_draft_at(10) == pytest.approx(0.024)
+    policy = DraftLengthPolicy(max_k=8, costs=costs)
+    ks = [policy.best_k(batch) for batch in (1, 4, 16)]
+    # 16 sessions: 32 rows for one draft token each cost more than the tokens they bring
+    assert ks[0] == 8 and ks[0] > ks[1] > ks[2] and ks[1] > 0 and ks[2] == 0, ks
+    assert policy.next_k(4) == ks[1]
+    cheaper = dict(verify=((1, 0.048), (9, 0.060), (33, 0.090), (129, 0.250)))
+    assert DraftLengthPolicy(max_k=8, costs=replace(costs, **cheaper)).best_k(16) > 0
+    # a drafter as slow as the target: speculation pays at no batch size
+    slow = DraftLengthPolicy(max_k=8, costs=DraftCosts(0.048, 0.040, 0.0, verify, 0.6))
+    assert [slow.best_k(b) for b in (1, 4, 16)] == [0, 0, 0]

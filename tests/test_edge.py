@@ -63,9 +63,11 @@ def test_edge_greedy_equals_greedy_decoding_through_the_relay(
             ids, last = collect(client, SamplingParams(max_new_tokens=40), text)
             assert ids == greedy_ar(target, runtime.tokenizer.encode(text), 40), text
             assert last.finish_reason == "length"
-            assert last.stats.rtt_ms >= 10  # two one-way delays of 5 ms
+            # two one-way delays of 5 ms (with overlap the tiny target may decode all 40
+            # tokens, about 1 ms each, before any chunk's verdict is back: no round then)
+            assert last.stats.rtt_ms >= 10 or (overlap and last.stats.rounds == 0)
             drafted += last.stats.draft_tokens
-        assert drafted > 0
+        assert drafted > 0 or overlap  # stop-and-wait verifies every chunk
     finally:
         client.close()
         relay.stop()

@@ -115,9 +115,7 @@ def test_a_copy_beside_its_target_reads_verified_kv_from_the_target(target):
     drafter = build_drafter("self", target, TINY_MAX_LEN, lookup=False, target_kv_slot=0)
     forwards = []
     inner = drafter._forward
-    drafter._forward = lambda tokens, start, *a: (
-        forwards.append((start, len(tokens))) or inner(tokens, start, *a)
-    )
+    drafter._forward = lambda step: forwards.append((step.start, len(step.tokens))) or inner(step)
     prompt = target.tokenizer.encode("Once upon a time there was")
     n = len(prompt)
     target.model(torch.tensor([prompt]), torch.arange(n)[None], torch.tensor([0]))

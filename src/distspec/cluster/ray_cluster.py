@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 600.0
 HEALTH_TIMEOUT_S = 30.0
+RENDEZVOUS_TRIES = 3
 # Workers exchange token ids and small drafts through Ray, never weights or logits.
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024**2
 
@@ -169,6 +170,19 @@ class RayCluster:
         return "; ".join(parts)
 
     def _start_group(self, name: str, cls: type, spec: Any, tp: int) -> WorkerGroup:
+        """A TP group's actors, ready. The rendezvous port is found free, then bound by rank
+        0 a moment later: another process may take it meanwhile (Ray opens many connections),
+        and the group then starts again on a fresh one."""
+        for attempt in range(RENDEZVOUS_TRIES):
+            try:
+                return self._start_group_once(name, cls, spec, tp)
+            except Exception as e:
+                if "EADDRINUSE" not in str(e) or attempt == RENDEZVOUS_TRIES - 1:
+                    raise
+                log.warning("%s: its rendezvous port was taken; starting it again", name)
+        raise AssertionError("unreachable")
+
+    def _start_group_once(self, name: str, cls: type, spec: Any, tp: int) -> WorkerGroup:
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -197,7 +211,11 @@ class RayCluster:
         group = WorkerGroup(name, actors, [], pg, cls, spec)
         with self._lock:
             self.groups.append(group)
-        ray.get([a.ready.remote() for a in actors], timeout=READY_TIMEOUT_S)
+        try:
+            ray.get([a.ready.remote() for a in actors], timeout=READY_TIMEOUT_S)
+        except Exception:
+            self._stop_group(group, graceful=False)
+            raise
         group.follow_refs = [a.follow.remote() for a in actors[1:]]
         log.info("%s: %d rank(s) ready", name, tp)
         return group

@@ -436,7 +436,8 @@ class Scheduler:
             for s in sessions:
                 if s.external:
                     continue
-                k = 0 if plain else min(s.policy.next_k(), self._room(s) - 1)
+                batch = len(sessions)  # verified together in this round's step
+                k = 0 if plain else min(s.policy.next_k(batch), self._room(s) - 1)
                 if k > 0:
                     requests[s.id] = DraftRequest(s.id, s.tokens, k)
             t = time.perf_counter()
@@ -640,8 +641,10 @@ def _verify_item(s: Session, draft: Draft) -> ForwardItem:
 def calibrate(target: Remote, drafter: Remote, info: ModelInfo, k: int) -> DraftCosts | None:
     """Measure the target's step and verify costs and the drafter's cost per token once, at
     start-up (before sessions use the KV slots)."""
-    timing = target("calibrate", k)
+    # the target up to every session's chunk at once: the draft length follows the batch
+    timing = target("calibrate", k, min(info.num_slots, 16) * (k + 1))
     if timing is None:
         return None
-    t_draft, prior_alpha = drafter("calibrate", k, info.vocab_size)
-    return costs_from(tuple(map(tuple, timing)), t_draft, prior_alpha)
+    t_draft, prior_alpha, together = drafter("calibrate", k, info.vocab_size)
+    costs = costs_from(tuple(map(tuple, timing)), t_draft, prior_alpha)
+    return dataclasses.replace(costs, draft_batch=tuple(map(tuple, together)))

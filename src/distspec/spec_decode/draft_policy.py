@@ -37,16 +37,29 @@ class DraftCosts:
     # measured target forwards: (rows, seconds), rows ascending (see time_target)
     verify: tuple[tuple[int, float], ...] = ()
     prior_alpha: float = Drafter.prior_acceptance  # the drafter's own guess of its acceptance
+    # measured drafting steps for several sessions at once: (sessions, seconds), ascending
+    # (a batched step reads the drafter's weights once: drafters/batched.py)
+    draft_batch: tuple[tuple[int, float], ...] = ()
 
     def t_verify(self, rows: int) -> float:
         """Seconds for a target forward of `rows` rows: the table's, linearly interpolated
         (extrapolated past its last point along its last segment); else the beta line."""
-        pts = self.verify
-        if len(pts) < 2:
+        if len(self.verify) < 2:
             return self.t_step * (1 + self.beta * (rows - 1))
-        i = next((i for i in range(1, len(pts)) if rows <= pts[i][0]), len(pts) - 1)
-        (r0, t0), (r1, t1) = pts[i - 1], pts[i]
-        return t0 + (t1 - t0) * (rows - r0) / (r1 - r0)
+        return _interpolate(self.verify, rows)
+
+    def t_draft_at(self, sessions: int) -> float:
+        """Seconds of one drafting step for `sessions` sessions at once (t_draft for one)."""
+        if sessions <= 1 or len(self.draft_batch) < 2:
+            return self.t_draft
+        return self.t_draft * _interpolate(self.draft_batch, sessions) / self.draft_batch[0][1]
+
+
+def _interpolate(points: tuple[tuple[int, float], ...], x: int) -> float:
+    """Linear through (x, y) points (ascending x), extrapolated along the last segment."""
+    i = next((i for i in range(1, len(points)) if x <= points[i][0]), len(points) - 1)
+    (x0, y0), (x1, y1) = points[i - 1], points[i]
+    return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
 
 
 @dataclass
@@ -68,17 +81,17 @@ class DraftLengthPolicy:
         self._t_step = c.t_step if c else None
         self._t_draft = c.t_draft if c else None
         self._beta = c.beta if c else 0.08
-        self._table = c if c and c.verify else None
         self._off_rounds = 0
 
-    def next_k(self) -> int:
+    def next_k(self, batch: int = 1) -> int:
+        """The draft length for this round, with `batch` sessions verified together."""
         if self.fixed:
             return self.max_k
         if self._t_step is None:
             return 0  # one plain step first: its time is the yardstick
         if self._t_draft is None:
             return self.max_k
-        k = self.best_k()
+        k = self.best_k(batch)
         if k == 0:
             self._off_rounds += 1
             if self._off_rounds >= self.probe_every:
@@ -86,13 +99,21 @@ class DraftLengthPolicy:
                 return 1
         return k
 
-    def best_k(self) -> int:
-        a, td, ts = min(self.alpha, 0.999), self._t_draft, self._t_step
-        best_k, best_rate = 0, 1.0 / ts
+    def best_k(self, batch: int = 1) -> int:
+        """The k of the best expected tokens/s when `batch` sessions each draft k and are
+        verified in one forward of batch * (k + 1) rows (on a CPU that turns compute-bound
+        within a few sessions: long drafts then stop paying)."""
+        a = min(self.alpha, 0.999)
+        c = self.costs
+        if c is not None and c.verify:
+            t_verify, td = c.t_verify, c.t_draft_at(batch)
+        else:
+            ts, beta = self._t_step, self._beta
+            t_verify, td = (lambda rows: ts * (1 + beta * (rows - 1))), self._t_draft
+        best_k, best_rate = 0, batch / t_verify(batch)
         for k in range(1, self.max_k + 1):
             tokens = (1 - a ** (k + 1)) / (1 - a)
-            t_verify = self._table.t_verify(k + 1) if self._table else ts * (1 + self._beta * k)
-            rate = tokens / (k * td + t_verify)
+            rate = batch * tokens / (k * td + t_verify(batch * (k + 1)))
             if rate > best_rate * (self.min_gain if best_k == 0 else 1.0):
                 best_k, best_rate = k, rate
         return best_k
@@ -140,20 +161,23 @@ def measure_costs(
 
 
 # chunk sizes the calibration times (up to the longest draft + 1); others are interpolated
-VERIFY_ROWS = (1, 2, 3, 5, 7, 9, 13, 17, 25, 33)
+# (and, for a server, up to its sessions' chunks together)
+VERIFY_ROWS = (1, 2, 3, 5, 7, 9, 13, 17, 25, 33, 65, 129)
 
 
 def time_target(
-    target: Transformer, k: int, context_len: int = 64, repeats: int = 3
+    target: Transformer, k: int, context_len: int = 64, repeats: int = 3, max_rows: int = 0
 ) -> tuple[tuple[int, float], ...] | None:
     """Target forwards of 1 to k + 1 rows, timed: ((rows, seconds), ...) for the sizes of
-    VERIFY_ROWS up to k + 1, and k + 1 itself."""
+    VERIFY_ROWS up to k + 1 (or max_rows, a batch's chunks, where they fit in the cache),
+    and k + 1 itself."""
     context_len = min(context_len, target.max_len - 2 * (k + 1))
     if context_len < 1:
         return None
     context = dummy_context(target.config.vocab_size, context_len)
     run = target_forward(target, context, 1)  # also reads the context into slot 0
-    sizes = sorted({n for n in VERIFY_ROWS if n <= k + 1} | {k + 1})
+    upto = max(k + 1, min(max_rows, target.max_len - context_len))
+    sizes = sorted({n for n in VERIFY_ROWS if n <= upto} | {k + 1})
     return ((1, timed(run, repeats)),) + tuple(
         (n, timed(target_forward(target, context, n, prefill=False), repeats)) for n in sizes[1:]
     )

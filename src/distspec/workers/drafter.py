@@ -17,6 +17,8 @@ from distspec.models.step_timing import decode_step_times
 from distspec.models.tensor_parallel import TPContext
 from distspec.spec_decode.draft_policy import time_drafter
 from distspec.spec_decode.drafter import Draft, Drafter
+from distspec.spec_decode.drafters import ModelDrafter
+from distspec.spec_decode.drafters.batched import propose_together, time_drafting_together
 from distspec.spec_decode.drafters.factory import load_drafter, new_drafter
 from distspec.spec_decode.sampling import SamplingParams
 from distspec.workers.group import GroupMember, GroupSpec, join_group
@@ -107,9 +109,12 @@ class DrafterWorker(GroupMember):
     def stats(self) -> dict:
         return {"busy_s": self.busy_s}
 
-    def calibrate(self, k: int, vocab_size: int) -> tuple[float, float]:
-        """(seconds per drafted token (time_drafter), the drafter's prior acceptance);
-        before any session uses slot 0."""
+    def calibrate(
+        self, k: int, vocab_size: int
+    ) -> tuple[float, float, tuple[tuple[int, float], ...]]:
+        """(seconds per drafted token (time_drafter), the drafter's prior acceptance, seconds
+        per drafting step for several sessions at once (time_drafting_together; empty for
+        ngram)); before any session uses the KV slots."""
         return self.collective("_time_drafter", k, vocab_size)
 
     def time_steps(self, group_size: int, context_len: int = 256, steps: int = 32) -> float:
@@ -122,9 +127,13 @@ class DrafterWorker(GroupMember):
         """Benchmarks: median seconds of one all-reduce of numel values over the group."""
         return self.collective("_time_all_reduce", numel, repeats)
 
-    def _time_drafter(self, k: int, vocab_size: int) -> tuple[float, float]:
+    def _time_drafter(self, k: int, vocab_size: int):
         drafter = self._new_drafter(0)
-        return time_drafter(drafter, vocab_size, k), drafter.prior_acceptance
+        together = ()
+        if isinstance(drafter, ModelDrafter) and self.spec.num_slots > 1:
+            drafters = [self._new_drafter(slot) for slot in range(self.spec.num_slots)]
+            together = time_drafting_together(drafters, vocab_size, k)
+        return time_drafter(drafter, vocab_size, k), drafter.prior_acceptance, together
 
     # -- every rank ------------------------------------------------------------------------
 
@@ -139,7 +148,13 @@ class DrafterWorker(GroupMember):
             drafter.finish()
 
     def _propose(self, requests: list[DraftRequest]) -> list[Draft]:
-        return [self._drafters[r.session].propose(r.context, r.k) for r in requests]
+        drafters = [self._drafters[r.session] for r in requests]
+        if len(requests) > 1 and all(isinstance(d, ModelDrafter) for d in drafters):
+            # one batched forward per drafting step for every session
+            return propose_together(
+                drafters, [r.context for r in requests], [r.k for r in requests]
+            )
+        return [d.propose(r.context, r.k) for d, r in zip(drafters, requests, strict=True)]
 
     def _new_drafter(self, slot: int) -> Drafter:
         return new_drafter(self.model, self.spec.lookup, slot, self.fuzzy_groups)

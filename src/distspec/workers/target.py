@@ -123,13 +123,13 @@ class TargetWorker(GroupMember):
     def stats(self) -> dict:
         return {"busy_s": self.busy_s, "steps": self.steps}
 
-    def calibrate(self, k: int) -> tuple[tuple[int, float], ...] | None:
-        """This group's forwards of 1 to k + 1 rows, timed (time_target); before any session
-        uses slot 0."""
-        return self.collective("_time_target", k)
+    def calibrate(self, k: int, max_rows: int = 0) -> tuple[tuple[int, float], ...] | None:
+        """This group's forwards of 1 to k + 1 rows (and up to max_rows: the chunks of a
+        batch), timed (time_target); before any session uses slot 0."""
+        return self.collective("_time_target", k, max_rows)
 
-    def _time_target(self, k: int) -> tuple[tuple[int, float], ...] | None:
-        return time_target(self.model, k)
+    def _time_target(self, k: int, max_rows: int) -> tuple[tuple[int, float], ...] | None:
+        return time_target(self.model, k, max_rows=max_rows)
 
     # -- every rank ------------------------------------------------------------------------
 

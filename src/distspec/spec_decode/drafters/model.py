@@ -18,12 +18,56 @@ target better:
 
 from __future__ import annotations
 
+from collections.abc import Generator
+from dataclasses import dataclass
+
 import torch
 
-from distspec.models.llama import Transformer
+from distspec.models.llama import Transformer, pad_positions
 from distspec.spec_decode.drafter import Draft, Drafter
 from distspec.spec_decode.drafters.ngram import NgramDrafter
 from distspec.spec_decode.sampling import SamplingParams, draw, probs_from_logits
+
+
+@dataclass(frozen=True)
+class DraftForward:
+    """One forward a draft needs: tokens read at positions start, ...; the logits of the last
+    `last` of them are wanted; groups: EasySpec's fuzzy layer groups for it."""
+
+    tokens: list[int]
+    start: int
+    groups: tuple[tuple[int, int], ...]
+    last: int
+
+
+def run_drafting(steps: Generator[DraftForward, torch.Tensor, Draft], forward) -> Draft:
+    """Drive a drafting generator with forward(DraftForward) -> logits rows."""
+    try:
+        step = next(steps)
+        while True:
+            step = steps.send(forward(step))
+    except StopIteration as done:
+        return done.value
+
+
+def forward_together(
+    model: Transformer, batch: list[DraftForward], slots: torch.Tensor
+) -> list[torch.Tensor]:
+    """Each forward's wanted logits rows [last, V], from one (right-padded) forward; batch[b]
+    in KV slot slots[b], all with the same fuzzy groups."""
+    if len(batch) == 1:
+        step = batch[0]
+        t = torch.tensor([step.tokens])
+        pos = torch.arange(step.start, step.start + len(step.tokens))[None]
+        return [model(t, pos, slots, last=step.last, fuzzy_groups=step.groups)[0]]
+    width = max(len(s.tokens) for s in batch)
+    tokens = torch.zeros(len(batch), width, dtype=torch.long)
+    for b, s in enumerate(batch):
+        tokens[b, : len(s.tokens)] = torch.tensor(s.tokens)
+    # padding writes K/V past each row's own positions (overwritten before they are read)
+    pos = pad_positions([s.start for s in batch], width).clamp(max=model.max_len - 1)
+    logits = model(tokens, pos, slots, last=1 if width == 1 else 0, fuzzy_groups=batch[0].groups)
+    return [logits[b, len(s.tokens) - s.last : len(s.tokens)] for b, s in enumerate(batch)]
 
 
 class ModelDrafter(Drafter):
@@ -83,7 +127,7 @@ class ModelDrafter(Drafter):
         self.exact_upto = 0
         head = prompt_ids[:-1][: self.model.max_len - 1]
         if head and self.target_kv is None:  # else the first draft copies the target's
-            self._forward(head, 0)
+            self._forward(DraftForward(head, 0, (), 1))
             self.cached, self.exact_upto = list(head), len(head)
         if not params.greedy and params.seed is None:
             raise ValueError("a sampled draft needs the request's seed (SamplingParams.seeded)")
@@ -92,6 +136,11 @@ class ModelDrafter(Drafter):
             self.lookup.start(prompt_ids, params)
 
     def propose(self, context: list[int], k: int) -> Draft:
+        return run_drafting(self.drafting(context, k), self._forward)
+
+    def drafting(self, context: list[int], k: int) -> Generator[DraftForward, torch.Tensor, Draft]:
+        """propose() as steps: yields each forward it needs, is sent that forward's logits
+        rows, returns the draft (drafters/batched.py runs many of these in one forward)."""
         k = min(k, self.model.max_len - len(context))
         if k <= 0:
             return Draft([])
@@ -108,7 +157,7 @@ class ModelDrafter(Drafter):
         while len(tokens) < k:
             groups = () if exact else self.fuzzy_groups
             last = len(looked_up) + 1 if self.check_lookup else 1
-            rows = self._forward(pending + looked_up, len(self.cached), groups, last)
+            rows = yield DraftForward(pending + looked_up, len(self.cached), groups, last)
             kept = self._agreed(rows, looked_up, len(context) + len(tokens))
             tokens += looked_up[:kept]
             self.cached += pending + looked_up[:kept]  # K/V past them are overwritten later
@@ -126,13 +175,8 @@ class ModelDrafter(Drafter):
             pending, looked_up = [tok], []
         return Draft(tokens)
 
-    def _forward(
-        self, tokens: list[int], start: int, fuzzy_groups=(), last: int = 1
-    ) -> torch.Tensor:
-        """Logits [last, V] of the last `last` of tokens, read at positions start, ..."""
-        t = torch.tensor([tokens])
-        pos = torch.arange(start, start + len(tokens))[None]
-        return self.model(t, pos, self.slot, last=last, fuzzy_groups=fuzzy_groups)[0]
+    def _forward(self, step: DraftForward) -> torch.Tensor:
+        return forward_together(self.model, [step], self.slot)[0]
 
     def _copy_target_kv(self, start: int, end: int) -> None:
         target, slot = self.target_kv

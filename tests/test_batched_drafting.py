@@ -1,0 +1,60 @@
+"""Drafting for many sessions in one batched forward per step gives each session the draft
+its own drafter would have made alone."""
+
+from __future__ import annotations
+
+import pytest
+
+from distspec.models.loader import load_model
+from distspec.spec_decode.drafters import ModelDrafter, NgramDrafter
+from distspec.spec_decode.drafters.batched import propose_together
+from distspec.spec_decode.sampling import SamplingParams
+from tiny import TINY_MAX_LEN
+
+PROMPTS = ["Hello", "abcabcabcabc", "Once upon a time", "The quick brown fox jumps"]
+KS = [4, 2, 5, 3]
+
+
+def _drafters(model, check_lookup: bool) -> list[ModelDrafter]:
+    return [
+        ModelDrafter(
+            model,
+            slot,
+            lookup=NgramDrafter(min_ngram=2) if check_lookup else None,
+            check_lookup=check_lookup,
+        )
+        for slot in range(len(PROMPTS))
+    ]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+@pytest.mark.parametrize("check_lookup", [False, True])
+def test_drafting_together_gives_each_session_its_own_draft(
+    tiny_drafter_dir, temperature, check_lookup
+):
+    def model():
+        return load_model(str(tiny_drafter_dir), max_len=TINY_MAX_LEN, num_slots=4).model
+
+    alone, together = _drafters(model(), check_lookup), _drafters(model(), check_lookup)
+    tok = load_model(str(tiny_drafter_dir), max_len=16).tokenizer
+    contexts = [tok.encode(p) for p in PROMPTS]
+    for i, ctx in enumerate(contexts):
+        params = SamplingParams(temperature=temperature, seed=i)
+        alone[i].start(ctx, params)
+        together[i].start(ctx, params)
+    for rnd in range(4):  # rounds of verdicts: some drafts kept, some cut, a correction each
+        want = [d.propose(c, k) for d, c, k in zip(alone, contexts, KS, strict=True)]
+        got = propose_together(together, contexts, KS)
+        assert [d.tokens for d in got] == [d.tokens for d in want], rnd
+        assert all(len(d) > 0 for d in got)
+        contexts = [
+            c + d.tokens[: (i + rnd) % (len(d) + 1)] + [40 + i]
+            for i, (c, d) in enumerate(zip(contexts, want, strict=True))
+        ]
+
+
+def test_drafting_together_needs_one_model(tiny_drafter_dir):
+    a = ModelDrafter(load_model(str(tiny_drafter_dir), max_len=32).model)
+    b = ModelDrafter(load_model(str(tiny_drafter_dir), max_len=32).model)
+    with pytest.raises(ValueError, match="one model"):
+        propose_together([a, b], [[1, 2], [3, 4]], [2, 2])
