@@ -50,6 +50,7 @@ SELF_SD = ("sd-self", "sd-self-int4", "sd-self-int8", "sd-self-bf16", "sd-self-m
 # the same drafters with PEARL, or with the mode `generate` picks by default (auto: sd or
 # pearl, measured at start-up)
 OTHER_MODES = ("pearl-self", "pearl-self-model", "auto-self", "pearl-demo", "auto-demo")
+PINNED = "+pin"  # a speculative contender's suffix: its drafter on a core of its own
 KNOWN = (
     "hf-ar",
     "hf-lookup",
@@ -80,11 +81,14 @@ class BenchConfig:
     temperature: float = 0.0
     seed: int = 0
     threads: int | None = None
-    drafter_cpus: int = 0  # > 0: speculative contenders pin drafter and target apart
+    # > 0: speculative contenders pin drafter and target apart (a contender named NAME+pin
+    # does so on its own, on 1 core if this is 0)
+    drafter_cpus: int = 0
     out_dir: str = "bench-results"
 
     def __post_init__(self) -> None:
         for c in self.contenders:
+            c = c.removesuffix(PINNED)
             if c not in KNOWN and not c.startswith(("sd:", "sd-model:")):
                 raise ValueError(
                     f"unknown contender {c!r}; known: {', '.join(KNOWN)}, sd:PATH, sd-model:PATH"
@@ -134,13 +138,14 @@ def build_contenders(config: BenchConfig, target) -> list[Contender]:
             runner = llama_cpp.LlamaCpp(model, threads, draft, draft_max=draft_max)
             out.append(LlamaCppContender(name, runner, target.tokenizer))
         else:
-            mode, drafter_name, lookup = _drafter_of(name)
+            mode, drafter_name, lookup = _drafter_of(name.removesuffix(PINNED))
             # sequential rounds in slot 0: a copy of the target reads its verified K/V (not
             # under PEARL: make_decoder turns it off)
             drafter = build_drafter(
                 drafter_name, target, target.model.max_len, lookup, target_kv_slot=0
             )
-            placement = split_cpus(config.drafter_cpus) if config.drafter_cpus else None
+            pinned = config.drafter_cpus or (1 if name.endswith(PINNED) else 0)
+            placement = split_cpus(pinned) if pinned else None
             if placement is not None:
                 drafter = PinnedDrafter(drafter, placement.drafter)
             with nullcontext() if placement is None else placement.on_target():
