@@ -226,15 +226,35 @@ def test_a_failed_step_ends_the_sessions_in_flight_but_not_the_server(workers, t
 
 
 def test_speculation_switch_takes_the_faster_kind_of_round():
-    from distspec.scheduler.switch import SpeculationSwitch
+    from distspec.scheduler.switch import PLAIN, SpeculationSwitch
 
     switch = SpeculationSwitch(probe_every=4)
-    assert switch.plain(16) is False  # speculate first
-    switch.observe(16, False, tokens=20, seconds=0.2)  # 100 tok/s
-    assert switch.plain(16) is True  # then try plain once
-    switch.observe(16, True, tokens=16, seconds=0.1)  # 160 tok/s
-    choices = [switch.plain(16) for _ in range(8)]
-    assert choices.count(False) == 2 and choices.count(True) == 6  # probes every 4th round
+    kinds = ("sd", PLAIN)
+    assert switch.choose(16, kinds) == "sd"  # speculate first
+    switch.observe(16, "sd", tokens=20, seconds=0.2)  # 100 tok/s
+    assert switch.choose(16, kinds) == PLAIN  # then try plain once
+    switch.observe(16, PLAIN, tokens=16, seconds=0.1)  # 160 tok/s
+    choices = [switch.choose(16, kinds) for _ in range(8)]
+    assert choices.count("sd") == 2 and choices.count(PLAIN) == 6  # probes every 4th round
     # buckets: 9..16 share one, a batch of one has its own
-    assert switch.plain(12) is True
-    assert switch.plain(1) is False
+    assert switch.choose(12, kinds) == PLAIN
+    assert switch.choose(1, kinds) == "sd"
+
+
+def test_the_switch_picks_sd_or_pearl_or_plain_per_batch_size():
+    """mode auto: each kind is tried, the fastest kept per batch size, the others probed in
+    turn."""
+    from distspec.scheduler.switch import PLAIN, SpeculationSwitch
+
+    switch = SpeculationSwitch(probe_every=4)
+    kinds = ("sd", "pearl", PLAIN)
+    rates = {1: {"sd": 40, "pearl": 30, PLAIN: 22}, 16: {"sd": 90, "pearl": 105, PLAIN: 110}}
+    seen = {1: [], 16: []}
+    for _ in range(24):
+        for batch, rate in rates.items():
+            kind = switch.choose(batch, kinds)
+            seen[batch].append(kind)
+            switch.observe(batch, kind, tokens=rate[kind], seconds=1.0)
+    assert seen[1][:3] == ["sd", "pearl", PLAIN] and seen[16][:3] == ["sd", "pearl", PLAIN]
+    assert seen[1][3:].count("sd") == 15 and {"pearl", PLAIN} <= set(seen[1][3:])
+    assert seen[16][3:].count(PLAIN) == 15 and {"sd", "pearl"} <= set(seen[16][3:])

@@ -19,7 +19,7 @@ class LoadConfig:
     # the server's settings (with server: what it runs with, for the admission check)
     target: str = "demo"
     drafter: str = "demo"  # or none
-    mode: str | None = None  # default: pearl with a drafter, ar without
+    mode: str | None = None  # default: auto with a drafter, ar without
     num_slots: int = 16
     max_waiting: int = 16
     max_len: int = 1024
@@ -47,8 +47,8 @@ class LoadConfig:
             raise ValueError("metrics and server_pid go with server (a running server)")
         if self.metrics is not None:
             _check_address(self.metrics, "metrics")
-        if self.mode not in (None, "ar", "sd", "pearl"):
-            raise ValueError(f"mode must be ar, sd or pearl, got {self.mode!r}")
+        if self.mode not in (None, "ar", "sd", "pearl", "auto"):
+            raise ValueError(f"mode must be ar, sd, pearl or auto, got {self.mode!r}")
         if self.num_slots < 1 or self.max_waiting < 0:
             raise ValueError("num_slots must be >= 1 and max_waiting >= 0")
         if not self.temperature >= 0:

@@ -102,7 +102,7 @@ def add_bench_serve(sub) -> None:
         "--drafter-tp", type=int, default=1, help="ranks of each drafter group (default 1)"
     )
     p.add_argument("--num-drafters", type=int, default=1, help="drafter groups (default 1)")
-    p.add_argument("--modes", default="sd,pearl", help="comma list of ar, sd, pearl")
+    p.add_argument("--modes", default="sd,pearl", help="comma list of ar, sd, pearl, auto")
     p.add_argument("--clients", default="1,4,16", help="comma list of concurrency levels")
     p.add_argument(
         "--max-new-tokens", type=int, default=64, help="tokens per request (default %(default)s)"
@@ -195,7 +195,9 @@ def add_bench_load(sub) -> None:
     )
     p.add_argument("--target", default=d.target, help="the started server's target")
     p.add_argument("--drafter", default=d.drafter, help="demo | ngram | PATH | none")
-    p.add_argument("--mode", choices=["ar", "sd", "pearl"], help="default: pearl with a drafter")
+    p.add_argument(
+        "--mode", choices=["ar", "sd", "pearl", "auto"], help="default: auto with a drafter"
+    )
     p.add_argument(
         "--num-slots", type=int, default=d.num_slots, help="KV slots (with --server: its own)"
     )

@@ -58,7 +58,10 @@ def add_serve(sub) -> None:
     )
     p.add_argument("--num-drafters", type=int, help="drafter groups (sessions are spread)")
     p.add_argument(
-        "--mode", choices=["ar", "sd", "pearl"], help="default: pearl with a drafter, else ar"
+        "--mode",
+        choices=["ar", "sd", "pearl", "auto"],
+        help="default: auto with a drafter (sd, pearl or plain rounds, whichever measures "
+        "fastest at the current batch size), else ar",
     )
     p.add_argument("--gamma", type=int, help="longest draft per round (default 4)")
     p.add_argument("--num-slots", type=int, help="concurrent sessions (KV slots; default 16)")

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 from distspec.scheduler.metrics import SchedulerMetrics
 from distspec.scheduler.session import Session, SessionError
-from distspec.scheduler.switch import SpeculationSwitch
+from distspec.scheduler.switch import PLAIN, SpeculationSwitch
 from distspec.spec_decode.decoding import StepOutput, clip_new_tokens
 from distspec.spec_decode.draft_policy import DraftCosts, DraftLengthPolicy, costs_from, ema
 from distspec.spec_decode.drafter import EMPTY_DRAFT, Draft
@@ -45,7 +45,7 @@ from distspec.workers.repair import Repair, Repairer
 
 log = logging.getLogger(__name__)
 
-MODES = ("ar", "sd", "pearl")
+MODES = ("ar", "sd", "pearl", "auto")  # auto: sd, pearl or plain rounds, by measured speed
 
 
 class AdmissionError(RuntimeError):
@@ -232,7 +232,7 @@ class Scheduler:
                 self._cv.notify_all()
 
     def set_mode(self, mode: str) -> None:
-        """Switch ar / sd / pearl while no session runs (benchmarks compare modes this way)."""
+        """Switch ar / sd / pearl / auto while no session runs (benchmarks compare modes so)."""
         with self._cv:
             # sessions leave the loop a moment after their last tokens went out
             idle = self._cv.wait_for(lambda: not (self._running or self._waiting), timeout=30)
@@ -392,7 +392,7 @@ class Scheduler:
                 continue
             if self.config.mode != "ar":
                 self._drafter(s).call("open_session", s.id, s.slot, s.prompt_ids, s.params)
-            if self.config.mode == "sd":
+            if self.config.mode in ("sd", "auto"):
                 # decisions from the costs measured at start-up (timing live rounds under
                 # load measured worse)
                 s.policy = DraftLengthPolicy(self.config.gamma, costs=self.costs)
@@ -405,18 +405,21 @@ class Scheduler:
             self._advance(s, [verdict.next_token])
 
     def _round(self, sessions: list[Session]) -> None:
-        """One round; for sd and pearl, the switch may make it a plain one."""
+        """One round of the kind the switch picks: for sd and pearl, that or a plain one; for
+        auto, sd, pearl or plain, whichever measures fastest at this batch size."""
         internal = [s for s in sessions if not s.external]
-        adaptive = self.config.mode != "ar" and bool(internal)
-        plain = adaptive and self.switch.plain(len(internal))
+        mode = self.config.mode
+        adaptive = mode != "ar" and bool(internal)
+        kinds = ("sd", "pearl", PLAIN) if mode == "auto" else (mode, PLAIN)
+        kind = self.switch.choose(len(internal), kinds) if adaptive else PLAIN
         before = sum(s.stats.new_tokens for s in internal)
         t = time.perf_counter()
-        self._run_round(sessions, plain)
+        self._run_round(sessions, kind)
         if adaptive:
             tokens = sum(s.stats.new_tokens for s in internal) - before
-            self.switch.observe(len(internal), plain, tokens, time.perf_counter() - t)
+            self.switch.observe(len(internal), kind, tokens, time.perf_counter() - t)
 
-    def _run_round(self, sessions: list[Session], plain: bool) -> None:
+    def _run_round(self, sessions: list[Session], kind: str) -> None:
         self.counters["rounds"] += 1
         external = [s for s in sessions if s.external]
         sessions = [s for s in sessions if not s.external]
@@ -426,18 +429,21 @@ class Scheduler:
                 taken, s.chunk = s.chunk, None
             s.settling = taken is not None
             offered[s.id] = self._reconcile(s, taken)
-        if self.config.mode == "pearl" and sessions:
-            self._pearl_round(sessions, external, offered, plain)
+        pearl = kind == "pearl" or (kind == PLAIN and self.config.mode == "pearl")
+        if pearl and sessions:
+            self._pearl_round(sessions, external, offered, plain=kind == PLAIN)
             return
+        for s in sessions:  # auto: pending PEARL tokens are unverified; drafted again below
+            s.pearl = PearlState()
         drafts, draft_s = dict(offered), 0.0
         sessions = sessions + external
-        if self.config.mode == "sd":
+        if kind == "sd":
             requests = {}
             for s in sessions:
                 if s.external:
                     continue
                 batch = len(sessions)  # verified together in this round's step
-                k = 0 if plain else min(s.policy.next_k(batch), self._room(s) - 1)
+                k = min(s.policy.next_k(batch), self._room(s) - 1)
                 if k > 0:
                     requests[s.id] = DraftRequest(s.id, s.tokens, k)
             t = time.perf_counter()

@@ -1,9 +1,10 @@
-"""Speculate or decode plainly, round by round, from measured throughput.
+"""Which kind of round to run, round by round, from measured throughput.
 
-Speculation pays less as the batch grows: verification turns compute-bound and drafters
-serve their sessions one after another. Per batch size (exact up to 4, then by powers of
-two), the switch keeps the tokens/s of speculating and of plain rounds (running averages),
-takes the better one, and tries the other every `probe_every` rounds so a change shows.
+Speculation pays less as the batch grows: verification turns compute-bound and drafting
+grows with the sessions; PEARL pays only where drafting and verifying really run at once.
+Per batch size (exact up to 4, then by powers of two), the switch keeps the tokens/s of each
+kind of round it may run ("plain", and "sd" and/or "pearl": running averages), takes the
+best one, and tries the others in turn every `probe_every` rounds so a change shows.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from distspec.spec_decode.draft_policy import ema
+
+PLAIN = "plain"
 
 
 def _bucket(batch: int) -> int:
@@ -21,23 +24,24 @@ def _bucket(batch: int) -> int:
 class SpeculationSwitch:
     probe_every: int = 16
     decay: float = 0.8
-    _rates: dict[tuple[int, bool], float] = field(default_factory=dict)
+    _rates: dict[tuple[int, str], float] = field(default_factory=dict)
     _rounds: dict[int, int] = field(default_factory=dict)
 
-    def plain(self, batch: int) -> bool:
-        """True: this round decodes plainly."""
+    def choose(self, batch: int, kinds: tuple[str, ...]) -> str:
+        """The kind of this round, of kinds (speculative ones first, then PLAIN); a kind not
+        measured yet at this batch size is tried first."""
         b = _bucket(batch)
         n = self._rounds[b] = self._rounds.get(b, 0) + 1
-        spec, plain = self._rates.get((b, False)), self._rates.get((b, True))
-        if spec is None:
-            return False
-        if plain is None:
-            return True
-        better_plain = plain > spec
-        return not better_plain if n % self.probe_every == 0 else better_plain
+        untried = [k for k in kinds if (b, k) not in self._rates]
+        if untried:
+            return untried[0]
+        ranked = sorted(kinds, key=lambda k: -self._rates[(b, k)])
+        if n % self.probe_every == 0 and len(ranked) > 1:  # the others, in turn
+            return ranked[1 + (n // self.probe_every) % (len(ranked) - 1)]
+        return ranked[0]
 
-    def observe(self, batch: int, plain: bool, tokens: int, seconds: float) -> None:
-        if seconds <= 0:
-            return
-        key = (_bucket(batch), plain)
-        self._rates[key] = ema(self._rates.get(key), tokens / seconds, self.decay)
+    def observe(self, batch: int, kind: str, tokens: int, seconds: float) -> None:
+        """A round of `kind` at this batch size made `tokens` in `seconds`."""
+        if seconds > 0:
+            key = (_bucket(batch), kind)
+            self._rates[key] = ema(self._rates.get(key), tokens / seconds, self.decay)

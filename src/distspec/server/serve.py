@@ -39,7 +39,7 @@ class ServeConfig:
     easyspec_exact: tuple[int, int] = (1, 1)  # EasySpec: first and last drafter layers exact
     num_drafters: int = 1
     lookup: bool = True
-    mode: str | None = None  # default: pearl with a drafter, ar without
+    mode: str | None = None  # default: auto with a drafter, ar without
     gamma: int = 4
     num_slots: int = 16
     max_len: int = 2048
@@ -87,7 +87,7 @@ class ServeConfig:
 
     def runtime_config(self) -> RuntimeConfig:
         drafter = None if self.drafter in (None, "", "none") else self.drafter
-        mode = self.mode or ("pearl" if drafter else "ar")
+        mode = self.mode or ("auto" if drafter else "ar")
         target = TargetSpec(
             self.target,
             self.num_slots,

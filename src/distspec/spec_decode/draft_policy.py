@@ -92,7 +92,10 @@ class DraftLengthPolicy:
         if self._t_draft is None:
             return self.max_k
         k = self.best_k(batch)
-        if k == 0:
+        # alone, a drafter that starts to fit the text gets probed again; in a batch one
+        # session's probe would make the whole round wait for a drafting call (16 sessions
+        # probing in turn: nearly every round), and the speculation switch probes anyway
+        if k == 0 and batch == 1:
             self._off_rounds += 1
             if self._off_rounds >= self.probe_every:
                 self._off_rounds = 0
