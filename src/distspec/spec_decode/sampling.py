@@ -80,7 +80,9 @@ def race_noise(seed: int, pos: int, vocab: int) -> torch.Tensor:
     """E ~ Exp(1) [vocab] for sequence position pos of the request seeded `seed`."""
     g = torch.Generator().manual_seed(_splitmix64(_splitmix64(seed) ^ pos))
     u = torch.rand(vocab, generator=g, dtype=torch.float64)
-    return -torch.log1p(-u)  # u in [0, 1): E > 0 except u = 0, which wins no race against p > 0
+    # u = 0 (chance 2^-53) would give E = 0: p / 0 is inf, or NaN for p = 0 (a token top-k or
+    # top-p cut, which argmax would then pick); clamped, a zero-probability token never wins
+    return (-torch.log1p(-u)).clamp_min(1e-300)
 
 
 def draw(probs: torch.Tensor, seed: int, pos: int) -> torch.Tensor:

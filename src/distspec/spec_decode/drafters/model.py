@@ -64,7 +64,8 @@ def forward_together(
     tokens = torch.zeros(len(batch), width, dtype=torch.long)
     for b, s in enumerate(batch):
         tokens[b, : len(s.tokens)] = torch.tensor(s.tokens)
-    # padding writes K/V past each row's own positions (overwritten before they are read)
+    # padding writes K/V past each row's own positions, which are overwritten before they are
+    # read (clamped at the cache's end, where they may spoil a draft, never the output)
     pos = pad_positions([s.start for s in batch], width).clamp(max=model.max_len - 1)
     logits = model(tokens, pos, slots, last=1 if width == 1 else 0, fuzzy_groups=batch[0].groups)
     return [logits[b, len(s.tokens) - s.last : len(s.tokens)] for b, s in enumerate(batch)]
