@@ -24,6 +24,7 @@ import grpc
 from tqdm import tqdm
 
 from distspec.bench.grpc_client import chat_request, generate_stub
+from distspec.bench.streams import Streamed, add_chunk, percentile, scaled
 from distspec.datasets import load_prompts
 
 log = logging.getLogger(__name__)
@@ -120,7 +121,7 @@ def _load(channel, runtime, prompts: list[str], clients: int, config) -> dict:
     work: queue.Queue = queue.Queue()
     for i in range(max(len(prompts), clients)):
         work.put(prompts[i % len(prompts)])
-    stats, errors = [], []
+    stats, errors, itls = [], [], []
 
     def client() -> None:
         while True:
@@ -130,8 +131,11 @@ def _load(channel, runtime, prompts: list[str], clients: int, config) -> dict:
                 return
             request = chat_request(prompt, config.max_new_tokens, config.temperature)
             try:
-                last = list(stub.Generate(request, timeout=600))[-1]
-                stats.append(last.stats)
+                seen = Streamed(sent=time.monotonic())
+                for response in stub.Generate(request, timeout=600):
+                    add_chunk(seen, list(response.token_ids))
+                stats.append(response.stats)  # the last response carries them
+                itls.extend(gap for _, gap in seen.itl_s())
             except grpc.RpcError as e:
                 errors.append(e.details())
 
@@ -157,6 +161,9 @@ def _load(channel, runtime, prompts: list[str], clients: int, config) -> dict:
         "tau": tokens / forwards if forwards else 0.0,
         "acceptance_rate": sum(s.accepted_tokens for s in stats) / drafted if drafted else 0.0,
         "ttft_median_s": statistics.median(s.time_to_first_token_s for s in stats),
+        # inter-token latency as the clients saw it (a chunk of k tokens: k gaps of dt / k)
+        "itl_p50_ms": scaled(percentile(itls, 50), 1e3),
+        "itl_p99_ms": scaled(percentile(itls, 99), 1e3),
     }
 
 
@@ -166,10 +173,21 @@ def _summarize(runs: list[dict], config: ServingBenchConfig) -> dict:
         for n in config.clients:
             rs = [r for r in runs if r["mode"] == mode and r["clients"] == n]
             summary[f"{mode}@{n}"] = {
-                key: statistics.median(r[key] for r in rs)
-                for key in ("tokens_per_s", "target_busy_fraction", "tau", "ttft_median_s")
+                key: _median([r[key] for r in rs if r[key] is not None])
+                for key in (
+                    "tokens_per_s",
+                    "target_busy_fraction",
+                    "tau",
+                    "ttft_median_s",
+                    "itl_p50_ms",
+                    "itl_p99_ms",
+                )
             }
     return summary
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
 
 
 def plot_serving(summary: dict, path: Path, config: ServingBenchConfig) -> None:
