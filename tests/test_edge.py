@@ -95,11 +95,21 @@ class Oracle:
         pass
 
 
-def test_overlap_hides_the_round_trip(server, target):
+def slow_down(runtime, monkeypatch, step_s: float = 0.003) -> None:
+    """The tiny target decodes a token in about 1 ms: with keep_decoding it can decode past a
+    whole chunk before the chunk arrives, so whether any chunk adds tokens depended on
+    timing. At 3 ms a step the chunks of these tests stay ahead of it."""
+    worker = runtime.target.worker
+    step = worker.step
+    monkeypatch.setattr(worker, "step", lambda items: time.sleep(step_s) or step(items))
+
+
+def test_overlap_hides_the_round_trip(server, target, monkeypatch):
     """With a drafter that is always right: stop-and-wait pays a round trip per chunk; with
     overlap the server decodes while chunks travel, and chunks that arrive late still add
     their tokens beyond the ones decoded meanwhile."""
     runtime, address = server
+    slow_down(runtime, monkeypatch)
     ids = runtime.tokenizer.encode("Once upon a time")
     greedy = greedy_ar(target, ids, 80)
     relay = DelayRelay(address, delay_s=0.002).start()
@@ -120,7 +130,7 @@ def test_overlap_hides_the_round_trip(server, target):
         relay.stop()
 
 
-def test_keep_decoding_matches_stale_chunks(server, target):
+def test_keep_decoding_matches_stale_chunks(server, target, monkeypatch):
     """A chunk that follows fewer tokens than are verified: its overlap must match the
     verified tokens (the rest is verified as a draft), else it is dropped."""
     import queue
@@ -131,6 +141,7 @@ def test_keep_decoding_matches_stale_chunks(server, target):
     from distspec.v1 import speculative_decoding_pb2_grpc as pb_grpc
 
     runtime, address = server
+    slow_down(runtime, monkeypatch)
     ids = runtime.tokenizer.encode("Hello")
     greedy = greedy_ar(target, ids, 40)
     requests: queue.Queue = queue.Queue()
@@ -167,8 +178,9 @@ def test_keep_decoding_matches_stale_chunks(server, target):
     assert r.verdict.stats.accepted_tokens >= 1
 
 
-def test_edge_sampling_is_seeded(server, tiny_dir, tiny_drafter_dir):
-    _, address = server
+def test_edge_sampling_is_seeded(server, tiny_dir, tiny_drafter_dir, monkeypatch):
+    runtime, address = server
+    slow_down(runtime, monkeypatch)
     client = EdgeClient(address, edge_drafter(tiny_dir, tiny_drafter_dir, "model"), gamma=3)
     try:
         params = SamplingParams(max_new_tokens=24, temperature=1.0, seed=9)

@@ -49,7 +49,7 @@ class LLM:
         threads: int | None = None,
     ):
         """target and drafter as in `distspec generate` (demo, ngram, a path; drafter None:
-        plain decoding); mode ar | sd | pearl (default: sd with a drafter, ar without);
+        plain decoding); mode ar | sd | pearl | auto (default: sd with a drafter, else ar);
         num_slots: sessions decoded together; use_ray: workers as Ray actors (target_tp
         ranks; address: a running cluster), else in this process."""
         mode = mode or ("sd" if drafter else "ar")
