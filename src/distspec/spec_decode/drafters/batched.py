@@ -10,11 +10,11 @@ the ones each drafter would make alone.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 
 import torch
 
+from distspec.spec_decode.draft_policy import dummy_context, timed
 from distspec.spec_decode.drafter import Draft
 from distspec.spec_decode.drafters.model import DraftForward, ModelDrafter, forward_together
 from distspec.spec_decode.sampling import SamplingParams
@@ -59,7 +59,7 @@ def time_drafting_together(
     """((sessions, seconds per drafting step), ...) for 1, 4, 16, ... sessions at once, up to
     len(drafters) (one per KV slot), drafting k tokens after a context with nothing to look
     up (medians of 3)."""
-    context = [t % vocab_size for t in range(100, 100 + context_len)]
+    context = dummy_context(vocab_size, context_len)
     sizes = sorted({n for n in (1, 4, 16, 64) if n <= len(drafters)} | {len(drafters)})
     out = []
     for n in sizes:
@@ -67,12 +67,8 @@ def time_drafting_together(
         for d in group:
             d.start(context, SamplingParams())
         propose_together(group, [context] * n, [k] * n)  # fills the caches
-        times = []
-        for _ in range(3):
-            t = time.perf_counter()
-            propose_together(group, [context] * n, [k] * n)
-            times.append((time.perf_counter() - t) / k)
+        step_s = timed(lambda g=group: propose_together(g, [context] * len(g), [k] * len(g)), 3)
         for d in group:
             d.finish()
-        out.append((n, sorted(times)[1]))
+        out.append((n, step_s / k))
     return tuple(out)
