@@ -23,6 +23,7 @@ workers.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -65,6 +66,7 @@ class WorkerFailedError(RuntimeError):
 
 
 CHECK_INTERVAL_S = 1.0  # how often an idle loop checks its workers
+CLOSE_WAIT_S = 5.0  # how long close() waits for a worker's pending calls
 
 
 @dataclass
@@ -273,6 +275,12 @@ class Scheduler:
         for s in list(self._waiting) + list(self._running.values()):
             if not s.finished:
                 s.fail(ShuttingDownError(reason))
+        # the loop's last calls (close_session, ...) are not awaited: a worker's calls run in
+        # order, so one more call returns once they are done; a worker that outlives this
+        # scheduler (a test's, a new scheduler's) then sees no late close of a reused id
+        for worker in [self.target, *self.drafters]:
+            with contextlib.suppress(Exception):  # a dead worker has nothing pending
+                worker.call("ready").result(timeout=CLOSE_WAIT_S)
 
     # -- the loop --------------------------------------------------------------------------
 
