@@ -76,7 +76,7 @@ class Attention(Watched):
         self.wo = nn.Linear(self.n_heads * hd, config.hidden_size, bias=False)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, slots, pos, kv_len, mask):
+    def forward(self, x, cos, sin, slots, pos, kv_len, mask, tree=None):
         bsz, t, _ = x.shape
         hd = self.config.head_dim
         nq, nqk = self.n_heads, self.n_heads + self.n_kv_heads
@@ -84,7 +84,7 @@ class Attention(Watched):
         ops = decode_ops(x) if kv_len is not None else None
         if ops is not None:  # one call: rope, the KV cache write and attention
             kc, window = self.kv_cache, self.config.sliding_window or 0
-            y = ops.attend(qkv, cos, sin, kc.k, kc.v, slots, pos, nq, window)
+            y = ops.attend(qkv, cos, sin, kc.k, kc.v, slots, pos, nq, window, tree)
             return self.tp.all_reduce(self.wo(y.view(bsz, t, nq * hd)))
         qk = apply_rope(qkv[:, :, :nqk], cos, sin)  # q and k rotated together: fewer ops
         q, k = qk[:, :, :nq].transpose(1, 2), qk[:, :, nq:].transpose(1, 2)
@@ -128,11 +128,11 @@ class Block(Watched):
         self.mlp = MLP(config, tp)
         self._cache_fused(None, None)
 
-    def forward(self, x, cos, sin, slots, pos, kv_len, mask):
+    def forward(self, x, cos, sin, slots, pos, kv_len, mask, tree=None):
         fused = self.fused_layer() if kv_len is not None and decode_ops(x) is not None else None
         if fused is not None:
-            return fused.forward(x, cos, sin, slots, pos)
-        return self.finish(x + self.attend(x, cos, sin, slots, pos, kv_len, mask))
+            return fused.forward(x, cos, sin, slots, pos, tree)
+        return self.finish(x + self.attend(x, cos, sin, slots, pos, kv_len, mask, tree))
 
     def fused_layer(self):
         """This layer as one kernel call (kernels/decoder_layer.cpp), rebuilt whenever a linear
@@ -163,9 +163,10 @@ class Block(Watched):
         # plain attributes, past Watched.__setattr__: caching changes nothing in the layer
         vars(self).update(_fused=fused, _fused_key=key, _fused_epoch=None)
 
-    def attend(self, x, cos, sin, slots, pos, kv_len, mask):
+    def attend(self, x, cos, sin, slots, pos, kv_len, mask, tree=None):
         """The attention sublayer's output (to be added to the residual stream)."""
-        return self.attn(rms_norm(x, self.attn_norm, self.eps), cos, sin, slots, pos, kv_len, mask)
+        x = rms_norm(x, self.attn_norm, self.eps)
+        return self.attn(x, cos, sin, slots, pos, kv_len, mask, tree)
 
     def finish(self, h):
         """The MLP sublayer on the residual stream h (attention already added)."""
@@ -251,6 +252,7 @@ class Transformer(Watched):
         slots: torch.Tensor | None = None,
         last: int = 0,
         fuzzy_groups: tuple[tuple[int, int], ...] = (),
+        tree: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """tokens, pos: [B, T] int64; slots: [B] cache rows (default 0..B-1).
 
@@ -261,6 +263,12 @@ class Transformer(Watched):
         fuzzy_groups: layer ranges [start, end) run the EasySpec way: every attention of a
         group reads the group's input (so they could run at once), their outputs are added
         back in order with the MLPs in between. Approximate, K/V included (see easyspec_groups).
+
+        tree: [B, T, T] bool, a token tree per row (spec_decode/tree.py): query t sees chunk
+        token u where tree[b, t, u] (its ancestors and itself) instead of every earlier one, and
+        RoPE places it at the chunk's start + its depth. pos are then the cache rows its K/V
+        are written to (consecutive); the accepted path's are moved into place afterwards
+        (move_kv).
         """
         if self.max_len == 0:
             raise RuntimeError("call setup_cache() before forward()")
@@ -270,19 +278,21 @@ class Transformer(Watched):
         kv_len = int(pos.max()) + 1
         if kv_len > self.max_len:
             raise ValueError(f"position {kv_len - 1} is past the KV cache length {self.max_len}")
-        cos = self.rope_cos[pos].unsqueeze(2)
-        sin = self.rope_sin[pos].unsqueeze(2)
+        rope_pos = pos if tree is None else pos[:, :1] + tree.sum(-1) - 1
+        cos = self.rope_cos[rope_pos].unsqueeze(2)
+        sin = self.rope_sin[rope_pos].unsqueeze(2)
         window = self.config.sliding_window
         need_mask = t > 1 or bsz > 1 or (window is not None and kv_len > window)
         if decode_ops(self.rope_cos) is not None:  # its attention masks by position itself
             need_mask = False
-        mask = self._mask(pos, kv_len) if need_mask else None
+        mask = self._mask(pos, kv_len, tree, rope_pos) if need_mask else None
         x = self.embed(tokens)
         stack = self.fused_stack() if not fuzzy_groups and decode_ops(x) is not None else None
         if stack is not None:
-            logits = stack.forward(x, cos, sin, slots, pos, last)
+            logits = stack.forward(x, cos, sin, slots, pos, last, tree)
         else:
-            logits = self._forward_layers(x, cos, sin, slots, pos, kv_len, mask, fuzzy_groups)
+            args = (x, cos, sin, slots, pos, kv_len, mask, fuzzy_groups, tree)
+            logits = self._forward_layers(*args)
             if last:
                 logits = logits[:, -last:]
             logits = self.head_logits(logits)
@@ -306,13 +316,13 @@ class Transformer(Watched):
         vars(self).update(_stack=stack, _stack_epoch=LayerEpoch.value)
         return stack
 
-    def _forward_layers(self, x, cos, sin, slots, pos, kv_len, mask, fuzzy_groups):
+    def _forward_layers(self, x, cos, sin, slots, pos, kv_len, mask, fuzzy_groups, tree=None):
         starts = dict(fuzzy_groups)
         i = 0
         while i < len(self.layers):
             end = starts.get(i)
             if end is None:
-                x = self.layers[i](x, cos, sin, slots, pos, kv_len, mask)
+                x = self.layers[i](x, cos, sin, slots, pos, kv_len, mask, tree)
                 i += 1
                 continue
             group = self.layers[i:end]
@@ -354,13 +364,33 @@ class Transformer(Watched):
             x = layer(x, cos, sin, None, None, None, None)
         return x
 
-    def _mask(self, pos: torch.Tensor, kv_len: int) -> torch.Tensor:
+    def _mask(self, pos, kv_len, tree=None, rope_pos=None) -> torch.Tensor:
+        """[B, 1, T, kv_len]: which cached keys each query sees (see forward's tree)."""
         key_pos = torch.arange(kv_len, device=pos.device)
         q = pos[:, None, :, None]
-        mask = key_pos <= q
-        if self.config.sliding_window:
-            mask &= key_pos > q - self.config.sliding_window
+        if tree is None:
+            mask = key_pos <= q
+        else:  # keys before the chunk, then the tree's own
+            mask = (key_pos < pos[:, None, :1, None]).repeat(1, 1, pos.shape[1], 1)
+            cols = pos[:, None, None, :].expand(-1, 1, pos.shape[1], -1)
+            mask.scatter_(-1, cols, tree[:, None])
+        if window := self.config.sliding_window:  # in RoPE positions (a tree node's depth)
+            key_rope = key_pos.expand(pos.shape[0], -1).clone()
+            if tree is not None:
+                key_rope.scatter_(-1, pos, rope_pos)
+            mask &= key_rope[:, None, None, :] > rope_pos[:, None, :, None] - window
         return mask
+
+    def move_kv(self, slot: int, src: list[int], dst: list[int]) -> None:
+        """Copy the K/V at cache positions src to dst in slot (a tree's accepted path into
+        place: dst[i] <= src[i], increasing)."""
+        if src == dst:
+            return
+        s, d = torch.tensor(src, device=self.device), torch.tensor(dst, device=self.device)
+        for layer in self.layers:
+            kc = layer.attn.kv_cache
+            kc.k[slot, :, d] = kc.k[slot, :, s]
+            kc.v[slot, :, d] = kc.v[slot, :, s]
 
     def load_hf_state_dict(self, weights: Mapping[str, torch.Tensor]) -> None:
         """Load weights named as in Hugging Face checkpoints, fusing and sharding them."""

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from distspec.models.llama import Transformer
+from distspec.spec_decode import tree
 from distspec.spec_decode.draft_policy import DraftCosts, DraftLengthPolicy
 from distspec.spec_decode.drafter import EMPTY_DRAFT, Drafter
 from distspec.spec_decode.sampling import SamplingParams
@@ -122,6 +123,8 @@ class SpeculativeDecoder:
         try:
             # Prefill: the prompt's last logits give the first token.
             logits = self._target_forward(tokens, 0, stats, last=1)
+            if self.drafter is not None:
+                self.drafter.observe(tokens, logits)
             verdict = verify(logits, EMPTY_DRAFT, params, len(tokens))
             new = [verdict.next_token]
             stats.time_to_first_token_s = time.perf_counter() - t0
@@ -151,24 +154,32 @@ class SpeculativeDecoder:
         remaining = params.max_new_tokens - stats.new_tokens
         draft, draft_s = EMPTY_DRAFT, 0.0
         if self.drafter is not None:
-            k = min(policy.next_k(), remaining - 1, self.target.max_len - len(tokens))
+            room = self.target.max_len - len(tokens)
+            k = min(policy.next_k(), remaining - 1, room)
             if k > 0:
                 t = time.perf_counter()
-                draft = self.drafter.propose(tokens, k)
+                draft = self.drafter.propose(tokens, k)[:room]  # a tree may be wider than k
                 draft_s = time.perf_counter() - t
                 stats.draft_s += draft_s
         chunk = [tokens[-1], *draft.tokens]
         t = time.perf_counter()
-        logits = self._target_forward(chunk, len(tokens) - 1, stats)
+        mask = tree.attention_mask(draft.parents) if draft.is_tree else None
+        logits = self._target_forward(chunk, len(tokens) - 1, stats, tree_mask=mask)
+        if self.drafter is not None:
+            self.drafter.observe(chunk, logits)
         verdict = verify(logits, draft, params, len(tokens))
+        if verdict.path:  # a tree's accepted nodes' K/V into sequence order
+            rows = tree.accepted_rows(len(tokens) - 1, verdict.path)
+            self.target.move_kv(int(self.slot[0]), *rows)
         policy.observe_round(len(draft), verdict.num_accepted, draft_s, time.perf_counter() - t)
         stats.count_verdict(len(draft), verdict.num_accepted)
         return verdict.tokens(draft)
 
-    def _target_forward(self, chunk, start, stats, last=0) -> torch.Tensor:
+    def _target_forward(self, chunk, start, stats, last=0, tree_mask=None) -> torch.Tensor:
         t = time.perf_counter()
         pos = torch.arange(start, start + len(chunk))[None]
-        logits = self.target(torch.tensor([chunk]), pos, self.slot, last=last)[0]
+        mask = None if tree_mask is None else tree_mask[None]
+        logits = self.target(torch.tensor([chunk]), pos, self.slot, last=last, tree=mask)[0]
         stats.verify_s += time.perf_counter() - t
         stats.target_forwards += 1
         return logits

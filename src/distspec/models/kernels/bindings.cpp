@@ -25,9 +25,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul", &distspec::silu_mul, nogil, "silu(g) * u for gu = [g | u] on the last dim");
   m.def("attend", &distspec::attend, nogil,
         "RoPE on q and k of a fused qkv [B, T, Hq + 2 Hkv, D], k and v into the KV cache at "
-        "(slot, pos), then attention over each sequence's cached keys at positions <= its own",
+        "(slot, pos), then attention over each sequence's cached keys at positions <= its own "
+        "(tree [B, T, T] bool: within the chunk, only the keys tree[b, t] marks)",
         arg("qkv"), arg("cos"), arg("sin"), arg("k_cache"), arg("v_cache"), arg("slots"),
-        arg("pos"), arg("n_q"), arg("window") = 0);
+        arg("pos"), arg("n_q"), arg("window") = 0, arg("tree") = pybind11::none());
   pybind11::class_<distspec::LinearOp>(m, "LinearOp",
                                        "a linear layer's weight in one of the kernels' formats")
       .def(pybind11::init<const std::string&, std::vector<at::Tensor>, c10::optional<at::Tensor>,
@@ -42,13 +43,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            arg("attn_norm"), arg("mlp_norm"), arg("eps"), arg("wqkv"), arg("wo"), arg("gate_up"),
            arg("down"), arg("k_cache"), arg("v_cache"), arg("n_q"), arg("window") = 0)
       .def("forward", &distspec::DecoderLayer::forward, nogil, arg("x"), arg("cos"), arg("sin"),
-           arg("slots"), arg("pos"));
+           arg("slots"), arg("pos"), arg("tree") = pybind11::none());
   pybind11::class_<distspec::DecoderStack>(m, "DecoderStack",
                                            "every layer, the final norm and the head in one call")
       .def(pybind11::init<std::vector<distspec::DecoderLayer>, at::Tensor, double,
                           distspec::LinearOp>(),
            arg("layers"), arg("norm"), arg("eps"), arg("head"))
       .def("forward", &distspec::DecoderStack::forward, nogil, arg("x"), arg("cos"), arg("sin"),
-           arg("slots"), arg("pos"), arg("last") = 0);
+           arg("slots"), arg("pos"), arg("last") = 0, arg("tree") = pybind11::none());
   m.attr("MAX_ROWS") = distspec::kMaxRows;
 }

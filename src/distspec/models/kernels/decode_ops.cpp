@@ -6,7 +6,10 @@
 //              signed_sin, signed_sin's first half negated), k and v written into the static KV
 //              cache at (slot, position), then softmax(q k^T / sqrt(D)) v reading each
 //              sequence's cache rows in place (no gather, no mask tensor): a query at position
-//              p sees keys [max(0, p - window + 1), p].
+//              p sees keys [max(0, p - window + 1), p]. A token tree (tree [B, T, T]: query t
+//              sees chunk key u where tree[b, t, u]) replaces the chunk's causal order: a
+//              query sees the keys before the chunk and its ancestors' in the chunk, the
+//              window counted from its depth in the tree (the position RoPE gave it).
 
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -100,7 +103,8 @@ at::Tensor silu_mul(const at::Tensor& gu) {
 // Rotates q and k, writes k and v at (slot, pos), attends. Returns [B, T, Hq, D].
 at::Tensor attend(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
                   const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slots,
-                  const at::Tensor& pos, int64_t n_q, int64_t window) {
+                  const at::Tensor& pos, int64_t n_q, int64_t window,
+                  const c10::optional<at::Tensor>& tree) {
   check_float(qkv, "attend qkv");
   check_float(cos, "attend cos");
   check_float(sin, "attend sin");
@@ -126,6 +130,22 @@ at::Tensor attend(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor
   for (int64_t i = 0; i < B * T; ++i)
     TORCH_CHECK(pp[i] >= 0 && pp[i] < L, "attend: position out of the cache");
   for (int64_t b = 0; b < B; ++b) TORCH_CHECK(slp[b] >= 0 && slp[b] < S, "attend: bad slot");
+  const bool* tp = nullptr;  // tree[b, t, u], and each query's depth in it
+  std::vector<int64_t> depth;
+  at::Tensor tr;
+  if (tree.has_value()) {
+    tr = tree->contiguous();
+    TORCH_CHECK(tr.scalar_type() == at::kBool && tr.dim() == 3 && tr.size(0) == B &&
+                    tr.size(1) == T && tr.size(2) == T,
+                "attend: tree [B, T, T] bool");
+    tp = tr.data_ptr<bool>();
+    depth.assign(B * T, -1);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t t = 0; t < T; ++t) {
+        TORCH_CHECK(pp[b * T + t] == pp[b * T] + t, "attend: a tree's chunk has consecutive positions");
+        for (int64_t u = 0; u < T; ++u) depth[b * T + t] += tp[(b * T + t) * T + u];
+      }
+  }
 
   // rope on q (into a buffer) and k (into the cache), v into the cache
   at::Tensor q = at::empty({B, T, Hq, D}, qkv.options());
@@ -156,20 +176,29 @@ at::Tensor attend(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor
     std::vector<float> w(L);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / (Hq * T), h = (i / T) % Hq, t = i % T;
-      const int64_t p = pp[b * T + t];
-      const int64_t lo = window > 0 ? std::max<int64_t>(0, p - window + 1) : 0;
+      const int64_t p = pp[b * T + t], start = pp[b * T];
+      const int64_t rope_p = tp ? start + depth[b * T + t] : p;
+      const int64_t lo = window > 0 ? std::max<int64_t>(0, rope_p - window + 1) : 0;
+      const bool* row = tp ? tp + (b * T + t) * T : nullptr;
+      // key j: all of [lo, p] causally; with a tree, those before the chunk and ancestors'
+      auto sees = [&](int64_t j) {
+        return !row || j < start || (row[j - start] && start + depth[b * T + j - start] >= lo);
+      };
       const float* qr = qp + ((b * T + t) * Hq + h) * D;
       const int64_t kv = (slp[b] * Hkv + h / group) * L * D;
       float mx = -INFINITY;
       for (int64_t j = lo; j <= p; ++j) {
+        if (!sees(j)) continue;
         w[j] = dot(qr, kp + kv + j * D, D) * scale;
         mx = std::max(mx, w[j]);
       }
       float sum = 0.0f;
-      for (int64_t j = lo; j <= p; ++j) sum += (w[j] = std::exp(w[j] - mx));
+      for (int64_t j = lo; j <= p; ++j)
+        if (sees(j)) sum += (w[j] = std::exp(w[j] - mx));
       float* yr = yp + ((b * T + t) * Hq + h) * D;
       std::fill_n(yr, D, 0.0f);
-      for (int64_t j = lo; j <= p; ++j) axpy(w[j], vp + kv + j * D, yr, D);
+      for (int64_t j = lo; j <= p; ++j)
+        if (sees(j)) axpy(w[j], vp + kv + j * D, yr, D);
       const float inv = 1.0f / sum;
       for (int64_t d = 0; d < D; ++d) yr[d] *= inv;
     }

@@ -53,11 +53,12 @@ DecoderLayer::DecoderLayer(at::Tensor attn_norm, at::Tensor mlp_norm, double eps
       window_(window) {}
 
 at::Tensor DecoderLayer::forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
-                                 const at::Tensor& slots, const at::Tensor& pos) const {
+                                 const at::Tensor& slots, const at::Tensor& pos,
+                                 const c10::optional<at::Tensor>& tree) const {
   TORCH_CHECK(x.dim() == 3, "DecoderLayer: x [B, T, H]");
   const int64_t B = x.size(0), T = x.size(1), D = k_cache_.size(3);
   const at::Tensor qkv = wqkv_(rms_norm(x, attn_norm_, eps_)).view({B, T, -1, D});
-  const at::Tensor y = attend(qkv, cos, sin, k_cache_, v_cache_, slots, pos, n_q_, window_);
+  const at::Tensor y = attend(qkv, cos, sin, k_cache_, v_cache_, slots, pos, n_q_, window_, tree);
   at::Tensor h = wo_(y.view({B, T, n_q_ * D}));
   h.add_(x);  // x + attention: a new tensor, x may be the caller's
   h.add_(down_(silu_mul(gate_up_(rms_norm(h, mlp_norm_, eps_)))));
@@ -70,9 +71,9 @@ DecoderStack::DecoderStack(std::vector<DecoderLayer> layers, at::Tensor norm, do
 
 at::Tensor DecoderStack::forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
                                  const at::Tensor& slots, const at::Tensor& pos,
-                                 int64_t last) const {
+                                 int64_t last, const c10::optional<at::Tensor>& tree) const {
   at::Tensor h = x;
-  for (const DecoderLayer& layer : layers_) h = layer.forward(h, cos, sin, slots, pos);
+  for (const DecoderLayer& layer : layers_) h = layer.forward(h, cos, sin, slots, pos, tree);
   if (last > 0) h = h.slice(1, std::max<int64_t>(0, h.size(1) - last), h.size(1));
   return head_(rms_norm(h, norm_, eps_));
 }

@@ -34,7 +34,8 @@ class DecoderLayer {
                LinearOp gate_up, LinearOp down, at::Tensor k_cache, at::Tensor v_cache,
                int64_t n_q, int64_t window);
   at::Tensor forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
-                     const at::Tensor& slots, const at::Tensor& pos) const;
+                     const at::Tensor& slots, const at::Tensor& pos,
+                     const c10::optional<at::Tensor>& tree) const;
 
  private:
   at::Tensor attn_norm_, mlp_norm_;
@@ -45,12 +46,14 @@ class DecoderLayer {
 };
 
 // The whole cached forward after the embedding: every layer, the final norm and the head, with
-// no Python between them. last > 0: logits of each sequence's last `last` positions only.
+// no Python between them. last > 0: logits of each sequence's last `last` positions only;
+// tree: a token tree's visibility within the chunk (see attend).
 class DecoderStack {
  public:
   DecoderStack(std::vector<DecoderLayer> layers, at::Tensor norm, double eps, LinearOp head);
   at::Tensor forward(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
-                     const at::Tensor& slots, const at::Tensor& pos, int64_t last) const;
+                     const at::Tensor& slots, const at::Tensor& pos, int64_t last,
+                     const c10::optional<at::Tensor>& tree) const;
 
  private:
   std::vector<DecoderLayer> layers_;

@@ -17,6 +17,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
 at::Tensor silu_mul(const at::Tensor& gu);
 at::Tensor attend(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
                   const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slots,
-                  const at::Tensor& pos, int64_t n_q, int64_t window);
+                  const at::Tensor& pos, int64_t n_q, int64_t window,
+                  const c10::optional<at::Tensor>& tree);
 
 }  // namespace distspec

@@ -26,7 +26,7 @@ import torch
 from distspec.models.llama import Transformer, pad_positions
 from distspec.spec_decode.drafter import Draft, Drafter
 from distspec.spec_decode.drafters.ngram import NgramDrafter
-from distspec.spec_decode.sampling import SamplingParams, draw, probs_from_logits
+from distspec.spec_decode.sampling import SamplingParams, draw, probs_from_logits, race_noise
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,7 @@ class ModelDrafter(Drafter):
         prior_acceptance: float = Drafter.prior_acceptance,
         target_kv: tuple[Transformer, int] | None = None,
         check_lookup: bool = False,
+        tree_width: int = 1,
     ):
         """min_confidence: stop drafting after a token whose probability under the drafter is
         below this (an early stop on low confidence, as in SpecDec++ / SVIP).
@@ -101,7 +102,14 @@ class ModelDrafter(Drafter):
         cache, where its verification left them exact, instead of computed again (no
         prefill at start, one row fewer after a round whose drafts were all accepted; the
         draft then attends to the target's own K/V). The caller guarantees that when
-        propose(context) is called the target's cache holds context[:-1]."""
+        propose(context) is called the target's cache holds context[:-1].
+        tree_width: > 1 drafts a tree: beside each token the model drafts, its next
+        tree_width - 1 choices as leaves (runners-up by logit, or by race score when
+        sampling), verified in the same target forward; a rejected chain token then often
+        has the target's choice as a sibling. The drafter's own forwards stay a chain."""
+        if tree_width < 1:
+            raise ValueError(f"tree_width must be >= 1, got {tree_width}")
+        self.tree_width = tree_width
         self.model = model
         self.prior_acceptance = prior_acceptance
         self.target_kv = target_kv
@@ -153,6 +161,7 @@ class ModelDrafter(Drafter):
             self.exact_upto = len(self.cached)
         looked_up = self.lookup.propose(context, k).tokens if self.lookup is not None else []
         tokens: list[int] = []
+        leaves: dict[int, list[int]] = {}  # chain index -> its siblings
         pending = context[len(self.cached) :]  # fed to the model before its next prediction
         exact = True  # the first forward: verified tokens (and looked-up ones), exactly
         while len(tokens) < k:
@@ -170,11 +179,13 @@ class ModelDrafter(Drafter):
             # the row after the last kept token (unchecked, only the last row was computed)
             row = rows[kept - len(looked_up) - 1]
             tok, confidence = self._pick(row, len(context) + len(tokens))
+            if self.tree_width > 1:
+                leaves[len(tokens)] = self._runners_up(row, len(context) + len(tokens), tok)
             tokens.append(tok)
             if confidence < self.min_confidence:
                 break
             pending, looked_up = [tok], []
-        return Draft(tokens)
+        return _with_leaves(tokens, leaves)
 
     def _forward(self, step: DraftForward) -> torch.Tensor:
         return forward_together(self.model, [step], self.slot)[0]
@@ -195,6 +206,16 @@ class ModelDrafter(Drafter):
         agree = (self._pick(rows[i], pos + i)[0] == tok for i, tok in enumerate(looked_up))
         return next((i for i, ok in enumerate(agree) if not ok), len(looked_up))
 
+    def _runners_up(self, logits: torch.Tensor, pos: int, chosen: int) -> list[int]:
+        """The model's next tree_width - 1 choices after `chosen` at position pos."""
+        if self.params.greedy:
+            score = logits.float()
+        else:
+            q = probs_from_logits(logits, self.params).double()
+            score = q / race_noise(self.params.seed, pos, q.shape[-1])
+        top = torch.topk(score, self.tree_width).indices.tolist()
+        return [t for t in top if t != chosen][: self.tree_width - 1]
+
     def _pick(self, logits: torch.Tensor, pos: int) -> tuple[int, float]:
         """(the model's token at position pos, its probability under the drafter)."""
         if self.params.greedy:
@@ -204,6 +225,23 @@ class ModelDrafter(Drafter):
         q = probs_from_logits(logits, self.params)
         tok = int(draw(q, self.params.seed, pos)[0])
         return tok, float(q[tok])
+
+
+def _with_leaves(chain: list[int], leaves: dict[int, list[int]]) -> Draft:
+    """The chain, with leaves[i] as siblings of chain[i] (a chain if there are none)."""
+    if not leaves:
+        return Draft(chain)
+    tokens, parents = [], []
+    prev = -1
+    for i, tok in enumerate(chain):
+        node = len(tokens)
+        tokens.append(tok)
+        parents.append(prev)
+        for alt in leaves.get(i, ()):
+            tokens.append(alt)
+            parents.append(prev)
+        prev = node
+    return Draft(tokens, parents)
 
 
 def _check_same_cache(model: Transformer, target: Transformer) -> None:

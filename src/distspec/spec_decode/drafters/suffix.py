@@ -1,0 +1,210 @@
+"""Suffix decoding: draft what followed the longest match of the sequence's end, in the request
+itself and in earlier outputs, the most frequent continuation first (SuffixDecoding, SAM
+decoding).
+
+`SuffixIndex` maps every n-gram (n <= max_match) of the sequences it holds to where it ended,
+the newest occurrences kept. A draft starts from the longest n-gram ending the context that
+occurred before with something after it; the continuations after its occurrences (request
+and store alike) are counted into a trie and drafted best first by frequency: one chain, or
+with tree_width > 1 a tree of the top continuations (each node's children cut to tree_width).
+How far to draft follows the match: a longer match is more often continued the same way.
+
+`SuffixStore` is the cross-request part: finished outputs of one model, bounded by total
+tokens, the oldest evicted first. The server keeps one per model and tenant (never across
+tenants); `generate` one per engine.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+from distspec.spec_decode.drafter import Draft, Drafter
+from distspec.spec_decode.sampling import SamplingParams
+from distspec.spec_decode.tree import merge_paths
+
+MAX_MATCH = 12  # longest n-gram indexed
+MAX_OCCURRENCES = 16  # newest occurrences kept per n-gram
+MATCH_FACTOR = 2  # draft at most this many tokens per matched token (then the drafter's k)
+MIN_SHARE = 0.1  # a continuation drafted only if this share of the occurrences agree on it
+
+
+class SuffixIndex:
+    """n-gram -> [(sequence id, index after the n-gram)], newest last."""
+
+    def __init__(self, max_match: int = MAX_MATCH, max_occurrences: int = MAX_OCCURRENCES):
+        self.max_match, self.max_occurrences = max_match, max_occurrences
+        self.seqs: dict[int, list[int]] = {}
+        self._at: dict[tuple[int, ...], deque[tuple[int, int]]] = {}
+
+    def extend(self, seq_id: int, tokens: list[int]) -> None:
+        """Append tokens to sequence seq_id (new if unknown), indexing the n-grams they end."""
+        seq = self.seqs.setdefault(seq_id, [])
+        done = len(seq)
+        seq.extend(tokens)
+        for end in range(max(done, 1), len(seq) + 1):
+            for n in range(1, min(self.max_match, end) + 1):
+                key = tuple(seq[end - n : end])
+                occ = self._at.get(key)
+                if occ is None:
+                    occ = self._at[key] = deque(maxlen=self.max_occurrences)
+                occ.append((seq_id, end))
+
+    def drop(self, seq_id: int) -> None:
+        """Forget a sequence (its occurrences are skipped from now on, then age out)."""
+        self.seqs.pop(seq_id, None)
+
+    def occurrences(self, key: tuple[int, ...]) -> list[tuple[int, int]]:
+        return [o for o in self._at.get(key, ()) if o[0] in self.seqs]
+
+    def prune(self) -> None:
+        """Drop occurrences of forgotten sequences (bounds memory after evictions)."""
+        for key in [k for k, occ in self._at.items() if not any(o[0] in self.seqs for o in occ)]:
+            del self._at[key]
+
+
+@dataclass
+class SuffixStore:
+    """Finished outputs of one model for later requests to draft from: at most max_tokens in
+    all, the oldest evicted first. Thread-safe (a server's sessions finish concurrently)."""
+
+    max_tokens: int = 1 << 18
+    index: SuffixIndex = field(default_factory=SuffixIndex)
+    _ids: itertools.count = field(default_factory=itertools.count)
+    _sizes: OrderedDict[int, int] = field(default_factory=OrderedDict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _evicted: int = 0
+
+    def add(self, tokens: list[int]) -> None:
+        if not tokens:
+            return
+        tokens = tokens[-self.max_tokens :]
+        with self._lock:
+            seq_id = next(self._ids)
+            self.index.extend(seq_id, tokens)
+            self._sizes[seq_id] = len(tokens)
+            while sum(self._sizes.values()) > self.max_tokens:
+                old, _ = self._sizes.popitem(last=False)
+                self.index.drop(old)
+                self._evicted += 1
+            if self._evicted > len(self._sizes) + 16:  # now and then: drop dead occurrences
+                self.index.prune()
+                self._evicted = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self._sizes.values())
+
+    def continuations(
+        self, context: list[int], min_n: int, depth: int
+    ) -> tuple[int, list[list[int]]]:
+        """As _continuations, over the stored outputs."""
+        with self._lock:
+            return _continuations(self.index, context, min_n, depth)
+
+
+class SuffixDrafter(Drafter):
+    name = "suffix"
+    prior_acceptance = 0.5
+
+    def __init__(
+        self,
+        store: SuffixStore | None = None,
+        tree_width: int = 1,
+        max_match: int = MAX_MATCH,
+        output_prefix: int = MAX_MATCH,
+    ):
+        """store: earlier outputs to draft from too (this drafter adds its request's output
+        there when it finishes, with output_prefix prompt tokens before it so that the
+        answer's start can be matched). tree_width: most children per draft node (1: chains)."""
+        if tree_width < 1:
+            raise ValueError(f"tree_width must be >= 1, got {tree_width}")
+        self.store, self.tree_width = store, tree_width
+        self.max_match, self.output_prefix = max_match, output_prefix
+        self._index = SuffixIndex(max_match)
+        self._prompt_len = 0
+
+    def start(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        self._index = SuffixIndex(self.max_match)
+        self._prompt_len = len(prompt_ids)
+
+    def finish(self) -> None:
+        seq = self._index.seqs.get(0, [])
+        if self.store is not None and len(seq) > self._prompt_len:
+            self.store.add(seq[max(0, self._prompt_len - self.output_prefix) :])
+        self._index = SuffixIndex(self.max_match)
+
+    def propose(self, context: list[int], k: int) -> Draft:
+        if k <= 0:
+            return Draft([])
+        self._sync(context)
+        n, paths = _continuations(self._index, context, 1, k)
+        if self.store is not None:
+            m, more = self.store.continuations(context, max(n, 1), k)
+            if m > n:  # a longer match there: it decides
+                n, paths = m, more
+            elif m == n:
+                paths += more
+        if not paths:
+            return Draft([])
+        depth = min(k, MATCH_FACTOR * n)
+        return _best_first(paths, depth, k * self.tree_width, self.tree_width)
+
+    def _sync(self, context: list[int]) -> None:
+        """Index the context as sequence 0 (afresh if it is not an extension: PEARL)."""
+        seq = self._index.seqs.get(0, [])
+        if context[: len(seq)] != seq:
+            self._index = SuffixIndex(self.max_match)
+            seq = []
+        self._index.extend(0, context[len(seq) :])
+
+
+def _continuations(
+    index: SuffixIndex, context: list[int], min_n: int, depth: int
+) -> tuple[int, list[list[int]]]:
+    """(the longest n >= min_n whose n-gram ending the context occurred before with tokens
+    after it, those tokens up to depth for each such occurrence); (0, []) if none."""
+    best_n, best = 0, []
+    for n in range(1, min(index.max_match, len(context)) + 1):
+        occ = index.occurrences(tuple(context[-n:]))
+        if not occ:
+            break
+        # the context's own end is an occurrence with nothing after it
+        followed = [(s, end) for s, end in occ if end < len(index.seqs[s])]
+        if followed and n >= min_n:
+            best_n, best = n, followed
+    return best_n, [index.seqs[s][end : end + depth] for s, end in best]
+
+
+def _best_first(paths: list[list[int]], depth: int, budget: int, width: int) -> Draft:
+    """A draft from candidate continuations counted into a trie: the chain of most frequent
+    next tokens, or (width > 1) the `budget` most frequent prefixes with at most `width`
+    children per node; a node only if at least MIN_SHARE of the continuations pass through it."""
+    total = len(paths)
+    trie: dict[tuple[int, ...], int] = {}
+    for path in paths:
+        for d in range(1, min(depth, len(path)) + 1):
+            trie[tuple(path[:d])] = trie.get(tuple(path[:d]), 0) + 1
+    kids: dict[tuple[int, ...], list[tuple[int, ...]]] = {}
+    for prefix in trie:
+        kids.setdefault(prefix[:-1], []).append(prefix)
+    for key in kids:
+        kids[key].sort(key=lambda p: -trie[p])
+        del kids[key][width:]
+    chosen: list[list[int]] = []
+    heap = [(-trie[p], p) for p in kids.get((), [])]
+    heapq.heapify(heap)
+    while heap and len(chosen) < budget:
+        count, prefix = heapq.heappop(heap)
+        if -count < MIN_SHARE * total:
+            break
+        chosen.append(list(prefix))
+        for child in kids.get(prefix, []):
+            heapq.heappush(heap, (-trie[child], child))
+    if width == 1:
+        return Draft(chosen[-1] if chosen else [])
+    tokens, parents = merge_paths(chosen, budget)
+    return Draft(tokens, parents)
