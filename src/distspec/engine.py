@@ -47,6 +47,7 @@ class EngineConfig:
     # > 0: the drafter on a thread of its own pinned to the last this many cores, the target
     # pinned to the others (workers/placement.py); 0: both use every core, in turn
     drafter_cpus: int = 0
+    tree_width: int = 1  # > 1: token trees, at most this many children per node (tree.py)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -65,6 +66,10 @@ class EngineConfig:
             raise ValueError("a drafter on several ranks needs an EasySpec group size (>= 2)")
         if self.drafter_cpus and (self.mode == "ar" or self.drafter_ranks > 1):
             raise ValueError("drafter cpus need a drafter in this process (not ar, one rank)")
+        if self.tree_width < 1:
+            raise ValueError(f"tree width must be >= 1, got {self.tree_width}")
+        if self.tree_width > 1 and (self.mode == "pearl" or self.drafter_ranks > 1):
+            raise ValueError("token trees run in mode sd or auto, with one drafter rank")
 
 
 class Engine:
@@ -85,7 +90,12 @@ class Engine:
         mode = "ar" if self.drafter is None else config.mode
         with self._on_target():  # costs and overlap are measured on the placement
             self.decoder = make_decoder(
-                self.target, self.drafter, config.gamma, config.adaptive, mode
+                self.target,
+                self.drafter,
+                config.gamma,
+                config.adaptive,
+                mode,
+                trees=config.tree_width > 1,
             )
 
     @property
@@ -108,6 +118,7 @@ class Engine:
                 # context (PEARL drafts past what the target has read; make_decoder turns
                 # it off when auto chooses PEARL)
                 target_kv_slot=0 if config.mode in ("sd", "auto") else None,
+                tree_width=config.tree_width,
             )
         from distspec.workers.drafter import DrafterSpec, DrafterWorker, WorkerDrafter
 
@@ -162,10 +173,12 @@ def make_decoder(
     gamma: int,
     adaptive: bool,
     mode: str = "sd",
+    trees: bool = False,
 ) -> SpeculativeDecoder:
     """A decoder for target in mode ar, sd, pearl (gamma is then the longest draft, see
-    pearl_gamma) or auto (sd or pearl, whichever the overlap measured here favours); with
-    adaptive drafting, the draft costs are measured once here."""
+    pearl_gamma) or auto (sd or pearl, whichever the overlap measured here favours; sd for a
+    drafter of token trees, which PEARL does not split); with adaptive drafting, the draft
+    costs are measured once here."""
     if drafter is None:
         if mode not in ("ar", "sd"):
             raise ValueError(f"mode {mode} needs a drafter")
@@ -174,6 +187,8 @@ def make_decoder(
     if adaptive:
         costs = measure_costs(target.model, drafter, gamma)
         log.info("draft costs: %s", costs)
+    if mode == "auto" and trees:
+        mode = "sd"
     if mode == "auto":
         overlap = measure_overlap(target.model, drafter, pearl_gamma(costs, gamma))
         mode = choose_mode(overlap)

@@ -305,7 +305,7 @@ def _edge_drafters(config: ChaosConfig) -> list:
 
     name = config.edge_drafter or config.drafter
     return [
-        new_drafter(load_drafter(name, config.target, max_len=config.max_len))
+        new_drafter(load_drafter(name, config.target, max_len=config.max_len), name=name)
         for _ in range(config.edge_clients)
     ]
 

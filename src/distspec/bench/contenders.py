@@ -37,12 +37,20 @@ class Contender(ABC):
     @abstractmethod
     def run(self, prompt_ids: list[int], params: SamplingParams) -> RunResult: ...
 
+    def forget(self) -> None:
+        """Drop what earlier runs taught it (a drafter's cross-request memory)."""
+        return None
+
 
 class DistspecContender(Contender):
     def __init__(self, name: str, decoder: SpeculativeDecoder, placement=None):
         """placement: a CpuPlacement whose target cores the runs take (its drafter is pinned
         already)."""
         self.name, self.decoder, self.placement = name, decoder, placement
+
+    def forget(self) -> None:
+        if self.decoder.drafter is not None:
+            self.decoder.drafter.forget()
 
     def run(self, prompt_ids, params):
         with nullcontext() if self.placement is None else self.placement.on_target():
@@ -122,7 +130,10 @@ def load_hf_model(target: str):
     return AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, **kw).eval()
 
 
-def distspec_decoder(target: LoadedModel, drafter, gamma: int, adaptive: bool, mode: str = "sd"):
+def distspec_decoder(
+    target: LoadedModel, drafter, gamma: int, adaptive: bool, mode: str = "sd", trees=False
+):
     from distspec.engine import make_decoder
 
-    return make_decoder(target, drafter, gamma, adaptive, "ar" if drafter is None else mode)
+    mode = "ar" if drafter is None else mode
+    return make_decoder(target, drafter, gamma, adaptive, mode, trees=trees)

@@ -56,7 +56,8 @@ def run_edge_bench(config: EdgeBenchConfig) -> dict:
     torch.set_num_threads(config.client_threads)
     prompts = load_prompts(limit=config.num_prompts)
     server, address = _start_server(config)
-    drafter = new_drafter(load_drafter(config.drafter, config.target, max_len=2048))
+    loaded = load_drafter(config.drafter, config.target, max_len=2048)
+    drafter = new_drafter(loaded, name=config.drafter)
     params = SamplingParams(max_new_tokens=config.max_new_tokens)
     runs = []
     try:

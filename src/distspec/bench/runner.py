@@ -29,10 +29,10 @@ from distspec.bench.contenders import (
     load_hf_model,
 )
 from distspec.bench.plot import plot_bench
-from distspec.datasets import load_prompts
+from distspec.datasets import load_conversations
 from distspec.models.loader import gguf_source, load_for_inference
 from distspec.models.tokenizer import ChatMessage
-from distspec.spec_decode.defaults import DEFAULT_GAMMA
+from distspec.spec_decode.defaults import BENCH_TREE_WIDTH, DEFAULT_GAMMA
 from distspec.spec_decode.drafters.factory import build_drafter
 from distspec.spec_decode.sampling import SamplingParams
 from distspec.workers.placement import PinnedDrafter, split_cpus
@@ -50,7 +50,10 @@ SELF_SD = ("sd-self", "sd-self-int4", "sd-self-int8", "sd-self-bf16", "sd-self-m
 # the same drafters with PEARL, or with the mode `generate` picks by default (auto: sd or
 # pearl, measured at start-up)
 OTHER_MODES = ("pearl-self", "pearl-self-model", "auto-self", "pearl-demo", "auto-demo")
+# model-free drafters beside prompt lookup (sd-ngram): suffix decoding, Token Recycling
+MODEL_FREE_SD = ("sd-suffix", "sd-recycle")
 PINNED = "+pin"  # a speculative contender's suffix: its drafter on a core of its own
+TREE = "-tree"  # ... and a drafter's: token trees of width BENCH_TREE_WIDTH (sd-self-tree)
 KNOWN = (
     "hf-ar",
     "hf-lookup",
@@ -59,9 +62,20 @@ KNOWN = (
     *SELF_SD,
     *OTHER_MODES,
     "sd-ngram",
+    *MODEL_FREE_SD,
     "sd-demo",
     "sd-demo-model",
     *LLAMA_CPP,
+)
+TREE_OK = (
+    "sd-self",
+    "sd-self-int4",
+    "sd-self-int8",
+    "sd-self-bf16",
+    "sd-self-model",
+    *MODEL_FREE_SD,
+    "sd-demo",
+    "sd-demo-model",
 )
 
 
@@ -89,6 +103,9 @@ class BenchConfig:
     def __post_init__(self) -> None:
         for c in self.contenders:
             c = c.removesuffix(PINNED)
+            if c.endswith(TREE) and c.removesuffix(TREE) not in TREE_OK:
+                raise ValueError(f"{c}: trees for {', '.join(TREE_OK)}")
+            c = c.removesuffix(TREE)
             if c not in KNOWN and not c.startswith(("sd:", "sd-model:")):
                 raise ValueError(
                     f"unknown contender {c!r}; known: {', '.join(KNOWN)}, sd:PATH, sd-model:PATH"
@@ -138,18 +155,27 @@ def build_contenders(config: BenchConfig, target) -> list[Contender]:
             runner = llama_cpp.LlamaCpp(model, threads, draft, draft_max=draft_max)
             out.append(LlamaCppContender(name, runner, target.tokenizer))
         else:
-            mode, drafter_name, lookup = _drafter_of(name.removesuffix(PINNED))
+            base = name.removesuffix(PINNED)
+            width = BENCH_TREE_WIDTH if base.endswith(TREE) else 1
+            mode, drafter_name, lookup = _drafter_of(base.removesuffix(TREE))
             # sequential rounds in slot 0: a copy of the target reads its verified K/V (not
             # under PEARL: make_decoder turns it off)
             drafter = build_drafter(
-                drafter_name, target, target.model.max_len, lookup, target_kv_slot=0
+                drafter_name,
+                target,
+                target.model.max_len,
+                lookup,
+                target_kv_slot=0,
+                tree_width=width,
             )
             pinned = config.drafter_cpus or (1 if name.endswith(PINNED) else 0)
             placement = split_cpus(pinned) if pinned else None
             if placement is not None:
                 drafter = PinnedDrafter(drafter, placement.drafter)
             with nullcontext() if placement is None else placement.on_target():
-                decoder = distspec_decoder(target, drafter, config.gamma, config.adaptive, mode)
+                decoder = distspec_decoder(
+                    target, drafter, config.gamma, config.adaptive, mode, trees=width > 1
+                )
             out.append(DistspecContender(name, decoder, placement))
     return out
 
@@ -169,9 +195,12 @@ def _drafter_of(contender: str) -> tuple[str, str, bool]:
 def run_bench(config: BenchConfig) -> dict:
     if config.threads:
         torch.set_num_threads(config.threads)
-    prompts = load_prompts(config.prompts_file, config.num_prompts)
+    prompts = load_conversations(config.prompts_file, config.num_prompts)
     target = load_for_inference(config.target)
-    prompt_ids = [target.tokenizer.encode_chat([ChatMessage("user", p)]) for p in prompts]
+    prompt_ids = [
+        target.tokenizer.encode_chat([ChatMessage(m["role"], m["content"]) for m in chat])
+        for chat in prompts
+    ]
     contenders = build_contenders(config, target)
 
     def params(i: int) -> SamplingParams:
@@ -189,6 +218,8 @@ def run_bench(config: BenchConfig) -> dict:
     total = config.repeats * len(prompts) * len(contenders)
     with tqdm(total=total, desc="bench", unit="run") as bar:
         for rep in range(config.repeats):
+            for c in contenders:  # each repetition is the workload afresh (suffix, recycle)
+                c.forget()
             for i, ids in enumerate(prompt_ids):
                 k = (rep * len(prompts) + i) % len(contenders)
                 for c in contenders[k:] + contenders[:k]:

@@ -21,12 +21,18 @@ def add_bench(sub) -> None:
         default="hf-ar,hf-lookup,ar,sd-ngram,sd-demo,sd-self",
         help="comma list of: hf-ar, hf-lookup, ar, ar-int8, ar-int4 (-x8: int8 activations), "
         "sd-self (-int4, -int8, -bf16: a quantized copy of the target drafts), sd-ngram, "
-        "sd-demo, sd-demo-model, sd:PATH, sd-model:PATH (the -model forms draft without prompt "
-        "lookup), pearl-self, auto-self, pearl-demo, auto-demo (PEARL, or the mode generate "
-        "picks), any of these +pin (the drafter pinned to a core of its own), llama.cpp-f32, "
-        "llama.cpp-native, llama.cpp-sd (make bench-peers)",
+        "sd-suffix, sd-recycle, sd-demo, sd-demo-model, sd:PATH, sd-model:PATH (the -model "
+        "forms draft without prompt lookup), sd-self/sd-demo/sd-suffix/sd-recycle + -tree "
+        "(token trees, width 3), pearl-self, auto-self, pearl-demo, auto-demo (PEARL, or the "
+        "mode generate picks), any of these +pin (the drafter pinned to a core of its own), "
+        "llama.cpp-f32, llama.cpp-native, llama.cpp-sd (make bench-peers)",
     )
-    p.add_argument("--prompts", default=None, help="JSON file of prompts (default: built-in set)")
+    p.add_argument(
+        "--prompts",
+        default=None,
+        help="JSON file of prompts or conversations, or a built-in set: benchmark (default), "
+        "repetitive (multi-turn edits of earlier answers)",
+    )
     p.add_argument(
         "--num-prompts", type=int, default=None, help="use the first N prompts (default: all)"
     )

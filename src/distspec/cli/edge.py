@@ -58,7 +58,7 @@ def _edge(args: argparse.Namespace) -> int:
         copy = self_form(args.drafter) is not None
         vocab = loaded.model.config.vocab_size
         identity = model_identity(args.target, loaded.tokenizer, vocab, weights=copy)
-    drafter = new_drafter(loaded)
+    drafter = new_drafter(loaded, name=args.drafter)
     client = EdgeClient(
         args.server,
         drafter,

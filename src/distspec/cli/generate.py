@@ -79,6 +79,15 @@ def add_generate(sub) -> None:
         help="pin the drafter to the last N cores and the target to the others, so drafting "
         "and verifying (PEARL) run at once (default 0: both use every core, in turn)",
     )
+    p.add_argument(
+        "--tree-width",
+        type=int,
+        default=1,
+        metavar="W",
+        help="draft token trees with up to W children per node, verified in one target forward "
+        "(model drafters: their next W-1 choices beside each token; suffix: the most frequent "
+        "continuations; recycle: the target's own top candidates); default 1: chains",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object at the end")
     p.set_defaults(func=_generate)
 
@@ -103,6 +112,7 @@ def _generate(args: argparse.Namespace) -> int:
         easyspec_exact=args.easyspec_exact,
         drafter_ranks=args.drafter_ranks if args.drafter_parallel == "layer" else 1,
         drafter_cpus=args.drafter_cpus,
+        tree_width=args.tree_width,
     )
     engine = Engine(config)
     try:

@@ -71,6 +71,11 @@ class ServeConfig:
             raise ValueError(
                 f"target_dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {self.target_dtype!r}"
             )
+        if self.drafter == "recycle":
+            raise ValueError(
+                "drafter recycle learns from the target's logits beside a local target "
+                "(distspec generate, bench): the server's drafters do not see them"
+            )
         for name in ("request_timeout_s", "stall_timeout_s", "drain_timeout_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0: no limit), got {getattr(self, name)}")

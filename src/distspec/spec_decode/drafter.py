@@ -79,6 +79,11 @@ class Drafter(ABC):
         need (Token Recycling); the rest ignore it."""
         return None
 
+    def forget(self) -> None:
+        """Drop what earlier requests taught it (suffix's stored outputs, recycle's table):
+        benchmarks start each repetition of a workload afresh."""
+        return None
+
     def finish(self) -> None:
         """End the request (free per-request resources)."""
         return None

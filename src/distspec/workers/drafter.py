@@ -157,7 +157,11 @@ class DrafterWorker(GroupMember):
         return [d.propose(r.context, r.k) for d, r in zip(drafters, requests, strict=True)]
 
     def _new_drafter(self, slot: int) -> Drafter:
-        return new_drafter(self.model, self.spec.lookup, slot, self.fuzzy_groups)
+        # suffix: from the session's own text (a store shared across sessions needs to know
+        # whose outputs it holds: not yet)
+        return new_drafter(
+            self.model, self.spec.lookup, slot, self.fuzzy_groups, name=self.spec.model
+        )
 
     def _time_steps(self, group_size: int, context_len: int, steps: int) -> float:
         model = self.model.model

@@ -110,6 +110,12 @@ class PinnedDrafter(Drafter):
     def stop_reading_target_kv(self) -> None:
         self.inner.stop_reading_target_kv()
 
+    def observe(self, chunk: list[int], logits) -> None:
+        self.inner.observe(chunk, logits)  # bookkeeping, cheap: on the caller's thread
+
+    def forget(self) -> None:
+        self.inner.forget()
+
     def placement(self) -> tuple[tuple[int, ...], int]:
         """(cores, torch threads) of the drafter's thread, read back from it."""
         return self._thread.submit(current_placement).result()

@@ -31,6 +31,9 @@ class RecycleDrafter(Drafter):
     def start(self, prompt_ids: list[int], params: SamplingParams) -> None:
         return None  # the table outlives requests: that is the recycling
 
+    def forget(self) -> None:
+        self.table.fill_(-1)
+
     def observe(self, chunk: list[int], logits: torch.Tensor) -> None:
         rows = chunk[len(chunk) - len(logits) :]
         top = torch.topk(logits.float(), self.top_k, dim=-1).indices.cpu()

@@ -131,6 +131,10 @@ class SuffixDrafter(Drafter):
         self._index = SuffixIndex(self.max_match)
         self._prompt_len = len(prompt_ids)
 
+    def forget(self) -> None:
+        if self.store is not None:
+            self.store = SuffixStore(self.store.max_tokens)
+
     def finish(self) -> None:
         seq = self._index.seqs.get(0, [])
         if self.store is not None and len(seq) > self._prompt_len:
