@@ -44,9 +44,14 @@ def test_tree_helpers():
         1: {6: 5},
     }
     assert tree.accepted_rows(10, [1, 5]) == ([12, 16], [11, 12])
-    tokens, parents = tree.merge_paths([[1, 2, 3], [1, 2, 4], [5]], budget=10)
-    assert (tokens, parents) == ([1, 2, 3, 4, 5], [-1, 0, 1, 1, -1])
-    assert tree.merge_paths([[1, 2, 3], [1, 4]], budget=3) == ([1, 2, 3], [-1, 0, 1])
+    options = {(): [(1, 0.6), (5, 0.3)], (1,): [(2, 0.9), (4, 0.1)], (1, 2): [(3, 0.5)]}
+    grow = lambda path: options.get(tuple(path), [])  # noqa: E731
+    # best first by path chance: 1 (.6), 1-2 (.54), 5 (.3), 1-2-3 (.27), 1-4 (.06)
+    assert tree.best_first(grow, 10, 5, width=2) == ([1, 2, 5, 3, 4], [-1, 0, -1, 1, 0])
+    assert tree.best_first(grow, 10, 5, 0.28, 2) == ([1, 2, 5], [-1, 0, -1])
+    assert tree.best_first(grow, 2, 5, width=2) == ([1, 2], [-1, 0])
+    assert tree.best_first(grow, 10, 1) == ([1], [-1])
+    assert tree.best_first(grow, 10, 5) == ([1, 2, 3], [-1, 0, 1])  # width 1: a chain
     with pytest.raises(ValueError, match="parent"):
         Draft([1, 2], [-1, 1])
     assert not Draft([1, 2, 3], [-1, 0, 1]).is_tree  # a chain stays a chain
@@ -188,6 +193,19 @@ def tree_drafter(kind: str, draft_model, target, expected=None, prompt_len=0) ->
     raise AssertionError(kind)
 
 
+def watch_drafts(drafter: Drafter) -> list[Draft]:
+    """The drafts drafter proposes from now on."""
+    seen: list[Draft] = []
+    propose = drafter.propose
+
+    def watched(context, k):
+        seen.append(propose(context, k))
+        return seen[-1]
+
+    drafter.propose = watched
+    return seen
+
+
 @pytest.mark.parametrize("kind", ["oracle", "model", "suffix", "recycle"])
 def test_greedy_with_tree_drafts_equals_greedy_ar(target, draft_model, kind):
     trees = accepted = 0
@@ -195,9 +213,7 @@ def test_greedy_with_tree_drafts_equals_greedy_ar(target, draft_model, kind):
         ids = encode(target, text)
         expected = greedy_ar(target, ids, 40)
         drafter = tree_drafter(kind, draft_model, target, expected, len(ids))
-        seen = []
-        propose = drafter.propose
-        drafter.propose = lambda c, k: seen.append(propose(c, k)) or seen[-1]
+        seen = watch_drafts(drafter)
         dec = SpeculativeDecoder(target.model, drafter, gamma=4, eos_token_ids=[])
         for _ in range(2):  # twice: the suffix store and the recycle table now hold the text
             out, last = dec.generate(ids, SamplingParams(max_new_tokens=40))

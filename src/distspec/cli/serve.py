@@ -58,6 +58,13 @@ def add_serve(sub) -> None:
     )
     p.add_argument("--num-drafters", type=int, help="drafter groups (sessions are spread)")
     p.add_argument(
+        "--tree-width",
+        type=int,
+        metavar="W",
+        help="drafters draft token trees of up to W children per node, sized per batch by "
+        "measured verify costs (default 1: chains)",
+    )
+    p.add_argument(
         "--mode",
         choices=["ar", "sd", "pearl", "auto"],
         help="default: auto with a drafter (sd, pearl or plain rounds, whichever measures "

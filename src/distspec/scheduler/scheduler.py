@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from distspec.scheduler.metrics import SchedulerMetrics
 from distspec.scheduler.session import Session, SessionError
 from distspec.scheduler.switch import PLAIN, SpeculationSwitch
+from distspec.spec_decode import tree
 from distspec.spec_decode.decoding import StepOutput, clip_new_tokens
 from distspec.spec_decode.draft_policy import DraftCosts, DraftLengthPolicy, costs_from, ema
 from distspec.spec_decode.drafter import EMPTY_DRAFT, Draft
@@ -76,10 +77,13 @@ class SchedulerConfig:
     max_waiting: int = 16  # sessions queued for a KV slot before admission says no
     max_draft: int = 16  # longest chunk an external drafter may offer
     idle_timeout_s: float = 60.0  # an external session without a chunk this long is ended
+    trees: bool = False  # the drafters draft token trees (sd rounds only: PEARL splits chains)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.trees and self.mode == "pearl":
+            raise ValueError("token trees run in mode sd or auto, not pearl")
         if self.gamma < 1:
             raise ValueError(f"gamma must be >= 1, got {self.gamma}")
         if self.max_waiting < 0:
@@ -419,6 +423,8 @@ class Scheduler:
         mode = self.config.mode
         adaptive = mode != "ar" and bool(internal)
         kinds = ("sd", "pearl", PLAIN) if mode == "auto" else (mode, PLAIN)
+        if self.config.trees:
+            kinds = tuple(k for k in kinds if k != "pearl")
         kind = self.switch.choose(len(internal), kinds) if adaptive else PLAIN
         before = sum(s.stats.new_tokens for s in internal)
         t = time.perf_counter()
@@ -453,18 +459,23 @@ class Scheduler:
                 batch = len(sessions)  # verified together in this round's step
                 k = min(s.policy.next_k(batch), self._room(s) - 1)
                 if k > 0:
-                    requests[s.id] = DraftRequest(s.id, s.tokens, k)
+                    price = s.policy.node_price(k, batch)
+                    requests[s.id] = DraftRequest(s.id, s.tokens, k, price)
             t = time.perf_counter()
             drafts.update(self._draft(sessions, requests))
             draft_s = time.perf_counter() - t
-        items = [_verify_item(s, drafts.get(s.id, EMPTY_DRAFT)) for s in sessions]
+        # a tree may hold more nodes than the draft length: cut to what the context holds
+        items = [
+            _verify_item(s, drafts.get(s.id, EMPTY_DRAFT)[: self._room(s) - 1]) for s in sessions
+        ]
         t = time.perf_counter()
         verdicts = self._step(items)
         verify_s = time.perf_counter() - t
         for s, item, verdict in zip(sessions, items, verdicts, strict=True):
             k = len(item.draft)
             if s.policy is not None:
-                s.policy.observe_round(k, verdict.num_accepted, draft_s, verify_s)
+                depth = tree.depth(item.draft)
+                s.policy.observe_round(depth, verdict.num_accepted, draft_s, verify_s)
             self._count(s, k, verdict.num_accepted)
             self._advance(s, verdict.tokens(item.draft), verdict.num_accepted)
 

@@ -39,6 +39,7 @@ class ServeConfig:
     easyspec_exact: tuple[int, int] = (1, 1)  # EasySpec: first and last drafter layers exact
     num_drafters: int = 1
     lookup: bool = True
+    tree_width: int = 1  # > 1: token trees of up to this many children per node
     mode: str | None = None  # default: auto with a drafter, ar without
     gamma: int = 4
     num_slots: int = 16
@@ -71,6 +72,8 @@ class ServeConfig:
             raise ValueError(
                 f"target_dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {self.target_dtype!r}"
             )
+        if self.tree_width < 1:
+            raise ValueError(f"tree_width must be >= 1, got {self.tree_width}")
         if self.drafter == "recycle":
             raise ValueError(
                 "drafter recycle learns from the target's logits beside a local target "
@@ -116,6 +119,7 @@ class ServeConfig:
                 self.drafter_parallel,
                 self.easyspec_group,
                 tuple(self.easyspec_exact),
+                tree_width=self.tree_width,
             )
         cluster = ClusterConfig(
             target=target,
@@ -128,7 +132,9 @@ class ServeConfig:
             target_cpus=self.target_cpus,
             drafter_cpus=self.drafter_cpus,
         )
-        scheduler = SchedulerConfig(mode=mode, gamma=self.gamma, max_waiting=self.max_waiting)
+        scheduler = SchedulerConfig(
+            mode=mode, gamma=self.gamma, max_waiting=self.max_waiting, trees=self.tree_width > 1
+        )
         return RuntimeConfig(cluster, scheduler, use_ray=self.use_ray)
 
 

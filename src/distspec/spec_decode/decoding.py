@@ -158,6 +158,7 @@ class SpeculativeDecoder:
             k = min(policy.next_k(), remaining - 1, room)
             if k > 0:
                 t = time.perf_counter()
+                self.drafter.price_nodes(policy.node_price(k))
                 draft = self.drafter.propose(tokens, k)[:room]  # a tree may be wider than k
                 draft_s = time.perf_counter() - t
                 stats.draft_s += draft_s
@@ -171,7 +172,8 @@ class SpeculativeDecoder:
         if verdict.path:  # a tree's accepted nodes' K/V into sequence order
             rows = tree.accepted_rows(len(tokens) - 1, verdict.path)
             self.target.move_kv(int(self.slot[0]), *rows)
-        policy.observe_round(len(draft), verdict.num_accepted, draft_s, time.perf_counter() - t)
+        verify_s = time.perf_counter() - t
+        policy.observe_round(tree.depth(draft), verdict.num_accepted, draft_s, verify_s)
         stats.count_verdict(len(draft), verdict.num_accepted)
         return verdict.tokens(draft)
 

@@ -121,6 +121,20 @@ class DraftLengthPolicy:
                 best_k, best_rate = k, rate
         return best_k
 
+    def node_price(self, k: int, batch: int = 1) -> float:
+        """The least chance of being accepted that pays for a token-tree node beyond a k-token
+        chain: the verify row it adds (measured, at this batch) over what one output token
+        costs in such rounds. 0 without measured costs (trees then fill their budget)."""
+        c = self.costs
+        if c is None or not c.verify or k == 0:
+            return 0.0
+        a = min(self.alpha, 0.999)
+        tokens = (1 - a ** (k + 1)) / (1 - a)
+        rows = batch * (k + 1)
+        round_s = k * c.t_draft_at(batch) + c.t_verify(rows)
+        row_s = (c.t_verify(rows + 4) - c.t_verify(rows)) / 4
+        return max(row_s, 0.0) / (round_s / tokens)
+
     def observe_round(self, k: int, accepted: int, draft_s: float, verify_s: float) -> None:
         """Feed one round's outcome: k drafted, accepted of them, and its timings."""
         d = self.decay

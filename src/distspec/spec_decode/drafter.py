@@ -79,6 +79,11 @@ class Drafter(ABC):
         need (Token Recycling); the rest ignore it."""
         return None
 
+    def price_nodes(self, price: float) -> None:
+        """A tree drafter adds a node only where it judges the node's chance of acceptance
+        at least `price` (set each round from measured costs: DraftLengthPolicy.node_price)."""
+        return None
+
     def forget(self) -> None:
         """Drop what earlier requests taught it (suffix's stored outputs, recycle's table):
         benchmarks start each repetition of a workload afresh."""

@@ -10,6 +10,10 @@ so the cache again holds the sequence in order and rollback stays a position cha
 
 from __future__ import annotations
 
+import heapq
+import itertools
+from collections.abc import Callable
+
 import torch
 
 
@@ -31,6 +35,11 @@ def depths(parents: list[int]) -> list[int]:
     return out
 
 
+def depth(draft) -> int:
+    """The longest path of a Draft (its length, for a chain)."""
+    return max(depths(draft.parents)) if draft.is_tree else len(draft)
+
+
 def attention_mask(parents: list[int]) -> torch.Tensor:
     """[n + 1, n + 1] bool over the chunk [root, nodes...]: row r sees column c where c is r
     or one of its ancestors."""
@@ -40,6 +49,17 @@ def attention_mask(parents: list[int]) -> torch.Tensor:
     for i, p in enumerate(parents):
         mask[i + 1] = mask[p + 1]
         mask[i + 1, i + 1] = True
+    return mask
+
+
+def chunk_attention(n: int, parents: list[int], width: int | None = None) -> torch.Tensor:
+    """[width, width] bool for a chunk of n tokens (right-padded to width) whose last
+    len(parents) are a tree hanging from the token before them: causal order elsewhere."""
+    width = n if width is None else width
+    mask = torch.ones(width, width, dtype=torch.bool).tril()
+    if parents:
+        root = n - len(parents) - 1
+        mask[root:n, root:n] = attention_mask(parents)
     return mask
 
 
@@ -57,21 +77,35 @@ def accepted_rows(start: int, path: list[int]) -> tuple[list[int], list[int]]:
     return [start + 1 + i for i in path], [start + 1 + d for d in range(len(path))]
 
 
-def merge_paths(paths: list[list[int]], budget: int) -> tuple[list[int], list[int]]:
-    """A trie of candidate continuations, best first, cut at `budget` nodes: (tokens, parents).
-    A later path adds only the nodes it does not share with earlier ones."""
+def best_first(
+    expand: Callable[[list[int]], list[tuple[int, float]]],
+    budget: int,
+    max_depth: int,
+    price: float = 0.0,
+    width: int = 1,
+) -> tuple[list[int], list[int]]:
+    """A tree grown best first: (tokens, parents). expand(path) gives the candidates after a
+    path from the root (token, its chance given the path), best first; a node's score is
+    the product of the chances on its path. Nodes are taken in order of score while it is at
+    least price, at most `budget` of them, `width` children per node, `max_depth` deep."""
     tokens: list[int] = []
     parents: list[int] = []
-    index: dict[tuple[int, int], int] = {}  # (parent, token) -> node
-    for path in paths:
-        parent = -1
-        for tok in path:
-            node = index.get((parent, tok))
-            if node is None:
-                if len(tokens) >= budget:
-                    break
-                node = index[(parent, tok)] = len(tokens)
-                tokens.append(tok)
-                parents.append(parent)
-            parent = node
+    paths: list[list[int]] = []
+    heap: list[tuple[float, int, int, int, list[int]]] = []  # (-score, tie, parent, token, path)
+    tie = itertools.count()
+
+    def push(parent: int, path: list[int], score: float) -> None:
+        if len(path) < max_depth:
+            for tok, p in expand(path)[:width]:
+                heapq.heappush(heap, (-score * p, next(tie), parent, tok, path))
+
+    push(-1, [], 1.0)
+    while heap and len(tokens) < budget:
+        neg, _, parent, tok, path = heapq.heappop(heap)
+        if -neg < price:
+            break
+        tokens.append(tok)
+        parents.append(parent)
+        paths.append(path + [tok])
+        push(len(tokens) - 1, paths[-1], -neg)
     return tokens, parents

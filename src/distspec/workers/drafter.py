@@ -40,6 +40,7 @@ class DrafterSpec:
     easyspec_group: int = 0  # EasySpec: fuzzy groups of this many layers (0: exact drafting)
     easyspec_exact: tuple[int, int] = (1, 1)  # EasySpec: first and last layers kept exact
     cpus: tuple[int, ...] = ()  # the cores this rank is pinned to (empty: not pinned)
+    tree_width: int = 1  # > 1: token trees with up to this many children per node
 
     def __post_init__(self) -> None:
         if self.parallel not in PARALLEL:
@@ -149,6 +150,8 @@ class DrafterWorker(GroupMember):
 
     def _propose(self, requests: list[DraftRequest]) -> list[Draft]:
         drafters = [self._drafters[r.session] for r in requests]
+        for d, r in zip(drafters, requests, strict=True):
+            d.price_nodes(r.price)
         if len(requests) > 1 and all(isinstance(d, ModelDrafter) for d in drafters):
             # one batched forward per drafting step for every session
             return propose_together(
@@ -159,8 +162,9 @@ class DrafterWorker(GroupMember):
     def _new_drafter(self, slot: int) -> Drafter:
         # suffix: from the session's own text (a store shared across sessions needs to know
         # whose outputs it holds: not yet)
+        spec = self.spec
         return new_drafter(
-            self.model, self.spec.lookup, slot, self.fuzzy_groups, name=self.spec.model
+            self.model, spec.lookup, slot, self.fuzzy_groups, None, spec.tree_width, spec.model
         )
 
     def _time_steps(self, group_size: int, context_len: int, steps: int) -> float:

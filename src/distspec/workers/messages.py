@@ -37,6 +37,7 @@ class DraftRequest:
     session: int
     context: list[int]
     k: int
+    price: float = 0.0  # a tree drafter's node price (Drafter.price_nodes)
 
 
 @dataclass(frozen=True)

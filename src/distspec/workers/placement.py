@@ -116,6 +116,9 @@ class PinnedDrafter(Drafter):
     def forget(self) -> None:
         self.inner.forget()
 
+    def price_nodes(self, price: float) -> None:
+        self.inner.price_nodes(price)
+
     def placement(self) -> tuple[tuple[int, ...], int]:
         """(cores, torch threads) of the drafter's thread, read back from it."""
         return self._thread.submit(current_placement).result()

@@ -3,7 +3,8 @@
 The leader batches the sessions' chunks into as few forwards as padding allows, broadcasts
 them to the other ranks, and verifies each session's draft against its own rows with that
 session's generator: it is the one decision-maker, so ranks never have to agree on random
-draws. KV rollback is bookkeeping in the scheduler (the next chunk's start position).
+draws. KV rollback is bookkeeping in the scheduler (the next chunk's start position); a token
+tree's accepted path is moved into place on every rank before the next forward reads it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 
 from distspec.models.llama import pad_positions
 from distspec.models.loader import load_for_inference
+from distspec.spec_decode import tree
 from distspec.spec_decode.draft_policy import time_target
 from distspec.spec_decode.drafter import Draft
 from distspec.spec_decode.sampling import SamplingParams
@@ -46,6 +48,7 @@ class _Forward:
     pos: torch.Tensor  # [B, W]
     slots: torch.Tensor  # [B]
     last_only: bool
+    tree: torch.Tensor | None = None  # [B, W, W]: the chunks' attention, where one holds a tree
 
 
 class TargetWorker(GroupMember):
@@ -72,6 +75,9 @@ class TargetWorker(GroupMember):
         self._sampling: dict[int, SamplingParams] = {}
         # deferred rows per session, and the position the first of them decides
         self._open_rows: dict[int, tuple[torch.Tensor, int]] = {}
+        # accepted tree paths' K/V to move into place, (slot, from rows, to rows), on every
+        # rank before the next forward
+        self._moves: list[tuple[int, list[int], list[int]]] = []
         self.busy_s = 0.0  # time spent in forwards (the leader's view)
         self.steps = 0
 
@@ -99,7 +105,8 @@ class TargetWorker(GroupMember):
         and the seconds the forward took."""
         plan = self._plan(items)
         t = time.perf_counter()
-        outputs = self.collective("run_forwards", [f for _, f in plan])
+        moves, self._moves = self._moves, []
+        outputs = self.collective("run_forwards", [f for _, f in plan], moves)
         forward_s = time.perf_counter() - t
         self.busy_s += forward_s
         self.steps += 1
@@ -113,7 +120,11 @@ class TargetWorker(GroupMember):
                     self._open_rows[item.session] = (rows, end - len(rows) + 1)
                 else:  # the rows of the chunk's last token before the draft and of the draft
                     rows = rows[-(len(item.draft) + 1) :]
-                    verdicts[i] = self._verify(item.session, rows, end - len(rows) + 1, item.draft)
+                    verdict = self._verify(item.session, rows, end - len(rows) + 1, item.draft)
+                    if verdict.path:
+                        moved = tree.accepted_rows(end - len(rows), verdict.path)
+                        self._moves.append((item.slot, *moved))
+                    verdicts[i] = verdict
         return verdicts, forward_s
 
     def decide(self, decisions: list[tuple[int, Draft]]) -> list[Verdict]:
@@ -133,9 +144,16 @@ class TargetWorker(GroupMember):
 
     # -- every rank ------------------------------------------------------------------------
 
-    def run_forwards(self, forwards: list[_Forward]) -> list[torch.Tensor]:
+    def run_forwards(
+        self, forwards: list[_Forward], moves: list[tuple[int, list[int], list[int]]] = ()
+    ) -> list[torch.Tensor]:
         model = self.model
-        return [model(f.tokens, f.pos, f.slots, last=1 if f.last_only else 0) for f in forwards]
+        for slot, src, dst in moves:
+            model.move_kv(slot, src, dst)
+        return [
+            model(f.tokens, f.pos, f.slots, last=1 if f.last_only else 0, tree=f.tree)
+            for f in forwards
+        ]
 
     # -- internals -------------------------------------------------------------------------
 
@@ -156,6 +174,7 @@ class TargetWorker(GroupMember):
                 torch.arange(item.start, item.start + n)[None],
                 torch.tensor([item.slot]),
                 last_only,
+                _trees([item], n),
             )
             plan.append(([i], fwd))
         if short:
@@ -167,5 +186,21 @@ class TargetWorker(GroupMember):
             # sessions end ALONE_ABOVE positions before it)
             pos = pad_positions([items[i].start for i in short], width)
             slots = torch.tensor([items[i].slot for i in short])
-            plan.append((short, _Forward(tokens, pos, slots, last_only=False)))
+            trees = _trees([items[i] for i in short], width)
+            plan.append((short, _Forward(tokens, pos, slots, last_only=False, tree=trees)))
         return plan
+
+
+def _trees(items: list[ForwardItem], width: int) -> torch.Tensor | None:
+    """The attention of chunks right-padded to width where a draft is a token tree (None
+    where none is: plain causal order)."""
+    if not any(item.draft is not None and item.draft.is_tree for item in items):
+        return None
+    return torch.stack(
+        [
+            tree.chunk_attention(len(item.tokens), item.draft.parents or [], width)
+            if item.draft is not None
+            else tree.chunk_attention(len(item.tokens), [], width)
+            for item in items
+        ]
+    )

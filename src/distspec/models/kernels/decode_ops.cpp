@@ -44,6 +44,96 @@ inline void axpy(float a, const float* x, float* y, int64_t n) {
   for (; i < n; ++i) y[i] += a * x[i];
 }
 
+// e^x for x <= 0, 8 lanes (Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, a degree-6
+// polynomial in r times 2^n; within 2 ulp of std::exp); below -87 it flushes to ~0
+inline __m256 exp_nonpositive(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+// w[u] = exp(w[u] - mx) for u < n (w has room for 8 more); returns their sum
+inline float exp_shifted(float* w, int64_t n, float mx) {
+  const __m256 m = _mm256_set1_ps(mx);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t u = 0;
+  for (; u + 8 <= n; u += 8) {
+    const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(w + u), m));
+    _mm256_storeu_ps(w + u, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  float sum = hsum(acc);
+  if (u < n) {  // the tail through the same lanes (padded), summed in order
+    alignas(32) float tail[8];
+    std::fill_n(tail, 8, mx);
+    std::copy(w + u, w + n, tail);
+    _mm256_store_ps(tail, exp_nonpositive(_mm256_sub_ps(_mm256_load_ps(tail), m)));
+    for (int64_t v = u; v < n; ++v) sum += (w[v] = tail[v - u]);
+  }
+  return sum;
+}
+
+// the dot products of q (in registers) with 4 keys, reduced together: [4] sums
+template <int ND>
+inline __m128 dot4(const __m256* q, const float* k0, const float* k1, const float* k2,
+                   const float* k3) {
+  __m256 a0 = _mm256_mul_ps(q[0], _mm256_loadu_ps(k0)), a1 = _mm256_mul_ps(q[0], _mm256_loadu_ps(k1));
+  __m256 a2 = _mm256_mul_ps(q[0], _mm256_loadu_ps(k2)), a3 = _mm256_mul_ps(q[0], _mm256_loadu_ps(k3));
+  for (int d = 1; d < ND; ++d) {
+    a0 = _mm256_fmadd_ps(q[d], _mm256_loadu_ps(k0 + 8 * d), a0);
+    a1 = _mm256_fmadd_ps(q[d], _mm256_loadu_ps(k1 + 8 * d), a1);
+    a2 = _mm256_fmadd_ps(q[d], _mm256_loadu_ps(k2 + 8 * d), a2);
+    a3 = _mm256_fmadd_ps(q[d], _mm256_loadu_ps(k3 + 8 * d), a3);
+  }
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+// softmax(q k^T * scale) v for one query over the keys keys[0..n) of one head (rows of D =
+// 8 ND floats); w: room for n + 8 scores; y: D outputs. q and y stay in registers.
+template <int ND>
+void attend_row(const float* qr, const float* k, const float* v, const int64_t* keys, int64_t n,
+                float scale, float* w, float* yr) {
+  constexpr int D = 8 * ND;
+  __m256 q[ND];
+  for (int d = 0; d < ND; ++d) q[d] = _mm256_loadu_ps(qr + 8 * d);
+  int64_t u = 0;
+  const __m128 sc = _mm_set1_ps(scale);
+  for (; u + 4 <= n; u += 4) {
+    const __m128 s = dot4<ND>(q, k + keys[u] * D, k + keys[u + 1] * D, k + keys[u + 2] * D,
+                              k + keys[u + 3] * D);
+    _mm_storeu_ps(w + u, _mm_mul_ps(s, sc));
+  }
+  for (; u < n; ++u) {  // the last keys through the same reduction, against themselves
+    const float* kk = k + keys[u] * D;
+    w[u] = _mm_cvtss_f32(_mm_mul_ps(dot4<ND>(q, kk, kk, kk, kk), sc));
+  }
+  float mx = -INFINITY;
+  for (int64_t j = 0; j < n; ++j) mx = std::max(mx, w[j]);
+  const float sum = exp_shifted(w, n, mx);
+  __m256 y[ND];
+  for (int d = 0; d < ND; ++d) y[d] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < n; ++j) {
+    const __m256 wj = _mm256_set1_ps(w[j]);
+    const float* vr = v + keys[j] * D;
+    for (int d = 0; d < ND; ++d) y[d] = _mm256_fmadd_ps(wj, _mm256_loadu_ps(vr + 8 * d), y[d]);
+  }
+  const __m256 inv = _mm256_set1_ps(1.0f / sum);
+  for (int d = 0; d < ND; ++d) _mm256_storeu_ps(yr + 8 * d, _mm256_mul_ps(y[d], inv));
+}
+
 void check_float(const at::Tensor& t, const char* what) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, what, ": float32 CPU tensor");
 }
@@ -173,34 +263,42 @@ at::Tensor attend(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor
   for (int64_t i = 0; i < B * T; ++i) work += (pp[i] + 1) * Hq;
   const int64_t grain = work * D < (1 << 16) ? B * Hq * T : 1;
   at::parallel_for(0, B * Hq * T, grain, [&](int64_t i0, int64_t i1) {
-    std::vector<float> w(L);
+    std::vector<float> w(L + 8);
+    std::vector<int64_t> keys(L);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / (Hq * T), h = (i / T) % Hq, t = i % T;
       const int64_t p = pp[b * T + t], start = pp[b * T];
       const int64_t rope_p = tp ? start + depth[b * T + t] : p;
       const int64_t lo = window > 0 ? std::max<int64_t>(0, rope_p - window + 1) : 0;
       const bool* row = tp ? tp + (b * T + t) * T : nullptr;
-      // key j: all of [lo, p] causally; with a tree, those before the chunk and ancestors'
-      auto sees = [&](int64_t j) {
-        return !row || j < start || (row[j - start] && start + depth[b * T + j - start] >= lo);
-      };
+      // the keys it sees: all of [lo, p]; with a tree, those before the chunk and its
+      // ancestors' (within the window)
+      int64_t n = 0;
+      for (int64_t j = lo; j <= p; ++j)
+        if (!row || j < start || (row[j - start] && start + depth[b * T + j - start] >= lo))
+          keys[n++] = j;
       const float* qr = qp + ((b * T + t) * Hq + h) * D;
       const int64_t kv = (slp[b] * Hkv + h / group) * L * D;
-      float mx = -INFINITY;
-      for (int64_t j = lo; j <= p; ++j) {
-        if (!sees(j)) continue;
-        w[j] = dot(qr, kp + kv + j * D, D) * scale;
-        mx = std::max(mx, w[j]);
-      }
-      float sum = 0.0f;
-      for (int64_t j = lo; j <= p; ++j)
-        if (sees(j)) sum += (w[j] = std::exp(w[j] - mx));
       float* yr = yp + ((b * T + t) * Hq + h) * D;
-      std::fill_n(yr, D, 0.0f);
-      for (int64_t j = lo; j <= p; ++j)
-        if (sees(j)) axpy(w[j], vp + kv + j * D, yr, D);
-      const float inv = 1.0f / sum;
-      for (int64_t d = 0; d < D; ++d) yr[d] *= inv;
+      const float *kh = kp + kv, *vh = vp + kv;
+      switch (D) {  // the head sizes models use: q and the output kept in registers
+        case 64: attend_row<8>(qr, kh, vh, keys.data(), n, scale, w.data(), yr); break;
+        case 128: attend_row<16>(qr, kh, vh, keys.data(), n, scale, w.data(), yr); break;
+        case 32: attend_row<4>(qr, kh, vh, keys.data(), n, scale, w.data(), yr); break;
+        case 16: attend_row<2>(qr, kh, vh, keys.data(), n, scale, w.data(), yr); break;
+        default: {
+          float mx = -INFINITY;
+          for (int64_t u = 0; u < n; ++u) {
+            w[u] = dot(qr, kh + keys[u] * D, D) * scale;
+            mx = std::max(mx, w[u]);
+          }
+          const float sum = exp_shifted(w.data(), n, mx);
+          std::fill_n(yr, D, 0.0f);
+          for (int64_t u = 0; u < n; ++u) axpy(w[u], vh + keys[u] * D, yr, D);
+          const float inv = 1.0f / sum;
+          for (int64_t d = 0; d < D; ++d) yr[d] *= inv;
+        }
+      }
     }
   });
   return y;

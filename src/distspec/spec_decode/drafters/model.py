@@ -106,10 +106,13 @@ class ModelDrafter(Drafter):
         tree_width: > 1 drafts a tree: beside each token the model drafts, its next
         tree_width - 1 choices as leaves (runners-up by logit, or by race score when
         sampling), verified in the same target forward; a rejected chain token then often
-        has the target's choice as a sibling. The drafter's own forwards stay a chain."""
+        has the target's choice as a sibling. A leaf is kept where the model's chance of
+        reaching it (its probabilities along the chain, times the leaf's) is at least the
+        node price (price_nodes). The drafter's own forwards stay a chain."""
         if tree_width < 1:
             raise ValueError(f"tree_width must be >= 1, got {tree_width}")
         self.tree_width = tree_width
+        self.price = 0.0
         self.model = model
         self.prior_acceptance = prior_acceptance
         self.target_kv = target_kv
@@ -162,6 +165,7 @@ class ModelDrafter(Drafter):
         looked_up = self.lookup.propose(context, k).tokens if self.lookup is not None else []
         tokens: list[int] = []
         leaves: dict[int, list[int]] = {}  # chain index -> its siblings
+        reach = 1.0  # the model's chance that the target accepts the chain so far
         pending = context[len(self.cached) :]  # fed to the model before its next prediction
         exact = True  # the first forward: verified tokens (and looked-up ones), exactly
         while len(tokens) < k:
@@ -180,7 +184,10 @@ class ModelDrafter(Drafter):
             row = rows[kept - len(looked_up) - 1]
             tok, confidence = self._pick(row, len(context) + len(tokens))
             if self.tree_width > 1:
-                leaves[len(tokens)] = self._runners_up(row, len(context) + len(tokens), tok)
+                at = len(context) + len(tokens)
+                q, alts = self._runners_up(row, at, tok)
+                leaves[len(tokens)] = [a for a in alts if reach * float(q[a]) >= self.price]
+                reach *= float(q[tok])
             tokens.append(tok)
             if confidence < self.min_confidence:
                 break
@@ -206,15 +213,20 @@ class ModelDrafter(Drafter):
         agree = (self._pick(rows[i], pos + i)[0] == tok for i, tok in enumerate(looked_up))
         return next((i for i, ok in enumerate(agree) if not ok), len(looked_up))
 
-    def _runners_up(self, logits: torch.Tensor, pos: int, chosen: int) -> list[int]:
-        """The model's next tree_width - 1 choices after `chosen` at position pos."""
+    def price_nodes(self, price: float) -> None:
+        self.price = price
+
+    def _runners_up(self, logits: torch.Tensor, pos: int, chosen: int):
+        """(the model's distribution at position pos, its next tree_width - 1 choices after
+        `chosen`: by logit, or when sampling by race score)."""
         if self.params.greedy:
-            score = logits.float()
+            q = torch.softmax(logits.float(), -1)
+            score = q
         else:
             q = probs_from_logits(logits, self.params).double()
             score = q / race_noise(self.params.seed, pos, q.shape[-1])
         top = torch.topk(score, self.tree_width).indices.tolist()
-        return [t for t in top if t != chosen][: self.tree_width - 1]
+        return q, [t for t in top if t != chosen][: self.tree_width - 1]
 
     def _pick(self, logits: torch.Tensor, pos: int) -> tuple[int, float]:
         """(the model's token at position pos, its probability under the drafter)."""

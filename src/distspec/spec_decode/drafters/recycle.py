@@ -3,9 +3,10 @@
 Every target forward predicts, after each token it reads, a distribution whose top-k the
 verifier uses one of and throws the rest away. Here they are kept: an adjacency table
 [vocabulary, top_k] holds, per token, the target's top-k next tokens from the last time it
-read that token (overwritten every round, kept across requests). A draft walks the table from
-the sequence's newest token: the top-1 chain, or with tree_width > 1 a breadth-first tree
-whose nodes have tree_width children at depth 1, one fewer at each depth below (at least 1).
+read that token, with their probabilities (overwritten every round, kept across requests).
+A draft walks the table from the sequence's newest token: the top-1 chain, or with
+tree_width > 1 a tree of up to tree_width children per node grown best first by the product
+of the stored probabilities along each path (tree.best_first), down to the node price.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 
 from distspec.spec_decode.drafter import Draft, Drafter
 from distspec.spec_decode.sampling import SamplingParams
+from distspec.spec_decode.tree import best_first
 
 TOP_K = 8
 
@@ -27,36 +29,35 @@ class RecycleDrafter(Drafter):
             raise ValueError(f"tree_width must be in [1, {top_k}], got {tree_width}")
         self.tree_width, self.top_k = tree_width, top_k
         self.table = torch.full((vocab_size, top_k), -1, dtype=torch.long)
+        self.probs = torch.zeros(vocab_size, top_k)
+        self.price = 0.0
+
+    def price_nodes(self, price: float) -> None:
+        self.price = price
 
     def start(self, prompt_ids: list[int], params: SamplingParams) -> None:
         return None  # the table outlives requests: that is the recycling
 
     def forget(self) -> None:
         self.table.fill_(-1)
+        self.probs.zero_()
 
     def observe(self, chunk: list[int], logits: torch.Tensor) -> None:
-        rows = chunk[len(chunk) - len(logits) :]
-        top = torch.topk(logits.float(), self.top_k, dim=-1).indices.cpu()
-        self.table[torch.tensor(rows)] = top
+        rows = torch.tensor(chunk[len(chunk) - len(logits) :])
+        top = torch.topk(logits.float().softmax(-1), self.top_k, dim=-1)
+        self.table[rows] = top.indices.cpu()
+        self.probs[rows] = top.values.cpu()
 
     def propose(self, context: list[int], k: int) -> Draft:
         if k <= 0:
             return Draft([])
-        budget = k * self.tree_width
-        tokens: list[int] = []
-        parents: list[int] = []
-        level = [(-1, context[-1])]  # (node, token) of the deepest nodes so far
-        for depth in range(k):
-            width = max(1, self.tree_width - depth)
-            nxt = []
-            for node, tok in level:
-                for child in self.table[tok, :width].tolist():
-                    if child < 0 or len(tokens) >= budget:
-                        break
-                    nxt.append((len(tokens), child))
-                    tokens.append(child)
-                    parents.append(node)
-            if not nxt:
-                break
-            level = nxt
+        root = context[-1]
+
+        def expand(path: list[int]) -> list[tuple[int, float]]:
+            tok = path[-1] if path else root
+            pairs = zip(self.table[tok].tolist(), self.probs[tok].tolist(), strict=True)
+            return [(t, p) for t, p in pairs if t >= 0]
+
+        width = self.tree_width
+        tokens, parents = best_first(expand, k * width, k, self.price, width)
         return Draft(tokens, parents)

@@ -16,7 +16,6 @@ tenants); `generate` one per engine.
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import threading
 from collections import OrderedDict, deque
@@ -24,12 +23,12 @@ from dataclasses import dataclass, field
 
 from distspec.spec_decode.drafter import Draft, Drafter
 from distspec.spec_decode.sampling import SamplingParams
-from distspec.spec_decode.tree import merge_paths
+from distspec.spec_decode.tree import best_first
 
 MAX_MATCH = 12  # longest n-gram indexed
 MAX_OCCURRENCES = 16  # newest occurrences kept per n-gram
 MATCH_FACTOR = 2  # draft at most this many tokens per matched token (then the drafter's k)
-MIN_SHARE = 0.1  # a continuation drafted only if this share of the occurrences agree on it
+MIN_SHARE = 0.1  # a continuation drafted only if this share of the occurrences go on with it
 
 
 class SuffixIndex:
@@ -126,6 +125,10 @@ class SuffixDrafter(Drafter):
         self.max_match, self.output_prefix = max_match, output_prefix
         self._index = SuffixIndex(max_match)
         self._prompt_len = 0
+        self.price = 0.0
+
+    def price_nodes(self, price: float) -> None:
+        self.price = price
 
     def start(self, prompt_ids: list[int], params: SamplingParams) -> None:
         self._index = SuffixIndex(self.max_match)
@@ -155,7 +158,7 @@ class SuffixDrafter(Drafter):
         if not paths:
             return Draft([])
         depth = min(k, MATCH_FACTOR * n)
-        return _best_first(paths, depth, k * self.tree_width, self.tree_width)
+        return _grow(paths, depth, k * self.tree_width, self.tree_width, self.price)
 
     def _sync(self, context: list[int]) -> None:
         """Index the context as sequence 0 (afresh if it is not an extension: PEARL)."""
@@ -183,32 +186,21 @@ def _continuations(
     return best_n, [index.seqs[s][end : end + depth] for s, end in best]
 
 
-def _best_first(paths: list[list[int]], depth: int, budget: int, width: int) -> Draft:
-    """A draft from candidate continuations counted into a trie: the chain of most frequent
-    next tokens, or (width > 1) the `budget` most frequent prefixes with at most `width`
-    children per node; a node only if at least MIN_SHARE of the continuations pass through it."""
-    total = len(paths)
-    trie: dict[tuple[int, ...], int] = {}
+def _grow(paths: list[list[int]], depth: int, budget: int, width: int, price: float) -> Draft:
+    """A draft from candidate continuations counted into a trie: each next token's chance is
+    the share of the continuations through its parent that go on with it; nodes best first
+    (tree.best_first), none below MIN_SHARE of all continuations or below the node price."""
+    count: dict[tuple[int, ...], int] = {}
     for path in paths:
         for d in range(1, min(depth, len(path)) + 1):
-            trie[tuple(path[:d])] = trie.get(tuple(path[:d]), 0) + 1
-    kids: dict[tuple[int, ...], list[tuple[int, ...]]] = {}
-    for prefix in trie:
-        kids.setdefault(prefix[:-1], []).append(prefix)
-    for key in kids:
-        kids[key].sort(key=lambda p: -trie[p])
-        del kids[key][width:]
-    chosen: list[list[int]] = []
-    heap = [(-trie[p], p) for p in kids.get((), [])]
-    heapq.heapify(heap)
-    while heap and len(chosen) < budget:
-        count, prefix = heapq.heappop(heap)
-        if -count < MIN_SHARE * total:
-            break
-        chosen.append(list(prefix))
-        for child in kids.get(prefix, []):
-            heapq.heappush(heap, (-trie[child], child))
-    if width == 1:
-        return Draft(chosen[-1] if chosen else [])
-    tokens, parents = merge_paths(chosen, budget)
+            count[tuple(path[:d])] = count.get(tuple(path[:d]), 0) + 1
+    kids: dict[tuple[int, ...], list[tuple[int, float]]] = {}
+    for prefix, n in count.items():
+        parent = count.get(prefix[:-1], len(paths))
+        kids.setdefault(prefix[:-1], []).append((prefix[-1], n / parent))
+    for options in kids.values():
+        options.sort(key=lambda o: -o[1])
+    tokens, parents = best_first(
+        lambda path: kids.get(tuple(path), []), budget, depth, max(price, MIN_SHARE), width
+    )
     return Draft(tokens, parents)
