@@ -161,3 +161,18 @@ def test_the_draft_length_follows_the_batch():
     # a drafter as slow as the target: speculation pays at no batch size
     slow = DraftLengthPolicy(max_k=8, costs=DraftCosts(0.048, 0.040, 0.0, verify, 0.6))
     assert [slow.best_k(b) for b in (1, 4, 16)] == [0, 0, 0]
+
+
+def test_node_prices_follow_measured_rows_and_grow_with_the_batch():
+    """A tree node must be worth the verify row it adds: priced on the measured table's lower
+    convex hull (a lumpy table never makes a later node cheaper), per output token's cost."""
+    # this CPU's shape: the second row is nearly free, then about 3-4 ms a row
+    verify = ((1, 0.020), (2, 0.021), (3, 0.032), (4, 0.031), (8, 0.047), (16, 0.082))
+    costs = DraftCosts(t_step=0.020, t_draft=0.0, beta=0.0, verify=verify, prior_alpha=0.6)
+    policy = DraftLengthPolicy(max_k=8, costs=costs)
+    one = policy.node_prices(k=4, batch=1, nodes=12)
+    assert len(one) == 12 and all(b >= a - 1e-12 for a, b in zip(one, one[1:], strict=False))
+    assert one[0] < 0.1 < one[3]  # the nearly free second row, then real rows
+    sixteen = policy.node_prices(k=4, batch=16, nodes=12)
+    assert all(b > a for a, b in zip(one, sixteen, strict=True))  # at load, nodes cost more
+    assert DraftLengthPolicy(costs=None).node_prices(4) == ()

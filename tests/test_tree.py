@@ -48,7 +48,7 @@ def test_tree_helpers():
     grow = lambda path: options.get(tuple(path), [])  # noqa: E731
     # best first by path chance: 1 (.6), 1-2 (.54), 5 (.3), 1-2-3 (.27), 1-4 (.06)
     assert tree.best_first(grow, 10, 5, width=2) == ([1, 2, 5, 3, 4], [-1, 0, -1, 1, 0])
-    assert tree.best_first(grow, 10, 5, 0.28, 2) == ([1, 2, 5], [-1, 0, -1])
+    assert tree.best_first(grow, 10, 5, (0.28,), 2) == ([1, 2, 5], [-1, 0, -1])
     assert tree.best_first(grow, 2, 5, width=2) == ([1, 2], [-1, 0])
     assert tree.best_first(grow, 10, 1) == ([1], [-1])
     assert tree.best_first(grow, 10, 5) == ([1, 2, 3], [-1, 0, 1])  # width 1: a chain

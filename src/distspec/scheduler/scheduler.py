@@ -459,8 +459,8 @@ class Scheduler:
                 batch = len(sessions)  # verified together in this round's step
                 k = min(s.policy.next_k(batch), self._room(s) - 1)
                 if k > 0:
-                    price = s.policy.node_price(k, batch)
-                    requests[s.id] = DraftRequest(s.id, s.tokens, k, price)
+                    prices = s.policy.node_prices(k, batch)
+                    requests[s.id] = DraftRequest(s.id, s.tokens, k, prices)
             t = time.perf_counter()
             drafts.update(self._draft(sessions, requests))
             draft_s = time.perf_counter() - t

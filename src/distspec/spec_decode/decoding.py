@@ -147,7 +147,8 @@ class SpeculativeDecoder:
 
     def _rounds(self, params, stats) -> Callable[[list[int]], list[int]]:
         """A request's round function: verified tokens so far -> the next new tokens."""
-        policy = DraftLengthPolicy(max_k=self.gamma, fixed=not self.adaptive, costs=self.costs)
+        fixed = not self.adaptive or (self.drafter is not None and self.drafter.sizes_itself)
+        policy = DraftLengthPolicy(max_k=self.gamma, fixed=fixed, costs=self.costs)
         return lambda tokens: self._round(tokens, params, stats, policy)
 
     def _round(self, tokens, params, stats, policy) -> list[int]:
@@ -158,7 +159,7 @@ class SpeculativeDecoder:
             k = min(policy.next_k(), remaining - 1, room)
             if k > 0:
                 t = time.perf_counter()
-                self.drafter.price_nodes(policy.node_price(k))
+                self.drafter.price_nodes(policy.node_prices(k))
                 draft = self.drafter.propose(tokens, k)[:room]  # a tree may be wider than k
                 draft_s = time.perf_counter() - t
                 stats.draft_s += draft_s

@@ -55,6 +55,20 @@ class DraftCosts:
         return self.t_draft * _interpolate(self.draft_batch, sessions) / self.draft_batch[0][1]
 
 
+def _lower_hull(points: tuple[tuple[int, float], ...]) -> tuple[tuple[int, float], ...]:
+    """The lower convex hull of (x, y) points, x ascending: its slopes only grow."""
+    hull: list[tuple[int, float]] = []
+    for p in points:
+        while len(hull) >= 2:
+            (x0, y0), (x1, y1) = hull[-2], hull[-1]
+            if (y1 - y0) * (p[0] - x0) >= (p[1] - y0) * (x1 - x0):  # hull[-1] on or above
+                hull.pop()
+            else:
+                break
+        hull.append(p)
+    return tuple(hull)
+
+
 def _interpolate(points: tuple[tuple[int, float], ...], x: int) -> float:
     """Linear through (x, y) points (ascending x), extrapolated along the last segment."""
     i = next((i for i in range(1, len(points)) if x <= points[i][0]), len(points) - 1)
@@ -121,19 +135,21 @@ class DraftLengthPolicy:
                 best_k, best_rate = k, rate
         return best_k
 
-    def node_price(self, k: int, batch: int = 1) -> float:
-        """The least chance of being accepted that pays for a token-tree node beyond a k-token
-        chain: the verify row it adds (measured, at this batch) over what one output token
-        costs in such rounds. 0 without measured costs (trees then fill their budget)."""
+    def node_prices(self, k: int, batch: int = 1, nodes: int = 64) -> tuple[float, ...]:
+        """prices[i]: the least chance of being accepted that pays for a draft's (i+1)-th
+        node: the verify row it adds for each of `batch` sessions (the measured table's lower
+        convex hull, so prices never fall as a draft grows) over what one output token costs
+        in rounds of k-token drafts for the batch (the round's time over the tokens all its
+        sessions gain). () without measured costs: trees fill their budget."""
         c = self.costs
-        if c is None or not c.verify or k == 0:
-            return 0.0
+        if c is None or len(c.verify) < 2:
+            return ()
         a = min(self.alpha, 0.999)
         tokens = (1 - a ** (k + 1)) / (1 - a)
-        rows = batch * (k + 1)
-        round_s = k * c.t_draft_at(batch) + c.t_verify(rows)
-        row_s = (c.t_verify(rows + 4) - c.t_verify(rows)) / 4
-        return max(row_s, 0.0) / (round_s / tokens)
+        t_token = (k * c.t_draft_at(batch) + c.t_verify(batch * (k + 1))) / (batch * tokens)
+        hull = _lower_hull(c.verify)
+        rows = [_interpolate(hull, batch * (i + 1)) for i in range(nodes + 1)]
+        return tuple(max(rows[i + 1] - rows[i], 0.0) / batch / t_token for i in range(nodes))
 
     def observe_round(self, k: int, accepted: int, draft_s: float, verify_s: float) -> None:
         """Feed one round's outcome: k drafted, accepted of them, and its timings."""

@@ -58,6 +58,10 @@ class Drafter(ABC):
     name: str = "drafter"
     # per-token acceptance the draft-length policy assumes before a request's first verdicts
     prior_acceptance: float = 0.6
+    # drafts cost next to nothing and the drafter judges each node's chance itself (suffix,
+    # recycle): it gets the longest draft each round and stops where a node stops paying
+    # (price_nodes), instead of a length from one running acceptance estimate
+    sizes_itself: bool = False
 
     @abstractmethod
     def start(self, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -79,9 +83,10 @@ class Drafter(ABC):
         need (Token Recycling); the rest ignore it."""
         return None
 
-    def price_nodes(self, price: float) -> None:
-        """A tree drafter adds a node only where it judges the node's chance of acceptance
-        at least `price` (set each round from measured costs: DraftLengthPolicy.node_price)."""
+    def price_nodes(self, prices: tuple[float, ...]) -> None:
+        """A drafter that judges its nodes' chances (trees; sizes_itself) adds a draft's
+        (i+1)-th node only where that chance is at least prices[i] (the last price past the
+        end; none: no limit). Set each round from measured costs (DraftLengthPolicy.node_prices)."""
         return None
 
     def forget(self) -> None:

@@ -77,17 +77,24 @@ def accepted_rows(start: int, path: list[int]) -> tuple[list[int], list[int]]:
     return [start + 1 + i for i in path], [start + 1 + d for d in range(len(path))]
 
 
+def price_at(prices: tuple[float, ...], i: int) -> float:
+    """What the (i+1)-th node of a draft must be worth (Drafter.price_nodes)."""
+    return prices[min(i, len(prices) - 1)] if prices else 0.0
+
+
 def best_first(
     expand: Callable[[list[int]], list[tuple[int, float]]],
     budget: int,
     max_depth: int,
-    price: float = 0.0,
+    prices: tuple[float, ...] = (),
     width: int = 1,
+    floor: float = 0.0,
 ) -> tuple[list[int], list[int]]:
     """A tree grown best first: (tokens, parents). expand(path) gives the candidates after a
     path from the root (token, its chance given the path), best first; a node's score is
-    the product of the chances on its path. Nodes are taken in order of score while it is at
-    least price, at most `budget` of them, `width` children per node, `max_depth` deep."""
+    the product of the chances on its path. Nodes are taken in order of score while the
+    score pays for the next node (price_at(prices, i)) and is at least floor, at most
+    `budget` of them, `width` children per node, `max_depth` deep."""
     tokens: list[int] = []
     parents: list[int] = []
     paths: list[list[int]] = []
@@ -102,7 +109,7 @@ def best_first(
     push(-1, [], 1.0)
     while heap and len(tokens) < budget:
         neg, _, parent, tok, path = heapq.heappop(heap)
-        if -neg < price:
+        if -neg < max(floor, price_at(prices, len(tokens))):
             break
         tokens.append(tok)
         parents.append(parent)

@@ -151,7 +151,7 @@ class DrafterWorker(GroupMember):
     def _propose(self, requests: list[DraftRequest]) -> list[Draft]:
         drafters = [self._drafters[r.session] for r in requests]
         for d, r in zip(drafters, requests, strict=True):
-            d.price_nodes(r.price)
+            d.price_nodes(r.prices)
         if len(requests) > 1 and all(isinstance(d, ModelDrafter) for d in drafters):
             # one batched forward per drafting step for every session
             return propose_together(

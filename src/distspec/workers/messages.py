@@ -37,7 +37,7 @@ class DraftRequest:
     session: int
     context: list[int]
     k: int
-    price: float = 0.0  # a tree drafter's node price (Drafter.price_nodes)
+    prices: tuple[float, ...] = ()  # what a drafter's nodes must be worth (Drafter.price_nodes)
 
 
 @dataclass(frozen=True)

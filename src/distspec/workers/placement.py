@@ -91,6 +91,7 @@ class PinnedDrafter(Drafter):
     def __init__(self, inner: Drafter, cpus: tuple[int, ...]):
         self.inner = inner
         self.prior_acceptance = inner.prior_acceptance
+        self.sizes_itself = inner.sizes_itself
         self._thread = ThreadPoolExecutor(
             max_workers=1,
             thread_name_prefix="distspec-drafter",
@@ -116,8 +117,8 @@ class PinnedDrafter(Drafter):
     def forget(self) -> None:
         self.inner.forget()
 
-    def price_nodes(self, price: float) -> None:
-        self.inner.price_nodes(price)
+    def price_nodes(self, prices: tuple[float, ...]) -> None:
+        self.inner.price_nodes(prices)
 
     def placement(self) -> tuple[tuple[int, ...], int]:
         """(cores, torch threads) of the drafter's thread, read back from it."""

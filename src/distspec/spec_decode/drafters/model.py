@@ -27,6 +27,7 @@ from distspec.models.llama import Transformer, pad_positions
 from distspec.spec_decode.drafter import Draft, Drafter
 from distspec.spec_decode.drafters.ngram import NgramDrafter
 from distspec.spec_decode.sampling import SamplingParams, draw, probs_from_logits, race_noise
+from distspec.spec_decode.tree import price_at
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,7 @@ class ModelDrafter(Drafter):
         if tree_width < 1:
             raise ValueError(f"tree_width must be >= 1, got {tree_width}")
         self.tree_width = tree_width
-        self.price = 0.0
+        self.prices: tuple[float, ...] = ()
         self.model = model
         self.prior_acceptance = prior_acceptance
         self.target_kv = target_kv
@@ -186,7 +187,11 @@ class ModelDrafter(Drafter):
             if self.tree_width > 1:
                 at = len(context) + len(tokens)
                 q, alts = self._runners_up(row, at, tok)
-                leaves[len(tokens)] = [a for a in alts if reach * float(q[a]) >= self.price]
+                kept = leaves[len(tokens)] = []
+                for a in alts:  # the leaf would be the draft's node `nodes` + 1
+                    nodes = len(tokens) + 1 + sum(map(len, leaves.values()))
+                    if reach * float(q[a]) >= price_at(self.prices, nodes):
+                        kept.append(a)
                 reach *= float(q[tok])
             tokens.append(tok)
             if confidence < self.min_confidence:
@@ -213,8 +218,8 @@ class ModelDrafter(Drafter):
         agree = (self._pick(rows[i], pos + i)[0] == tok for i, tok in enumerate(looked_up))
         return next((i for i, ok in enumerate(agree) if not ok), len(looked_up))
 
-    def price_nodes(self, price: float) -> None:
-        self.price = price
+    def price_nodes(self, prices: tuple[float, ...]) -> None:
+        self.prices = tuple(prices)
 
     def _runners_up(self, logits: torch.Tensor, pos: int, chosen: int):
         """(the model's distribution at position pos, its next tree_width - 1 choices after

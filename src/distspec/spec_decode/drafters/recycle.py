@@ -23,6 +23,7 @@ TOP_K = 8
 class RecycleDrafter(Drafter):
     name = "recycle"
     prior_acceptance = 0.4
+    sizes_itself = True
 
     def __init__(self, vocab_size: int, tree_width: int = 1, top_k: int = TOP_K):
         if not 1 <= tree_width <= top_k:
@@ -30,10 +31,10 @@ class RecycleDrafter(Drafter):
         self.tree_width, self.top_k = tree_width, top_k
         self.table = torch.full((vocab_size, top_k), -1, dtype=torch.long)
         self.probs = torch.zeros(vocab_size, top_k)
-        self.price = 0.0
+        self.prices: tuple[float, ...] = ()
 
-    def price_nodes(self, price: float) -> None:
-        self.price = price
+    def price_nodes(self, prices: tuple[float, ...]) -> None:
+        self.prices = tuple(prices)
 
     def start(self, prompt_ids: list[int], params: SamplingParams) -> None:
         return None  # the table outlives requests: that is the recycling
@@ -59,5 +60,5 @@ class RecycleDrafter(Drafter):
             return [(t, p) for t, p in pairs if t >= 0]
 
         width = self.tree_width
-        tokens, parents = best_first(expand, k * width, k, self.price, width)
+        tokens, parents = best_first(expand, k * width, k, self.prices, width)
         return Draft(tokens, parents)

@@ -108,6 +108,7 @@ class SuffixStore:
 class SuffixDrafter(Drafter):
     name = "suffix"
     prior_acceptance = 0.5
+    sizes_itself = True
 
     def __init__(
         self,
@@ -125,10 +126,10 @@ class SuffixDrafter(Drafter):
         self.max_match, self.output_prefix = max_match, output_prefix
         self._index = SuffixIndex(max_match)
         self._prompt_len = 0
-        self.price = 0.0
+        self.prices: tuple[float, ...] = ()
 
-    def price_nodes(self, price: float) -> None:
-        self.price = price
+    def price_nodes(self, prices: tuple[float, ...]) -> None:
+        self.prices = tuple(prices)
 
     def start(self, prompt_ids: list[int], params: SamplingParams) -> None:
         self._index = SuffixIndex(self.max_match)
@@ -158,7 +159,7 @@ class SuffixDrafter(Drafter):
         if not paths:
             return Draft([])
         depth = min(k, MATCH_FACTOR * n)
-        return _grow(paths, depth, k * self.tree_width, self.tree_width, self.price)
+        return _grow(paths, depth, k * self.tree_width, self.tree_width, self.prices)
 
     def _sync(self, context: list[int]) -> None:
         """Index the context as sequence 0 (afresh if it is not an extension: PEARL)."""
@@ -186,7 +187,7 @@ def _continuations(
     return best_n, [index.seqs[s][end : end + depth] for s, end in best]
 
 
-def _grow(paths: list[list[int]], depth: int, budget: int, width: int, price: float) -> Draft:
+def _grow(paths: list[list[int]], depth: int, budget: int, width: int, prices) -> Draft:
     """A draft from candidate continuations counted into a trie: each next token's chance is
     the share of the continuations through its parent that go on with it; nodes best first
     (tree.best_first), none below MIN_SHARE of all continuations or below the node price."""
@@ -201,6 +202,6 @@ def _grow(paths: list[list[int]], depth: int, budget: int, width: int, price: fl
     for options in kids.values():
         options.sort(key=lambda o: -o[1])
     tokens, parents = best_first(
-        lambda path: kids.get(tuple(path), []), budget, depth, max(price, MIN_SHARE), width
+        lambda path: kids.get(tuple(path), []), budget, depth, prices, width, MIN_SHARE
     )
     return Draft(tokens, parents)
