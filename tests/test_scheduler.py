@@ -258,3 +258,51 @@ def test_the_switch_picks_sd_or_pearl_or_plain_per_batch_size():
     assert seen[1][:3] == ["sd", "pearl", PLAIN] and seen[16][:3] == ["sd", "pearl", PLAIN]
     assert seen[1][3:].count("sd") == 15 and {"pearl", PLAIN} <= set(seen[1][3:])
     assert seen[16][3:].count(PLAIN) == 15 and {"sd", "pearl"} <= set(seen[16][3:])
+
+
+@pytest.mark.parametrize("drafter", ["model", "suffix"])
+def test_batched_token_trees_equal_greedy_decoding(
+    workers, target, tiny_dir, tiny_drafter_dir, drafter
+):
+    """Drafters of token trees in sd rounds: ragged batches of tree chunks, each session's
+    accepted path moved into place in its own KV slot, output as plain decoding's; seeded
+    sampling as it is alone."""
+    model = str(tiny_drafter_dir) if drafter == "model" else "suffix"
+    spec = DrafterSpec(
+        model=model, target=str(tiny_dir), num_slots=SLOTS, max_len=MAX_LEN, tree_width=3
+    )
+    trees = DrafterWorker(spec)
+    seen = []
+    propose = trees.propose
+
+    def watched(requests):
+        drafts = propose(requests)
+        seen.extend(drafts)
+        return drafts
+
+    trees.propose = watched
+    sched = Scheduler(
+        Remote.local(workers[0]), [Remote.local(trees)], workers[0].info,
+        SchedulerConfig(mode="sd", trees=True),
+    )  # fmt: skip
+    try:
+        prompts = [encode(target, p) for p in PROMPTS]
+        outs = run([sched.submit(ids, SamplingParams(max_new_tokens=40)) for ids in prompts])
+        for ids, out in zip(prompts, outs, strict=True):
+            assert out == greedy_ar(target, ids, 40)
+        assert sched.counters["draft_tokens"] > 0
+        if drafter == "model":
+            assert any(d.is_tree for d in seen)
+        params = SamplingParams(max_new_tokens=30, temperature=1.0, seed=3)
+        alone = run([sched.submit(prompts[0], params)])[0]
+        sampled = SamplingParams(max_new_tokens=30, temperature=1.0)
+        others = [sched.submit(ids, sampled) for ids in prompts[1:]]
+        batched = run([sched.submit(prompts[0], params), *others])[0]
+        assert batched == alone
+    finally:
+        sched.close()
+
+
+def test_trees_refuse_pearl():
+    with pytest.raises(ValueError, match="not pearl"):
+        SchedulerConfig(mode="pearl", trees=True)

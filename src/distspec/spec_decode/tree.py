@@ -71,6 +71,24 @@ def children(parents: list[int], tokens: list[int]) -> dict[int, dict[int, int]]
     return out
 
 
+def accepted_path(draft, tokens: list[int]) -> list[int]:
+    """The nodes of a Draft that tokens (what followed its root) run along, in order."""
+    if not draft.is_tree:
+        n = 0
+        while n < min(len(draft), len(tokens)) and draft.tokens[n] == tokens[n]:
+            n += 1
+        return list(range(n))
+    kids = children(draft.parents, draft.tokens)
+    path: list[int] = []
+    node = -1
+    while (
+        len(path) < len(tokens) and (nxt := kids.get(node, {}).get(tokens[len(path)])) is not None
+    ):
+        path.append(nxt)
+        node = nxt
+    return path
+
+
 def accepted_rows(start: int, path: list[int]) -> tuple[list[int], list[int]]:
     """(cache rows the accepted path's K/V were written to, the rows they belong in), for a
     chunk whose root is at cache row start."""

@@ -7,7 +7,11 @@ the newest occurrences kept. A draft starts from the longest n-gram ending the c
 occurred before with something after it; the continuations after its occurrences (request
 and store alike) are counted into a trie and drafted best first by frequency: one chain, or
 with tree_width > 1 a tree of the top continuations (each node's children cut to tree_width).
-How far to draft follows the match: a longer match is more often continued the same way.
+A token's chance is the share of continuations behind it times how often this drafter's
+tokens from matches of that length were accepted so far (`MatchCalibration`: a share of 1
+from one earlier occurrence is no certainty); a draft grows best first while its nodes' chances
+pay their verify rows (Drafter.price_nodes), and no deeper than MATCH_FACTOR tokens per
+matched one.
 
 `SuffixStore` is the cross-request part: finished outputs of one model, bounded by total
 tokens, the oldest evicted first. The server keeps one per model and tenant (never across
@@ -21,6 +25,7 @@ import threading
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
+from distspec.spec_decode import tree
 from distspec.spec_decode.drafter import Draft, Drafter
 from distspec.spec_decode.sampling import SamplingParams
 from distspec.spec_decode.tree import best_first
@@ -105,6 +110,29 @@ class SuffixStore:
             return _continuations(self.index, context, min_n, depth)
 
 
+@dataclass
+class MatchCalibration:
+    """Accepted and tried draft tokens by the length of the match they came from (buckets
+    from the match lengths in STARTS), learnt from the drafter's own verdicts."""
+
+    STARTS = (1, 2, 3, 5, 9)
+    hits: list[float] = field(default_factory=lambda: [0.0] * 5)
+    tries: list[float] = field(default_factory=lambda: [0.0] * 5)
+
+    def bucket(self, n: int) -> int:
+        return sum(n >= s for s in self.STARTS) - 1
+
+    def rate(self, n: int) -> float:
+        """The chance a token from an n-token match is accepted (prior 0.7, weight 2)."""
+        b = self.bucket(n)
+        return (self.hits[b] + 1.4) / (self.tries[b] + 2.0)
+
+    def observe(self, n: int, accepted: int, tried: int) -> None:
+        b = self.bucket(n)
+        self.hits[b] += accepted
+        self.tries[b] += tried
+
+
 class SuffixDrafter(Drafter):
     name = "suffix"
     prior_acceptance = 0.5
@@ -127,6 +155,8 @@ class SuffixDrafter(Drafter):
         self._index = SuffixIndex(max_match)
         self._prompt_len = 0
         self.prices: tuple[float, ...] = ()
+        self.calibration = MatchCalibration()  # kept across requests, as the store is
+        self._last: tuple[int, Draft, int] | None = None  # (context length, draft, match)
 
     def price_nodes(self, prices: tuple[float, ...]) -> None:
         self.prices = tuple(prices)
@@ -138,14 +168,17 @@ class SuffixDrafter(Drafter):
     def forget(self) -> None:
         if self.store is not None:
             self.store = SuffixStore(self.store.max_tokens)
+        self.calibration = MatchCalibration()
 
     def finish(self) -> None:
         seq = self._index.seqs.get(0, [])
         if self.store is not None and len(seq) > self._prompt_len:
             self.store.add(seq[max(0, self._prompt_len - self.output_prefix) :])
         self._index = SuffixIndex(self.max_match)
+        self._last = None
 
     def propose(self, context: list[int], k: int) -> Draft:
+        self._learn(context)
         if k <= 0:
             return Draft([])
         self._sync(context)
@@ -159,7 +192,22 @@ class SuffixDrafter(Drafter):
         if not paths:
             return Draft([])
         depth = min(k, MATCH_FACTOR * n)
-        return _grow(paths, depth, k * self.tree_width, self.tree_width, self.prices)
+        rate = self.calibration.rate(n)
+        draft = _grow(paths, depth, k * self.tree_width, self.tree_width, self.prices, rate)
+        self._last = (len(context), draft, n) if len(draft) else None
+        return draft
+
+    def _learn(self, context: list[int]) -> None:
+        """Score the last draft against what was verified after it (the context now)."""
+        if self._last is None:
+            return
+        start, draft, n = self._last
+        self._last = None
+        seq = self._index.seqs.get(0, [])
+        if len(context) <= start or context[:start] != seq[:start]:
+            return  # not a continuation of that draft's context (PEARL dropped tokens)
+        accepted = len(tree.accepted_path(draft, context[start:]))
+        self.calibration.observe(n, accepted, accepted + (accepted < tree.depth(draft)))
 
     def _sync(self, context: list[int]) -> None:
         """Index the context as sequence 0 (afresh if it is not an extension: PEARL)."""
@@ -187,10 +235,10 @@ def _continuations(
     return best_n, [index.seqs[s][end : end + depth] for s, end in best]
 
 
-def _grow(paths: list[list[int]], depth: int, budget: int, width: int, prices) -> Draft:
+def _grow(paths, depth: int, budget: int, width: int, prices, rate: float = 1.0) -> Draft:
     """A draft from candidate continuations counted into a trie: each next token's chance is
-    the share of the continuations through its parent that go on with it; nodes best first
-    (tree.best_first), none below MIN_SHARE of all continuations or below the node price."""
+    rate times the share of the continuations through its parent that go on with it; nodes
+    best first (tree.best_first), none below MIN_SHARE or below the node price."""
     count: dict[tuple[int, ...], int] = {}
     for path in paths:
         for d in range(1, min(depth, len(path)) + 1):
@@ -198,7 +246,7 @@ def _grow(paths: list[list[int]], depth: int, budget: int, width: int, prices) -
     kids: dict[tuple[int, ...], list[tuple[int, float]]] = {}
     for prefix, n in count.items():
         parent = count.get(prefix[:-1], len(paths))
-        kids.setdefault(prefix[:-1], []).append((prefix[-1], n / parent))
+        kids.setdefault(prefix[:-1], []).append((prefix[-1], rate * n / parent))
     for options in kids.values():
         options.sort(key=lambda o: -o[1])
     tokens, parents = best_first(
