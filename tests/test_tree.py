@@ -230,8 +230,9 @@ def test_suffix_drafts_the_most_frequent_continuation_of_the_longest_match():
     params = SamplingParams()
     chain = SuffixDrafter(max_match=3)
     chain.start(ctx[:5], params)
-    # "1 2 3" was followed by 7 8 0 1 twice, by 5 6 once
-    assert chain.propose(ctx, 4).tokens == [7, 8, 0, 1]
+    # "1 2 3" was followed by 7 8 0 1 twice, by 5 6 once; at the prior chance of 0.6 a
+    # token, the fourth falls below MIN_SHARE
+    assert chain.propose(ctx, 4).tokens == [7, 8, 0]
     longer = SuffixDrafter(max_match=5)  # "0 1 2 3": once each, the tie goes either way
     longer.start(ctx[:5], params)
     assert longer.propose(ctx, 2).tokens in ([7, 8], [5, 6])
@@ -250,6 +251,19 @@ def _path(parents, node):
         out.insert(0, node)
         node = parents[node]
     return out
+
+
+def test_node_calibration_learns_from_the_verdicts():
+    from distspec.spec_decode.drafters.calibration import NodeCalibration
+
+    cal = NodeCalibration(2, prior=0.5)
+    # root -> a (bucket 0), b (bucket 1); a -> c (bucket 0); b -> d (bucket 1)
+    draft = Draft([10, 11, 12, 13], [-1, -1, 0, 1])
+    cal.drafted(5, draft, [0, 1, 0, 1])
+    cal.verified([0] * 5 + [10, 99])  # a accepted, then c rejected (99 came instead)
+    # tried: a (hit), b (miss), c (miss); d was under a rejected node: no evidence
+    assert cal.hits == [1, 0] and cal.tries == [2, 1]
+    assert cal.rate(0) == pytest.approx((1 + 1) / (2 + 2))
 
 
 def test_suffix_store_drafts_from_earlier_outputs_and_evicts_the_oldest():

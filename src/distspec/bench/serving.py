@@ -26,6 +26,9 @@ from tqdm import tqdm
 from distspec.bench.grpc_client import chat_request, generate_stub
 from distspec.bench.streams import Streamed, add_chunk, percentile, scaled
 from distspec.datasets import load_prompts
+from distspec.spec_decode.defaults import BENCH_TREE_WIDTH
+
+TREE = "-tree"
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +65,7 @@ def run_serving_bench(config: ServingBenchConfig) -> dict:
         drafter_tp=config.drafter_tp,
         num_drafters=config.num_drafters,
         # start in a mode that drafts, if any does: the runtime then has drafters for it
-        mode=next((m for m in config.modes if m != "ar"), config.modes[0]),
+        mode=next((_mode(m)[0] for m in config.modes if m != "ar"), config.modes[0]),
         gamma=config.gamma,
         num_slots=config.num_slots,
         max_len=1024,
@@ -80,7 +83,7 @@ def run_serving_bench(config: ServingBenchConfig) -> dict:
     runs: list[dict] = []
     try:
         for mode in config.modes:  # warm-up
-            runtime.scheduler.set_mode(mode)
+            runtime.scheduler.set_mode(*_mode(mode))
             _load(channel, runtime, prompts[:1], 1, config)
         total = config.repeats * len(config.clients) * len(config.modes)
         bar = tqdm(total=total, desc="bench-serve", unit="run")
@@ -91,7 +94,7 @@ def run_serving_bench(config: ServingBenchConfig) -> dict:
                     + config.modes[: rep % len(config.modes)]
                 )
                 for mode in order:
-                    runtime.scheduler.set_mode(mode)
+                    runtime.scheduler.set_mode(*_mode(mode))
                     result = _load(channel, runtime, prompts, n, config)
                     runs.append({"mode": mode, "clients": n, "repeat": rep, **result})
                     bar.set_postfix(mode=mode, clients=n, tok_s=f"{result['tokens_per_s']:.1f}")
@@ -113,6 +116,13 @@ def run_serving_bench(config: ServingBenchConfig) -> dict:
     (out / "serving.json").write_text(json.dumps(report, indent=2))
     plot_serving(summary, out / "serving.png", config)
     return report
+
+
+def _mode(name: str) -> tuple[str, int]:
+    """(scheduler mode, drafters' tree width) of a bench-serve mode: ar, sd, pearl, auto, or
+    sd-tree / auto-tree (token trees of width BENCH_TREE_WIDTH)."""
+    base = name.removesuffix(TREE)
+    return base, (BENCH_TREE_WIDTH if name.endswith(TREE) else 1)
 
 
 def _load(channel, runtime, prompts: list[str], clients: int, config) -> dict:

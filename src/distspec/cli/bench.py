@@ -108,7 +108,11 @@ def add_bench_serve(sub) -> None:
         "--drafter-tp", type=int, default=1, help="ranks of each drafter group (default 1)"
     )
     p.add_argument("--num-drafters", type=int, default=1, help="drafter groups (default 1)")
-    p.add_argument("--modes", default="sd,pearl", help="comma list of ar, sd, pearl, auto")
+    p.add_argument(
+        "--modes",
+        default="sd,pearl",
+        help="comma list of ar, sd, pearl, auto, sd-tree, auto-tree (-tree: token trees, width 3)",
+    )
     p.add_argument("--clients", default="1,4,16", help="comma list of concurrency levels")
     p.add_argument(
         "--max-new-tokens", type=int, default=64, help="tokens per request (default %(default)s)"

@@ -237,8 +237,9 @@ class Scheduler:
                 session.cancelled.set()
                 self._cv.notify_all()
 
-    def set_mode(self, mode: str) -> None:
-        """Switch ar / sd / pearl / auto while no session runs (benchmarks compare modes so)."""
+    def set_mode(self, mode: str, tree_width: int | None = None) -> None:
+        """Switch ar / sd / pearl / auto (and, given, the drafters' tree width) while no
+        session runs (benchmarks compare modes so)."""
         with self._cv:
             # sessions leave the loop a moment after their last tokens went out
             idle = self._cv.wait_for(lambda: not (self._running or self._waiting), timeout=30)
@@ -246,7 +247,11 @@ class Scheduler:
                 raise RuntimeError("the mode can change only while no session runs")
             if mode != "ar" and not self.drafters:
                 raise ValueError(f"mode {mode!r} needs at least one drafter")
-            self.config = dataclasses.replace(self.config, mode=mode)
+            trees = self.config.trees if tree_width is None else tree_width > 1
+            self.config = dataclasses.replace(self.config, mode=mode, trees=trees)
+            if tree_width is not None:
+                for drafter in self.drafters:
+                    drafter.call("set_tree_width", tree_width).result()
 
     def state(self) -> SchedulerState:
         with self._cv:

@@ -6,6 +6,7 @@ group's attentions run on different ranks (Transformer.layer_parallel)."""
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from dataclasses import dataclass
@@ -109,6 +110,13 @@ class DrafterWorker(GroupMember):
 
     def stats(self) -> dict:
         return {"busy_s": self.busy_s}
+
+    def set_tree_width(self, width: int) -> None:
+        """The tree width of sessions opened from now on (benchmarks compare chains so)."""
+        self.collective("_set_tree_width", width)
+
+    def _set_tree_width(self, width: int) -> None:
+        self.spec = dataclasses.replace(self.spec, tree_width=width)
 
     def calibrate(
         self, k: int, vocab_size: int

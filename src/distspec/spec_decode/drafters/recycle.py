@@ -6,7 +6,9 @@ verifier uses one of and throws the rest away. Here they are kept: an adjacency 
 read that token, with their probabilities (overwritten every round, kept across requests).
 A draft walks the table from the sequence's newest token: the top-1 chain, or with
 tree_width > 1 a tree of up to tree_width children per node grown best first by the product
-of the stored probabilities along each path (tree.best_first), down to the node price.
+of the nodes' chances along each path (tree.best_first), down to the node price. A node's
+chance is how often this drafter's nodes of its stored probability (in fifths) were accepted
+so far (NodeCalibration): a probability from another context is no chance in this one.
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ from __future__ import annotations
 import torch
 
 from distspec.spec_decode.drafter import Draft, Drafter
+from distspec.spec_decode.drafters.calibration import NodeCalibration
 from distspec.spec_decode.sampling import SamplingParams
 from distspec.spec_decode.tree import best_first
 
 TOP_K = 8
+PROB_BUCKETS = 5
 
 
 class RecycleDrafter(Drafter):
@@ -32,6 +36,7 @@ class RecycleDrafter(Drafter):
         self.table = torch.full((vocab_size, top_k), -1, dtype=torch.long)
         self.probs = torch.zeros(vocab_size, top_k)
         self.prices: tuple[float, ...] = ()
+        self.calibration = NodeCalibration(PROB_BUCKETS, prior=0.3)
 
     def price_nodes(self, prices: tuple[float, ...]) -> None:
         self.prices = tuple(prices)
@@ -42,6 +47,7 @@ class RecycleDrafter(Drafter):
     def forget(self) -> None:
         self.table.fill_(-1)
         self.probs.zero_()
+        self.calibration.forget()
 
     def observe(self, chunk: list[int], logits: torch.Tensor) -> None:
         rows = torch.tensor(chunk[len(chunk) - len(logits) :])
@@ -50,15 +56,33 @@ class RecycleDrafter(Drafter):
         self.probs[rows] = top.values.cpu()
 
     def propose(self, context: list[int], k: int) -> Draft:
+        self.calibration.verified(context)
         if k <= 0:
             return Draft([])
         root = context[-1]
+        bucket_of: dict[tuple[int, ...], int] = {}
+        rate = self.calibration.rate
 
         def expand(path: list[int]) -> list[tuple[int, float]]:
             tok = path[-1] if path else root
-            pairs = zip(self.table[tok].tolist(), self.probs[tok].tolist(), strict=True)
-            return [(t, p) for t, p in pairs if t >= 0]
+            out = []
+            for t, p in zip(self.table[tok].tolist(), self.probs[tok].tolist(), strict=True):
+                if t >= 0:
+                    b = bucket_of[(*path, t)] = min(int(p * PROB_BUCKETS), PROB_BUCKETS - 1)
+                    out.append((t, rate(b)))
+            return sorted(out, key=lambda o: -o[1])
 
         width = self.tree_width
         tokens, parents = best_first(expand, k * width, k, self.prices, width)
-        return Draft(tokens, parents)
+        draft = Draft(tokens, parents)
+        buckets = [bucket_of[tuple(_path(tokens, parents, i))] for i in range(len(tokens))]
+        self.calibration.drafted(len(context), draft, buckets)
+        return draft
+
+
+def _path(tokens: list[int], parents: list[int], node: int) -> list[int]:
+    out = []
+    while node >= 0:
+        out.append(tokens[node])
+        node = parents[node]
+    return out[::-1]

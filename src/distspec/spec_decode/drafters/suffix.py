@@ -8,7 +8,7 @@ occurred before with something after it; the continuations after its occurrences
 and store alike) are counted into a trie and drafted best first by frequency: one chain, or
 with tree_width > 1 a tree of the top continuations (each node's children cut to tree_width).
 A token's chance is the share of continuations behind it times how often this drafter's
-tokens from matches of that length were accepted so far (`MatchCalibration`: a share of 1
+tokens from matches of that length were accepted so far (NodeCalibration: a share of 1
 from one earlier occurrence is no certainty); a draft grows best first while its nodes' chances
 pay their verify rows (Drafter.price_nodes), and no deeper than MATCH_FACTOR tokens per
 matched one.
@@ -25,8 +25,8 @@ import threading
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
-from distspec.spec_decode import tree
 from distspec.spec_decode.drafter import Draft, Drafter
+from distspec.spec_decode.drafters.calibration import NodeCalibration
 from distspec.spec_decode.sampling import SamplingParams
 from distspec.spec_decode.tree import best_first
 
@@ -110,27 +110,11 @@ class SuffixStore:
             return _continuations(self.index, context, min_n, depth)
 
 
-@dataclass
-class MatchCalibration:
-    """Accepted and tried draft tokens by the length of the match they came from (buckets
-    from the match lengths in STARTS), learnt from the drafter's own verdicts."""
+MATCH_BUCKETS = (1, 2, 3, 5, 9)  # match lengths from which a calibration bucket starts
 
-    STARTS = (1, 2, 3, 5, 9)
-    hits: list[float] = field(default_factory=lambda: [0.0] * 5)
-    tries: list[float] = field(default_factory=lambda: [0.0] * 5)
 
-    def bucket(self, n: int) -> int:
-        return sum(n >= s for s in self.STARTS) - 1
-
-    def rate(self, n: int) -> float:
-        """The chance a token from an n-token match is accepted (prior 0.7, weight 2)."""
-        b = self.bucket(n)
-        return (self.hits[b] + 1.4) / (self.tries[b] + 2.0)
-
-    def observe(self, n: int, accepted: int, tried: int) -> None:
-        b = self.bucket(n)
-        self.hits[b] += accepted
-        self.tries[b] += tried
+def match_bucket(n: int) -> int:
+    return sum(n >= s for s in MATCH_BUCKETS) - 1
 
 
 class SuffixDrafter(Drafter):
@@ -155,8 +139,8 @@ class SuffixDrafter(Drafter):
         self._index = SuffixIndex(max_match)
         self._prompt_len = 0
         self.prices: tuple[float, ...] = ()
-        self.calibration = MatchCalibration()  # kept across requests, as the store is
-        self._last: tuple[int, Draft, int] | None = None  # (context length, draft, match)
+        # kept across requests, as the store is
+        self.calibration = NodeCalibration(len(MATCH_BUCKETS))
 
     def price_nodes(self, prices: tuple[float, ...]) -> None:
         self.prices = tuple(prices)
@@ -168,17 +152,16 @@ class SuffixDrafter(Drafter):
     def forget(self) -> None:
         if self.store is not None:
             self.store = SuffixStore(self.store.max_tokens)
-        self.calibration = MatchCalibration()
+        self.calibration.forget()
 
     def finish(self) -> None:
         seq = self._index.seqs.get(0, [])
         if self.store is not None and len(seq) > self._prompt_len:
             self.store.add(seq[max(0, self._prompt_len - self.output_prefix) :])
         self._index = SuffixIndex(self.max_match)
-        self._last = None
 
     def propose(self, context: list[int], k: int) -> Draft:
-        self._learn(context)
+        self.calibration.verified(context)
         if k <= 0:
             return Draft([])
         self._sync(context)
@@ -192,22 +175,11 @@ class SuffixDrafter(Drafter):
         if not paths:
             return Draft([])
         depth = min(k, MATCH_FACTOR * n)
-        rate = self.calibration.rate(n)
+        bucket = match_bucket(n)
+        rate = self.calibration.rate(bucket)
         draft = _grow(paths, depth, k * self.tree_width, self.tree_width, self.prices, rate)
-        self._last = (len(context), draft, n) if len(draft) else None
+        self.calibration.drafted(len(context), draft, [bucket] * len(draft))
         return draft
-
-    def _learn(self, context: list[int]) -> None:
-        """Score the last draft against what was verified after it (the context now)."""
-        if self._last is None:
-            return
-        start, draft, n = self._last
-        self._last = None
-        seq = self._index.seqs.get(0, [])
-        if len(context) <= start or context[:start] != seq[:start]:
-            return  # not a continuation of that draft's context (PEARL dropped tokens)
-        accepted = len(tree.accepted_path(draft, context[start:]))
-        self.calibration.observe(n, accepted, accepted + (accepted < tree.depth(draft)))
 
     def _sync(self, context: list[int]) -> None:
         """Index the context as sequence 0 (afresh if it is not an extension: PEARL)."""
