@@ -317,3 +317,34 @@ def test_tree_sampling_matches_exact_target_distribution(small, kind):
     print(f"e2e t=1 tree-{kind}: joint p={pvalue:.4g}, accepted {totals['accepted']}")
     assert pvalue > ALPHA
     assert SMALL_V == 8
+
+
+def test_a_tensor_parallel_target_moves_accepted_paths_on_every_rank(tiny_dir, target):
+    """Two target ranks (gloo, processes of their own): each round's accepted tree path is on
+    the second branch, so its K/V must move; the rounds after read them on both ranks."""
+    from distspec.spec_decode.drafter import EMPTY_DRAFT
+    from distspec.workers.local_group import LocalGroup
+    from distspec.workers.messages import ForwardItem
+    from distspec.workers.target import TargetSpec, TargetWorker
+
+    group = LocalGroup(TargetWorker, TargetSpec(str(tiny_dir), num_slots=2, max_len=160), 2)
+    try:
+        worker = group.leader
+        ids = encode(target, "Once upon a time")
+        expected = greedy_ar(target, ids, 12)
+        worker.open_session(1, SamplingParams())
+        (verdict,), _ = worker.step([ForwardItem(1, 1, 0, ids, draft=EMPTY_DRAFT)])
+        out = [verdict.next_token]
+        tokens = ids + out
+        for _ in range(3):
+            a, b = expected[len(out) : len(out) + 2]
+            draft = Draft([(a + 1) % 200, a, b], [-1, -1, 1])  # a wrong first child
+            chunk = [tokens[-1], *draft.tokens]
+            (verdict,), _ = worker.step([ForwardItem(1, 1, len(tokens) - 1, chunk, draft=draft)])
+            assert verdict.path == [1, 2]
+            new = verdict.tokens(draft)
+            out += new
+            tokens += new
+        assert out == expected[: len(out)] and len(out) == 10
+    finally:
+        group.close()

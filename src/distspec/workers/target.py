@@ -194,13 +194,8 @@ class TargetWorker(GroupMember):
 def _trees(items: list[ForwardItem], width: int) -> torch.Tensor | None:
     """The attention of chunks right-padded to width where a draft is a token tree (None
     where none is: plain causal order)."""
-    if not any(item.draft is not None and item.draft.is_tree for item in items):
+    parents = [item.draft.parents if item.draft is not None else None for item in items]
+    if not any(parents):
         return None
-    return torch.stack(
-        [
-            tree.chunk_attention(len(item.tokens), item.draft.parents or [], width)
-            if item.draft is not None
-            else tree.chunk_attention(len(item.tokens), [], width)
-            for item in items
-        ]
-    )
+    pairs = zip(items, parents, strict=True)
+    return torch.stack([tree.chunk_attention(len(i.tokens), p or [], width) for i, p in pairs])

@@ -185,14 +185,10 @@ class ModelDrafter(Drafter):
             row = rows[kept - len(looked_up) - 1]
             tok, confidence = self._pick(row, len(context) + len(tokens))
             if self.tree_width > 1:
+                nodes = len(tokens) + 1 + sum(map(len, leaves.values()))  # the next leaf's index
                 at = len(context) + len(tokens)
-                q, alts = self._runners_up(row, at, tok)
-                kept = leaves[len(tokens)] = []
-                for a in alts:  # the leaf would be the draft's node `nodes` + 1
-                    nodes = len(tokens) + 1 + sum(map(len, leaves.values()))
-                    if reach * float(q[a]) >= price_at(self.prices, nodes):
-                        kept.append(a)
-                reach *= float(q[tok])
+                leaves[len(tokens)], q_tok = self._leaves(row, at, tok, reach, nodes)
+                reach *= q_tok
             tokens.append(tok)
             if confidence < self.min_confidence:
                 break
@@ -221,17 +217,30 @@ class ModelDrafter(Drafter):
     def price_nodes(self, prices: tuple[float, ...]) -> None:
         self.prices = tuple(prices)
 
-    def _runners_up(self, logits: torch.Tensor, pos: int, chosen: int):
-        """(the model's distribution at position pos, its next tree_width - 1 choices after
-        `chosen`: by logit, or when sampling by race score)."""
+    def _leaves(self, logits, pos: int, chosen: int, reach: float, node: int):
+        """(the leaves beside `chosen` at position pos: the model's next tree_width - 1
+        choices, by logit or when sampling by race score, that pay the price of node `node`
+        on; q(chosen)). Without a chance of paying (reach * (1 - q(chosen)) below the price:
+        a confident step) no ranking is computed."""
+        price = price_at(self.prices, node)
         if self.params.greedy:
-            q = torch.softmax(logits.float(), -1)
-            score = q
+            lse = torch.logsumexp(logits.float(), -1)
+            q_tok = float(torch.exp(logits[chosen].float() - lse))
+            if reach * (1 - q_tok) < price:
+                return [], q_tok
+            top = torch.topk(logits, self.tree_width)
+            probs = torch.exp(top.values.float() - lse)
+            pairs = zip(top.indices.tolist(), probs.tolist(), strict=True)
         else:
             q = probs_from_logits(logits, self.params).double()
+            q_tok = float(q[chosen])
+            if reach * (1 - q_tok) < price:
+                return [], q_tok
             score = q / race_noise(self.params.seed, pos, q.shape[-1])
-        top = torch.topk(score, self.tree_width).indices.tolist()
-        return q, [t for t in top if t != chosen][: self.tree_width - 1]
+            idx = torch.topk(score, self.tree_width).indices
+            pairs = zip(idx.tolist(), q[idx].tolist(), strict=True)
+        kept = [t for t, p in pairs if t != chosen and reach * p >= price]
+        return kept[: self.tree_width - 1], q_tok
 
     def _pick(self, logits: torch.Tensor, pos: int) -> tuple[int, float]:
         """(the model's token at position pos, its probability under the drafter)."""
