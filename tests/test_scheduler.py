@@ -306,3 +306,35 @@ def test_batched_token_trees_equal_greedy_decoding(
 def test_trees_refuse_pearl():
     with pytest.raises(ValueError, match="not pearl"):
         SchedulerConfig(mode="pearl", trees=True)
+
+
+def test_suffix_outputs_are_shared_within_a_tenant_only(workers, target, tiny_dir):
+    """A suffix drafter worker keeps each tenant's finished outputs for that tenant's later
+    sessions; another tenant's sessions never draft from them."""
+    from distspec.server.gateway import tenant_of
+
+    spec = DrafterSpec(model="suffix", target=str(tiny_dir), num_slots=SLOTS, max_len=MAX_LEN)
+    drafter = DrafterWorker(spec)
+    sched = Scheduler(
+        Remote.local(workers[0]), [Remote.local(drafter)], workers[0].info,
+        SchedulerConfig(mode="sd"),
+    )  # fmt: skip
+    try:
+        ids = encode(target, "Once upon a time")
+        params = SamplingParams(max_new_tokens=30)
+        alice, bob = tenant_of("token:alice"), tenant_of("token:bob")
+        assert alice != bob and "alice" not in alice
+        first = run([sched.submit(ids, params, tenant=alice)])[0]
+        stored = drafter._stores.get(alice)
+        # the drafter stores what it saw of the text when the session closes, after its end
+        wait_for(lambda: stored.num_tokens > len(first) // 2)
+        assert run([sched.submit(ids, params, tenant=bob)])[0] == first
+        # bob's store holds bob's output only: alice's was never offered to his session
+        wait_for(lambda: drafter._stores.get(bob).num_outputs == 1)
+        assert drafter._stores.get(alice) is stored and stored.num_outputs == 1
+        assert run([sched.submit(ids, params)])[0] == first  # no tenant: nothing kept
+        time.sleep(0.5)
+        assert sorted(drafter._stores.tenants()) == sorted([alice, bob])
+        assert stored.num_outputs == 1 and drafter._stores.get(bob).num_outputs == 1
+    finally:
+        sched.close()

@@ -164,10 +164,12 @@ class Scheduler:
         params: SamplingParams,
         external: bool = False,
         keep_decoding: bool = False,
+        tenant: str = "",
     ) -> Session:
         """Queue a request; raises ValueError for a bad one, AdmissionError when full.
         external: its drafts come through offer() (Speculate), not from the drafters;
-        keep_decoding: it takes plain steps while no chunk is offered."""
+        keep_decoding: it takes plain steps while no chunk is offered; tenant: who asks
+        (a drafter may draft from that tenant's earlier outputs, never another's; "": none)."""
         self._check_request(prompt_ids, params)
         params = params.seeded()  # the target and the drafters draw with the same noise
         stops = set(self.info.eos_token_ids) | set(params.stop_token_ids)
@@ -187,6 +189,7 @@ class Scheduler:
             session = Session(self._next_id, list(prompt_ids), params, stops)
             session.external = external
             session.keep_decoding = external and keep_decoding
+            session.tenant = tenant
             session.tokens = list(prompt_ids)
             session.stats.prompt_tokens = len(prompt_ids)
             self._next_id += 1
@@ -370,7 +373,7 @@ class Scheduler:
                 self.target.call("open_session", s.id, s.params)
             drafted = not s.external and self.config.mode != "ar"
             if drafted and self._drafter_index(s) in repair.drafters:
-                self._drafter(s).call("open_session", s.id, s.slot, s.prompt_ids, s.params)
+                self._open_drafting(s)
         if resumed and repair.target is not None:
             log.info("resuming %d session(s) from their verified tokens", len(resumed))
             items = [
@@ -397,7 +400,7 @@ class Scheduler:
             stand_in, self.drafters[i] = self.drafters[i], remote
             if self.config.mode != "ar":
                 for s in users:
-                    remote.call("open_session", s.id, s.slot, s.prompt_ids, s.params)
+                    self._open_drafting(s, remote)
             stand_in.close()
             log.info("drafter %d is back", i)
 
@@ -408,7 +411,7 @@ class Scheduler:
                 s.last_offer = time.perf_counter()
                 continue
             if self.config.mode != "ar":
-                self._drafter(s).call("open_session", s.id, s.slot, s.prompt_ids, s.params)
+                self._open_drafting(s)
             if self.config.mode in ("sd", "auto"):
                 # decisions from the costs measured at start-up (timing live rounds under
                 # load measured worse)
@@ -544,6 +547,11 @@ class Scheduler:
         # decoding then (large batches on few drafters)
         gamma = int(t.step_s / (t.draft_token_s * per_drafter) + 0.5)
         return max(0, min(self.config.gamma, gamma))
+
+    def _open_drafting(self, s: Session, drafter: Remote | None = None):
+        """Open s on its drafter (or on `drafter`, a replacement); the call's future."""
+        drafter = drafter or self._drafter(s)
+        return drafter.call("open_session", s.id, s.slot, s.prompt_ids, s.params, s.tenant)
 
     def _draft(
         self, sessions: list[Session], requests: dict[int, DraftRequest]

@@ -31,6 +31,7 @@ class Session:
     stops: set[int]
     external: bool = False  # drafts come from offer() (Speculate), not the drafter workers
     keep_decoding: bool = False  # plain steps while no chunk is offered (external only)
+    tenant: str = ""  # whose outputs it may draft from (suffix); "": its own only
     chunk: tuple[int, Draft] | None = None  # (position, draft) offered, until verified
     settling: bool = False  # this round took the offered chunk
     last_offer: float | None = None

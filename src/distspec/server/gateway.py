@@ -5,6 +5,7 @@ limits span both doors."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 import queue
 import weakref
@@ -172,7 +173,9 @@ class Gateway:
         if refused:
             raise ClientLimitError(refused)
         try:
-            session = self.scheduler.submit(prompt_ids, params, external, keep_decoding)
+            session = self.scheduler.submit(
+                prompt_ids, params, external, keep_decoding, tenant=tenant_of(client)
+            )
         except BaseException:
             self.ledger.release(client)
             raise
@@ -219,3 +222,10 @@ class Gateway:
 
     def timeout_message(self) -> str:
         return f"the request ran past the server's limit of {self.request_timeout_s:g} s"
+
+
+def tenant_of(client: str) -> str:
+    """The tenant a client's sessions draft for (suffix decoding's outputs are shared within
+    one, never across): a digest of its identity (bearer token, else peer host), so no
+    token travels to the workers."""
+    return hashlib.sha256(client.encode()).hexdigest()[:16]

@@ -21,6 +21,7 @@ from distspec.spec_decode.drafter import Draft, Drafter
 from distspec.spec_decode.drafters import ModelDrafter
 from distspec.spec_decode.drafters.batched import propose_together, time_drafting_together
 from distspec.spec_decode.drafters.factory import load_drafter, new_drafter
+from distspec.spec_decode.drafters.suffix import SuffixStore, TenantStores
 from distspec.spec_decode.sampling import SamplingParams
 from distspec.workers.group import GroupMember, GroupSpec, join_group
 from distspec.workers.messages import DraftRequest
@@ -83,6 +84,8 @@ class DrafterWorker(GroupMember):
             if layer_parallel:
                 self.model.model.layer_parallel = self.tp
         self._drafters: dict[int, Drafter] = {}
+        # suffix: each tenant's recent outputs, for its later sessions (TenantStores)
+        self._stores = TenantStores() if spec.model == "suffix" else TenantStores(0)
         self.busy_s = 0.0
 
     def ready(self) -> bool:
@@ -95,9 +98,16 @@ class DrafterWorker(GroupMember):
     # -- leader API (each runs on every rank) ----------------------------------------------
 
     def open_session(
-        self, session: int, slot: int, prompt_ids: list[int], params: SamplingParams
+        self,
+        session: int,
+        slot: int,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        tenant: str = "",
     ) -> None:
-        self.collective("_open", session, slot, prompt_ids, params)
+        """tenant: a suffix drafter drafts from this tenant's earlier outputs here too, and
+        adds the session's to them ("": from its own text only)."""
+        self.collective("_open", session, slot, prompt_ids, params, tenant)
 
     def close_session(self, session: int) -> None:
         self.collective("_close", session)
@@ -146,8 +156,10 @@ class DrafterWorker(GroupMember):
 
     # -- every rank ------------------------------------------------------------------------
 
-    def _open(self, session: int, slot: int, prompt_ids: list[int], params: SamplingParams):
-        drafter = self._new_drafter(slot)
+    def _open(
+        self, session: int, slot: int, prompt_ids: list[int], params: SamplingParams, tenant=""
+    ):
+        drafter = self._new_drafter(slot, self._stores.get(tenant) if tenant else None)
         drafter.start(prompt_ids, params)
         self._drafters[session] = drafter
 
@@ -167,13 +179,12 @@ class DrafterWorker(GroupMember):
             )
         return [d.propose(r.context, r.k) for d, r in zip(drafters, requests, strict=True)]
 
-    def _new_drafter(self, slot: int) -> Drafter:
-        # suffix: from the session's own text (a store shared across sessions needs to know
-        # whose outputs it holds: not yet)
+    def _new_drafter(self, slot: int, store: SuffixStore | None = None) -> Drafter:
         spec = self.spec
         return new_drafter(
-            self.model, spec.lookup, slot, self.fuzzy_groups, None, spec.tree_width, spec.model
-        )
+            self.model, spec.lookup, slot, self.fuzzy_groups, None, spec.tree_width, spec.model,
+            store,
+        )  # fmt: skip
 
     def _time_steps(self, group_size: int, context_len: int, steps: int) -> float:
         model = self.model.model

@@ -102,6 +102,10 @@ class SuffixStore:
     def num_tokens(self) -> int:
         return sum(self._sizes.values())
 
+    @property
+    def num_outputs(self) -> int:
+        return len(self._sizes)
+
     def continuations(
         self, context: list[int], min_n: int, depth: int
     ) -> tuple[int, list[list[int]]]:
@@ -117,6 +121,31 @@ def match_bucket(n: int) -> int:
     return sum(n >= s for s in MATCH_BUCKETS) - 1
 
 
+class TenantStores:
+    """One SuffixStore per tenant, for the most recent `max_tenants` tenants (the least
+    recently used one's outputs go first): sessions draft from their own tenant's outputs
+    only. max_tenants 0: none kept."""
+
+    def __init__(self, max_tenants: int = 64, tokens_per_tenant: int = 1 << 16):
+        self.max_tenants, self.tokens_per_tenant = max_tenants, tokens_per_tenant
+        self._stores: OrderedDict[str, SuffixStore] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, tenant: str) -> SuffixStore | None:
+        if self.max_tenants <= 0:
+            return None
+        with self._lock:
+            store = self._stores.pop(tenant, None) or SuffixStore(self.tokens_per_tenant)
+            self._stores[tenant] = store
+            while len(self._stores) > self.max_tenants:
+                self._stores.popitem(last=False)
+            return store
+
+    def tenants(self) -> list[str]:
+        with self._lock:
+            return list(self._stores)
+
+
 class SuffixDrafter(Drafter):
     name = "suffix"
     prior_acceptance = 0.5
@@ -129,9 +158,10 @@ class SuffixDrafter(Drafter):
         max_match: int = MAX_MATCH,
         output_prefix: int = MAX_MATCH,
     ):
-        """store: earlier outputs to draft from too (this drafter adds its request's output
-        there when it finishes, with output_prefix prompt tokens before it so that the
-        answer's start can be matched). tree_width: most children per draft node (1: chains)."""
+        """store: earlier outputs to draft from too; this drafter adds its request's output
+        there when it finishes (as far as it saw it: all but the last round's tokens), with
+        output_prefix prompt tokens before it so that the answer's start can be matched.
+        tree_width: most children per draft node (1: chains)."""
         if tree_width < 1:
             raise ValueError(f"tree_width must be >= 1, got {tree_width}")
         self.store, self.tree_width = store, tree_width
