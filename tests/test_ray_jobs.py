@@ -166,7 +166,12 @@ def test_ray_job_stop_drains_the_server_and_frees_the_cluster(ray_head, tmp_path
     assert submitted.returncode == 0, submitted.stderr[-3000:]
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     stub = generate_stub(channel)
-    request = chat_request("Name three rivers.", 40)
+    # long enough to be still in flight when `ray job stop` (a CLI process of its own, seconds
+    # to start) reaches the server: 40 tokens could finish first (a flake once decoding got
+    # faster); this prompt runs the whole 240 tokens (5.6 s at 43 tokens/s on 2 cores)
+    request = chat_request(
+        "Write a very long story about a dragon and a knight, at least 500 words.", 240
+    )
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while True:  # until the job's server answers
         try:
