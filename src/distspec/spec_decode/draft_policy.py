@@ -19,6 +19,7 @@ policy times the rounds themselves.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 
@@ -53,6 +54,16 @@ class DraftCosts:
         if sessions <= 1 or len(self.draft_batch) < 2:
             return self.t_draft
         return self.t_draft * _interpolate(self.draft_batch, sessions) / self.draft_batch[0][1]
+
+
+@functools.lru_cache(maxsize=64)
+def _node_row_seconds(verify: tuple[tuple[int, float], ...], batch: int, nodes: int):
+    """Seconds each of a draft's first `nodes` nodes adds per session when `batch` sessions
+    are verified together, on the verify table's lower convex hull (the same for every round
+    of a calibration: cached)."""
+    hull = _lower_hull(verify)
+    rows = [_interpolate(hull, batch * (i + 1)) for i in range(nodes + 1)]
+    return tuple(max(rows[i + 1] - rows[i], 0.0) / batch for i in range(nodes))
 
 
 def _lower_hull(points: tuple[tuple[int, float], ...]) -> tuple[tuple[int, float], ...]:
@@ -147,9 +158,7 @@ class DraftLengthPolicy:
         a = min(self.alpha, 0.999)
         tokens = (1 - a ** (k + 1)) / (1 - a)
         t_token = (k * c.t_draft_at(batch) + c.t_verify(batch * (k + 1))) / (batch * tokens)
-        hull = _lower_hull(c.verify)
-        rows = [_interpolate(hull, batch * (i + 1)) for i in range(nodes + 1)]
-        return tuple(max(rows[i + 1] - rows[i], 0.0) / batch / t_token for i in range(nodes))
+        return tuple(s / t_token for s in _node_row_seconds(c.verify, batch, nodes))
 
     def observe_round(self, k: int, accepted: int, draft_s: float, verify_s: float) -> None:
         """Feed one round's outcome: k drafted, accepted of them, and its timings."""

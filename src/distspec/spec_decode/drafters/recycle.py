@@ -60,29 +60,21 @@ class RecycleDrafter(Drafter):
         if k <= 0:
             return Draft([])
         root = context[-1]
-        bucket_of: dict[tuple[int, ...], int] = {}
-        rate = self.calibration.rate
+        bucket_of: dict[tuple[int, int], int] = {}  # (token, a next token in its row)
 
         def expand(path: list[int]) -> list[tuple[int, float]]:
             tok = path[-1] if path else root
             out = []
             for t, p in zip(self.table[tok].tolist(), self.probs[tok].tolist(), strict=True):
                 if t >= 0:
-                    b = bucket_of[(*path, t)] = min(int(p * PROB_BUCKETS), PROB_BUCKETS - 1)
-                    out.append((t, rate(b)))
+                    b = bucket_of[tok, t] = min(int(p * PROB_BUCKETS), PROB_BUCKETS - 1)
+                    out.append((t, self.calibration.rate(b)))
             return sorted(out, key=lambda o: -o[1])
 
         width = self.tree_width
         tokens, parents = best_first(expand, k * width, k, self.prices, width)
         draft = Draft(tokens, parents)
-        buckets = [bucket_of[tuple(_path(tokens, parents, i))] for i in range(len(tokens))]
+        before = [root if p < 0 else tokens[p] for p in parents]
+        buckets = [bucket_of[b, t] for b, t in zip(before, tokens, strict=True)]
         self.calibration.drafted(len(context), draft, buckets)
         return draft
-
-
-def _path(tokens: list[int], parents: list[int], node: int) -> list[int]:
-    out = []
-    while node >= 0:
-        out.append(tokens[node])
-        node = parents[node]
-    return out[::-1]
