@@ -24,17 +24,18 @@ def test_a_built_library_is_imported_without_a_build_step(monkeypatch):
 
     assert kernels() is not None and library_path().exists()
     monkeypatch.setattr(ext, "load", lambda *a, **k: pytest.fail("the kernels were rebuilt"))
-    assert cpu_kernels._import(library_path()).MAX_ROWS == 16
+    assert cpu_kernels._import(library_path()).MAX_ROWS == kernels().MAX_ROWS
 
 
 needs_kernels = pytest.mark.skipif(kernels() is None, reason="needs an AVX2 CPU and g++")
 
 
 @needs_kernels
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 9, 16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 9, 16, 40])
 @pytest.mark.parametrize("n, k", [(1, 8), (3, 5), (4, 64), (13, 37), (96, 576), (257, 100)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_skinny_linear_matches_matmul(rows, n, k, bias):
+    rows = min(rows, kernels().MAX_ROWS)  # 16 on an AVX2 CPU, 64 with AVX-512
     g = torch.Generator().manual_seed(rows * 1000 + n * 10 + k)
     x = torch.randn(rows, k, generator=g)
     w = torch.randn(n, k, generator=g)
@@ -48,10 +49,11 @@ def test_skinny_linear_matches_matmul(rows, n, k, bias):
 
 
 @needs_kernels
-def test_skinny_linear_rows_do_not_depend_on_the_batch():
+@pytest.mark.parametrize("k", [200, 576])  # 576: AVX-512 tiles of W rows from 6 rows of x on
+def test_skinny_linear_rows_do_not_depend_on_the_batch(k):
     """A row's output is the same alone or among 15 others (bitwise)."""
     g = torch.Generator().manual_seed(0)
-    x, w = torch.randn(16, 200, generator=g), torch.randn(70, 200, generator=g)
+    x, w = torch.randn(16, k, generator=g), torch.randn(70, k, generator=g)
     together = kernels().skinny_linear(x, w)
     for i in range(16):
         assert torch.equal(kernels().skinny_linear(x[i : i + 1], w)[0], together[i])
@@ -65,8 +67,8 @@ def test_skinny_linear_keeps_leading_dims_and_checks_input():
     assert ops.skinny_linear(torch.randn(0, 8), w).shape == (0, 6)
     with pytest.raises(RuntimeError, match="columns"):
         ops.skinny_linear(torch.randn(1, 7), w)
-    with pytest.raises(RuntimeError, match="at most 16 rows"):
-        ops.skinny_linear(torch.randn(17, 8), w)
+    with pytest.raises(RuntimeError, match=f"at most {ops.MAX_ROWS} rows"):
+        ops.skinny_linear(torch.randn(ops.MAX_ROWS + 1, 8), w)
     with pytest.raises(RuntimeError, match="float32"):
         ops.skinny_linear(torch.randn(1, 8).double(), w.double())
 
@@ -76,7 +78,7 @@ def test_skinny_layer_uses_blas_for_prefill_and_shares_a_tied_weight():
     lin = nn.Linear(24, 10, bias=True)
     layer = SkinnyLinear(lin, kernels())
     assert layer.weight.data_ptr() == lin.weight.data_ptr()
-    for rows in (1, 16, 17, 40):
+    for rows in (1, 16, 17, 40, kernels().MAX_ROWS + 1):
         x = torch.randn(rows, 24)
         torch.testing.assert_close(layer(x), lin(x), rtol=1e-5, atol=1e-5)
 

@@ -43,6 +43,30 @@ HEADERS = [
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp"]
 
 
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags as Linux reports them (empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def isa_flags() -> list[str]:
+    """AVX-512 (and its integer dot products) where this CPU has them: the kernels use them
+    under #ifdef, with the same bits as their AVX2 code. Named, not -march=native, so the
+    cache key tells builds for different CPUs apart."""
+    have = cpu_flags()
+    if not {"avx512f", "avx512vl", "avx512dq", "avx512bw"} <= have:
+        return []
+    return ["-mavx512f", "-mavx512vl", "-mavx512dq", "-mavx512bw"] + (
+        ["-mavx512vnni"] if "avx512_vnni" in have else []
+    )
+
+
 def supported() -> bool:
     """This CPU runs the kernels (x86-64 with AVX2, FMA and F16C) and they are not switched off."""
     if os.environ.get("DISTSPEC_CPU_KERNELS", "1") == "0":
@@ -55,7 +79,7 @@ def library_path() -> Path:
     h = hashlib.sha256()
     for source in [*SOURCES, *HEADERS]:
         h.update(source.read_bytes())
-    h.update(" ".join(FLAGS).encode())
+    h.update(" ".join(FLAGS + isa_flags()).encode())
     h.update(torch.__version__.encode())
     h.update(sys.version.encode())
     root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "distspec" / "kernels"
@@ -72,7 +96,7 @@ def _build(path: Path) -> ModuleType:
         module = load(
             name=NAME,
             sources=[str(s) for s in SOURCES],
-            extra_cflags=FLAGS,
+            extra_cflags=FLAGS + isa_flags(),
             extra_ldflags=["-fopenmp"],
             build_directory=build_dir,
             verbose=False,

@@ -157,7 +157,8 @@ template <int MB>
 inline void row_q4_pairs(const int8_t* xp, const float* xdp, int64_t K, const uint8_t* q,
                          const at::Half* scale, const at::Half* min, const float* xsum, int64_t G,
                          float bias, float* y, int64_t ldy) {
-  const __m256i mask = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  [[maybe_unused]] const __m256i ones = _mm256_set1_epi16(1);
   // {d0, d0, d0, d0, d1, d1, d1, d1} from the fp16 pair {d0, d1}
   const __m128i spread = _mm_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3, 2, 3);
   const uint16_t* s16 = reinterpret_cast<const uint16_t*>(scale);
@@ -179,10 +180,17 @@ inline void row_q4_pairs(const int8_t* xp, const float* xdp, int64_t K, const ui
     const __m256 dw = _mm256_cvtph_ps(_mm_shuffle_epi8(_mm_cvtsi32_si128(two), spread));
     for (int m = 0; m < MB; ++m) {
       const int8_t* xm = xp + m * K + 64 * p;
-      const __m256i s = _mm256_add_epi16(
-          _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm))),
-          _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm + 32))));
-      const __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s, ones)),
+      const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm));
+      const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm + 32));
+#ifdef __AVX512VNNI__
+      // the same integer sums in two instructions instead of four
+      const __m256i i32 = _mm256_dpbusd_epi32(
+          _mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, x0), hi, x1);
+#else
+      const __m256i i32 = _mm256_madd_epi16(
+          _mm256_add_epi16(_mm256_maddubs_epi16(lo, x0), _mm256_maddubs_epi16(hi, x1)), ones);
+#endif
+      const __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(i32),
                                      _mm256_loadu_ps(xdp + m * G * 4 + 8 * p));
       tot[m] = _mm256_fmadd_ps(f, dw, tot[m]);
     }
