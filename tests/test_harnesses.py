@@ -101,7 +101,12 @@ def test_gpu_check_runs_its_checks_on_the_cpu(tiny_dir, tmp_path, capsys):
     rc = main(["--device", "cpu", "--target", str(tiny_dir), "--tokens", "12", "--prompts", "2"])
     rc_out = capsys.readouterr().out
     assert rc == 0, rc_out
-    for name in ("greedy float32 = transformers | ok | 2/2", "int4 linear", "sd int4 = ar int4"):
+    for name in (
+        "greedy float32 = transformers | ok | 2/2",
+        "int4 linear",
+        "sd int4 = ar int4",
+        "CUDA graph steps = eager steps | ok",
+    ):
         assert name in rc_out
     assert "| int4 float32 |" in rc_out
     import torch

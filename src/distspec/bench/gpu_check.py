@@ -5,7 +5,8 @@
    reported (different bf16 kernels may split near-ties);
 2. quantized linears on the device (int4, int8) against the float64 product with their
    dequantized weight, within a stated tolerance;
-3. AR tokens/s of fp32, bf16 and int4 targets, and sd with the int4 target equals AR with it.
+3. AR tokens/s of fp32, bf16 and int4 targets, bf16 with and without CUDA graphs (whose
+   greedy output must equal the eager steps'), and sd with the int4 target equals AR with it.
 
 Exit status 1 when a check fails, 2 without a CUDA device. `--device cpu` runs the same
 checks on the CPU (the test suite does, so the script works before a GPU is at hand).
@@ -15,9 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -111,19 +114,46 @@ def check_quantized(device: str) -> list[Check]:
     return checks
 
 
+# (activations, weights, steps from CUDA graphs)
+SPEED_RUNS = (
+    ("float32", "fp32", True),
+    ("bfloat16", "fp32", False),
+    ("bfloat16", "fp32", True),
+    ("float32", "int4", True),
+)
+
+
+@contextmanager
+def cuda_graphs(on: bool):
+    before = os.environ.get("DISTSPEC_CUDA_GRAPHS")
+    os.environ["DISTSPEC_CUDA_GRAPHS"] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        os.environ.pop("DISTSPEC_CUDA_GRAPHS")
+        if before is not None:
+            os.environ["DISTSPEC_CUDA_GRAPHS"] = before
+
+
 def measure_speed(target, prompts, n, device, max_len) -> tuple[list[Check], list[dict]]:
-    rows, checks = [], []
-    for dtype, target_dtype in (("float32", "fp32"), ("bfloat16", "fp32"), ("float32", "int4")):
-        eng = engine(target, "ar", device, dtype, target_dtype, max_len)
-        greedy(eng, prompts[0], 8)  # warm-up
+    rows, checks, eager_outs = [], [], None
+    for dtype, target_dtype, graphs in SPEED_RUNS:
+        with cuda_graphs(graphs):
+            eng = engine(target, "ar", device, dtype, target_dtype, max_len)
+        greedy(eng, prompts[0], 8)  # warm-up (and the graphs' recording)
         speeds, outs = [], []
         for ids in prompts:
             out, tps = greedy(eng, ids, n)
             speeds.append(tps)
             outs.append(out)
-        rows.append(
-            {"target": f"{target_dtype} {dtype}", "ar_tokens_per_s": statistics.median(speeds)}
-        )
+        label = f"{target_dtype} {dtype}" + ("" if graphs else ", eager steps")
+        rows.append({"target": label, "ar_tokens_per_s": statistics.median(speeds)})
+        if dtype == "bfloat16" and not graphs:
+            eager_outs = outs
+        elif dtype == "bfloat16":
+            same = sum(a == b for a, b in zip(outs, eager_outs, strict=True))
+            ok, detail = same == len(prompts), f"{same}/{len(prompts)}"
+            checks.append(Check("bf16 greedy, CUDA graph steps = eager steps", ok, detail))
         if target_dtype == "int4":
             sd = engine(target, "sd", device, dtype, target_dtype, max_len)
             pairs = zip(prompts, outs, strict=True)

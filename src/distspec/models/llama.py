@@ -33,9 +33,21 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
 
     def update(
-        self, slots: torch.Tensor, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int
+        self,
+        slots: torch.Tensor | int,
+        pos: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_len: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k/v ([B, H, T, D]) at (slots, pos) and return the first kv_len keys/values."""
+        """Write k/v ([B, H, T, D]) at (slots, pos) and return the first kv_len keys/values.
+        slots as a number: one sequence in that slot, written by index with no host reads (a
+        step CUDA graphs can record)."""
+        if isinstance(slots, int):
+            ks, vs = self.k[slots : slots + 1], self.v[slots : slots + 1]
+            ks.index_copy_(2, pos[0], k)
+            vs.index_copy_(2, pos[0], v)
+            return ks[:, :, :kv_len], vs[:, :, :kv_len]
         if slots.numel() == 1:
             # Fast path: one sequence, contiguous positions -> plain slicing, views only.
             s, start, t = int(slots[0]), int(pos[0, 0]), k.shape[2]
@@ -201,7 +213,8 @@ class Transformer(Watched):
         self.num_slots = 0
         # EasySpec: the ranks that share a fuzzy group's attentions (each holds every layer)
         self.layer_parallel = TPContext()
-        vars(self).update(_stack=None, _stack_epoch=None)
+        # _graphs: models/cuda_graphs.py's CapturedSteps once capture_steps() enables them
+        vars(self).update(_stack=None, _stack_epoch=None, _graphs=None)
 
     @classmethod
     def empty(cls, config: ModelConfig, tp: TPContext | None = None, device="cpu", dtype=None):
@@ -254,7 +267,9 @@ class Transformer(Watched):
         fuzzy_groups: tuple[tuple[int, int], ...] = (),
         tree: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """tokens, pos: [B, T] int64; slots: [B] cache rows (default 0..B-1).
+        """tokens, pos: [B, T] int64; slots: [B] cache rows (default 0..B-1), or one slot's
+        number: B = 1 and a step with no host reads (attention over the whole cache under a
+        position mask; PyTorch's ops), the form CUDA graphs record (models/cuda_graphs.py).
 
         Returns logits [B, T, V], or [B, last, V]: of the last `last` positions only. Rows of a
         ragged batch are right-padded; padding must use positions past the row's real ones
@@ -275,14 +290,24 @@ class Transformer(Watched):
         bsz, t = tokens.shape
         if slots is None:
             slots = torch.arange(bsz, device=tokens.device)
-        kv_len = int(pos.max()) + 1
-        if kv_len > self.max_len:
-            raise ValueError(f"position {kv_len - 1} is past the KV cache length {self.max_len}")
+        recordable = isinstance(slots, int)
+        if recordable:
+            if decode_ops(self.rope_cos) is not None:
+                raise ValueError("a slot number runs PyTorch's ops: a CUDA or non-fp32 model")
+            kv_len = self.max_len
+        else:
+            kv_len = int(pos.max()) + 1
+            if kv_len > self.max_len:
+                raise ValueError(
+                    f"position {kv_len - 1} is past the KV cache length {self.max_len}"
+                )
+            if self._graphs is not None and self._graphs.fits(tokens, fuzzy_groups, tree):
+                return self._graphs(tokens, pos, int(slots[0]), last)
         rope_pos = pos if tree is None else pos[:, :1] + tree.sum(-1) - 1
         cos = self.rope_cos[rope_pos].unsqueeze(2)
         sin = self.rope_sin[rope_pos].unsqueeze(2)
         window = self.config.sliding_window
-        need_mask = t > 1 or bsz > 1 or (window is not None and kv_len > window)
+        need_mask = recordable or t > 1 or bsz > 1 or (window is not None and kv_len > window)
         if decode_ops(self.rope_cos) is not None:  # its attention masks by position itself
             need_mask = False
         mask = self._mask(pos, kv_len, tree, rope_pos) if need_mask else None

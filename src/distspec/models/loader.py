@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 
 from distspec.models.config import ModelConfig
+from distspec.models.cuda_graphs import capture_steps
 from distspec.models.gguf_convert import OUTPUT_VERSION, convert_gguf, gguf_quantized_weights
 from distspec.models.linear import pack_for_cpu, set_activations
 from distspec.models.llama import Transformer
@@ -404,4 +405,5 @@ def load_for_inference(
     if torch.device(device).type == "cpu":
         pack_for_cpu(loaded.model)
     set_activations(loaded.model, quant_activations)
+    capture_steps(loaded.model)
     return loaded
