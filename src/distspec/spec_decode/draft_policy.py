@@ -189,7 +189,7 @@ def ema(old: float | None, new: float, decay: float = 0.8) -> float:
 
 
 def measure_costs(
-    target: Transformer, drafter: Drafter, k: int, context_len: int = 64, repeats: int = 3
+    target: Transformer, drafter: Drafter, k: int, context_len: int = 64, repeats: int = 5
 ) -> DraftCosts | None:
     """Time the target's one-token and (k+1)-token forwards and k draft steps (medians);
     None when the context is too short to try (the policy then times live rounds).
@@ -208,7 +208,7 @@ VERIFY_ROWS = (1, 2, 3, 5, 7, 9, 13, 17, 25, 33, 65, 129)
 
 
 def time_target(
-    target: Transformer, k: int, context_len: int = 64, repeats: int = 3, max_rows: int = 0
+    target: Transformer, k: int, context_len: int = 64, repeats: int = 5, max_rows: int = 0
 ) -> tuple[tuple[int, float], ...] | None:
     """Target forwards of 1 to k + 1 rows, timed: ((rows, seconds), ...) for the sizes of
     VERIFY_ROWS up to k + 1 (or max_rows, a batch's chunks, where they fit in the cache),
@@ -220,9 +220,8 @@ def time_target(
     run = target_forward(target, context, 1)  # also reads the context into slot 0
     upto = max(k + 1, min(max_rows, target.max_len - context_len))
     sizes = sorted({n for n in VERIFY_ROWS if n <= upto} | {k + 1})
-    return ((1, timed(run, repeats)),) + tuple(
-        (n, timed(target_forward(target, context, n, prefill=False), repeats)) for n in sizes[1:]
-    )
+    runs = [run] + [target_forward(target, context, n, prefill=False) for n in sizes[1:]]
+    return tuple(zip(sizes, timed_together(runs, repeats), strict=True))
 
 
 def target_forward(target: Transformer, context: list[int], rows: int, prefill: bool = True):
@@ -248,7 +247,7 @@ def costs_from(
 
 
 def time_drafter(
-    drafter: Drafter, vocab_size: int, k: int, context_len: int = 64, repeats: int = 3
+    drafter: Drafter, vocab_size: int, k: int, context_len: int = 64, repeats: int = 5
 ) -> float:
     """Seconds per drafted token, drafting k after a context with nothing to look up."""
     context = dummy_context(vocab_size, context_len)
@@ -264,9 +263,18 @@ def dummy_context(vocab_size: int, n: int) -> list[int]:
 
 
 def timed(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats + 1):  # the first call warms up
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return sorted(times[1:])[len(times[1:]) // 2]
+    return timed_together([fn], repeats)[0]
+
+
+def timed_together(fns, repeats: int) -> list[float]:
+    """Median seconds of each callable, called in turn `repeats` times after a warm-up round:
+    a slow spell of a shared machine then falls on every size alike instead of on one (the
+    verify table's shape is what picks the draft length)."""
+    times: list[list[float]] = [[] for _ in fns]
+    for r in range(repeats + 1):
+        for fn, ts in zip(fns, times, strict=True):
+            t = time.perf_counter()
+            fn()
+            if r:
+                ts.append(time.perf_counter() - t)
+    return [sorted(ts)[len(ts) // 2] for ts in times]
