@@ -62,8 +62,13 @@ struct Q8 {
   }
   // signed codes: |w| * (x with w's sign), as maddubs wants an unsigned first operand
   static inline __m256i dot(__m256i w, __m256i x) {
+#ifdef __AVX512VNNI__
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_sign_epi8(w, w),
+                               _mm256_sign_epi8(x, w));
+#else
     const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
     return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+#endif
   }
   static inline void unpack(const uint8_t* q, __m256 w[4]) {
     for (int i = 0; i < 4; ++i) {
@@ -150,7 +155,8 @@ inline void row_q8x(const int8_t* xq, const float* xd, int64_t K, const uint8_t*
 // then hold the first group's partial sums, 4-7 the second's. Half the shuffling and
 // widening per group of row_q8x, which is what bounds this CPU here, not memory.
 // xp: the row's K paired bytes; xdp: 4 copies of each group's x scale (G * 4 floats); an odd
-// last group is left in element order after the pairs.
+// last group is left in element order after the pairs. With AVX-512 VNNI four groups go
+// at a time (the x halves of two pairs swapped into quads) and the dot products are vpdpbusd.
 constexpr int64_t kPrefetchRows = 4;  // rows of W ahead
 
 template <int MB>
@@ -170,7 +176,36 @@ inline void row_q4_pairs(const int8_t* xp, const float* xdp, int64_t K, const ui
   const int64_t ahead = kPrefetchRows * K / 2;
   _mm_prefetch(reinterpret_cast<const char*>(scale + kPrefetchRows * G), _MM_HINT_T0);
   if (min) _mm_prefetch(reinterpret_cast<const char*>(min + kPrefetchRows * G), _MM_HINT_T0);
-  for (int64_t p = 0; p < P; ++p) {
+  int64_t p = 0;
+#ifdef __AVX512VNNI__
+  // four groups per step in 512-bit registers (x laid out in quads: see pair_x)
+  __m512 tot4[MB];
+  for (int m = 0; m < MB; ++m) tot4[m] = _mm512_setzero_ps();
+  const __m512i mask4 = _mm512_set1_epi8(0x0F);
+  // {d0 x4, d1 x4, d2 x4, d3 x4} from the fp16 scales {d0, d1, d2, d3}
+  const __m256i spread4 = _mm256_setr_epi16(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  for (; p + 2 <= P; p += 2) {
+    _mm_prefetch(reinterpret_cast<const char*>(q + 32 * p + ahead), _MM_HINT_T0);
+    const __m512i v = _mm512_loadu_si512(q + 32 * p);
+    const __m512i lo = _mm512_and_si512(v, mask4);
+    const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask4);
+    const __m128i four = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(s16 + 2 * p));
+    const __m512 dw =
+        _mm512_cvtph_ps(_mm256_permutexvar_epi16(spread4, _mm256_castsi128_si256(four)));
+    for (int m = 0; m < MB; ++m) {
+      const int8_t* xm = xp + m * K + 64 * p;
+      const __m512i i32 = _mm512_dpbusd_epi32(
+          _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xm)), hi,
+          _mm512_loadu_si512(xm + 64));
+      const __m512 f =
+          _mm512_mul_ps(_mm512_cvtepi32_ps(i32), _mm512_loadu_ps(xdp + m * G * 4 + 8 * p));
+      tot4[m] = _mm512_fmadd_ps(f, dw, tot4[m]);
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    tot[m] = _mm256_add_ps(_mm512_castps512_ps256(tot4[m]), _mm512_extractf32x8_ps(tot4[m], 1));
+#endif
+  for (; p < P; ++p) {
     if (p % 2 == 0) _mm_prefetch(reinterpret_cast<const char*>(q + 32 * p + ahead), _MM_HINT_T0);
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32 * p));
     const __m256i lo = _mm256_and_si256(v, mask);
@@ -238,6 +273,15 @@ void pair_x(const int8_t* xq, const float* xd, int64_t M, int64_t K, int8_t* xp,
       std::memcpy(dst + 64 * p + 48, g0 + 48, 16);
     }
     if (G % 2) std::memcpy(dst + 32 * (G - 1), src + 32 * (G - 1), 32);
+#ifdef __AVX512VNNI__
+    // quads for row_q4_pairs's 512-bit steps: [x0 of pair 2j, x0 of 2j + 1, x1, x1]
+    for (int64_t j = 0; j + 1 < G / 4 * 2; j += 2) {
+      int8_t tmp[32];
+      std::memcpy(tmp, dst + 64 * j + 32, 32);
+      std::memcpy(dst + 64 * j + 32, dst + 64 * j + 64, 32);
+      std::memcpy(dst + 64 * j + 64, tmp, 32);
+    }
+#endif
     for (int64_t g = 0; g < G; ++g)
       for (int j = 0; j < 4; ++j) xdp[(m * G + g) * 4 + j] = xd[m * G + g];
   }
