@@ -20,9 +20,9 @@ import os
 import statistics
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -123,22 +123,10 @@ SPEED_RUNS = (
 )
 
 
-@contextmanager
-def cuda_graphs(on: bool):
-    before = os.environ.get("DISTSPEC_CUDA_GRAPHS")
-    os.environ["DISTSPEC_CUDA_GRAPHS"] = "1" if on else "0"
-    try:
-        yield
-    finally:
-        os.environ.pop("DISTSPEC_CUDA_GRAPHS")
-        if before is not None:
-            os.environ["DISTSPEC_CUDA_GRAPHS"] = before
-
-
 def measure_speed(target, prompts, n, device, max_len) -> tuple[list[Check], list[dict]]:
     rows, checks, eager_outs = [], [], None
     for dtype, target_dtype, graphs in SPEED_RUNS:
-        with cuda_graphs(graphs):
+        with mock.patch.dict(os.environ, {"DISTSPEC_CUDA_GRAPHS": "1" if graphs else "0"}):
             eng = engine(target, "ar", device, dtype, target_dtype, max_len)
         greedy(eng, prompts[0], 8)  # warm-up (and the graphs' recording)
         speeds, outs = [], []

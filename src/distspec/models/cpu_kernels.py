@@ -55,6 +55,12 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+@functools.cache
+def build_flags() -> list[str]:
+    """FLAGS and this CPU's isa_flags: what the kernels are compiled with."""
+    return FLAGS + isa_flags()
+
+
 def isa_flags() -> list[str]:
     """AVX-512 (and its integer dot products) where this CPU has them: the kernels use them
     under #ifdef, with the same bits as their AVX2 code. Named, not -march=native, so the
@@ -79,7 +85,7 @@ def library_path() -> Path:
     h = hashlib.sha256()
     for source in [*SOURCES, *HEADERS]:
         h.update(source.read_bytes())
-    h.update(" ".join(FLAGS + isa_flags()).encode())
+    h.update(" ".join(build_flags()).encode())
     h.update(torch.__version__.encode())
     h.update(sys.version.encode())
     root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "distspec" / "kernels"
@@ -96,7 +102,7 @@ def _build(path: Path) -> ModuleType:
         module = load(
             name=NAME,
             sources=[str(s) for s in SOURCES],
-            extra_cflags=FLAGS + isa_flags(),
+            extra_cflags=build_flags(),
             extra_ldflags=["-fopenmp"],
             build_directory=build_dir,
             verbose=False,

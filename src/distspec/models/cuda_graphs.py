@@ -38,12 +38,8 @@ class CapturedSteps:
         self.epoch = LayerEpoch.value
 
     def fits(self, tokens: torch.Tensor, fuzzy_groups, tree) -> bool:
-        return (
-            tokens.shape[0] == 1
-            and tokens.shape[1] <= MAX_CHUNK
-            and not fuzzy_groups
-            and (tree is None)
-        )
+        bsz, t = tokens.shape
+        return bsz == 1 and t <= MAX_CHUNK and not fuzzy_groups and tree is None
 
     def __call__(self, tokens: torch.Tensor, pos: torch.Tensor, slot: int, last: int):
         if self.epoch != LayerEpoch.value:  # new weights or KV cache: old addresses

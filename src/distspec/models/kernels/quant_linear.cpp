@@ -275,7 +275,7 @@ void pair_x(const int8_t* xq, const float* xd, int64_t M, int64_t K, int8_t* xp,
     if (G % 2) std::memcpy(dst + 32 * (G - 1), src + 32 * (G - 1), 32);
 #ifdef __AVX512VNNI__
     // quads for row_q4_pairs's 512-bit steps: [x0 of pair 2j, x0 of 2j + 1, x1, x1]
-    for (int64_t j = 0; j + 1 < G / 4 * 2; j += 2) {
+    for (int64_t j = 0; j < G / 4 * 2; j += 2) {  // j: the first pair of each quad
       int8_t tmp[32];
       std::memcpy(tmp, dst + 64 * j + 32, 32);
       std::memcpy(dst + 64 * j + 32, dst + 64 * j + 64, 32);

@@ -24,6 +24,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "ops.h"
 #include "vec.h"
@@ -73,19 +74,27 @@ inline void row(const float* x, int64_t K, const float* w, float bias, float* y,
   }
 }
 
+// f(std::integral_constant<int, MB>, m) over the M rows of x: passes of kPassRows rows, then
+// the rest in one pass (MB is a template constant, so the accumulators stay in registers)
+template <class F>
+inline void by_passes(int64_t M, F&& f) {
+  int64_t m = 0;
+  for (; m + kPassRows <= M; m += kPassRows) f(std::integral_constant<int, kPassRows>{}, m);
+  switch (M - m) {
+    case 5: f(std::integral_constant<int, 5>{}, m); break;
+    case 4: f(std::integral_constant<int, 4>{}, m); break;
+    case 3: f(std::integral_constant<int, 3>{}, m); break;
+    case 2: f(std::integral_constant<int, 2>{}, m); break;
+    case 1: f(std::integral_constant<int, 1>{}, m); break;
+  }
+}
+
 // every row of x against one row of W
 inline void rows(const float* x, int64_t M, int64_t K, const float* w, float bias, float* y,
                  int64_t ldy) {
-  int64_t m = 0;
-  for (; m + kPassRows <= M; m += kPassRows)
-    row<kPassRows>(x + m * K, K, w, bias, y + m * ldy, ldy);
-  switch (M - m) {
-    case 5: row<5>(x + m * K, K, w, bias, y + m * ldy, ldy); break;
-    case 4: row<4>(x + m * K, K, w, bias, y + m * ldy, ldy); break;
-    case 3: row<3>(x + m * K, K, w, bias, y + m * ldy, ldy); break;
-    case 2: row<2>(x + m * K, K, w, bias, y + m * ldy, ldy); break;
-    case 1: row<1>(x + m * K, K, w, bias, y + m * ldy, ldy); break;
-  }
+  by_passes(M, [&](auto mb, int64_t m) {
+    row<decltype(mb)::value>(x + m * K, K, w, bias, y + m * ldy, ldy);
+  });
 }
 
 #ifdef __AVX512F__
@@ -120,16 +129,9 @@ inline void tile(const float* x, int64_t K, const float* w, const float* bias, f
 // every row of x against kTileW rows of W
 inline void tiles(const float* x, int64_t M, int64_t K, const float* w, const float* bias,
                   float* y, int64_t ldy) {
-  int64_t m = 0;
-  for (; m + kPassRows <= M; m += kPassRows)
-    tile<kPassRows>(x + m * K, K, w, bias, y + m * ldy, ldy);
-  switch (M - m) {
-    case 5: tile<5>(x + m * K, K, w, bias, y + m * ldy, ldy); break;
-    case 4: tile<4>(x + m * K, K, w, bias, y + m * ldy, ldy); break;
-    case 3: tile<3>(x + m * K, K, w, bias, y + m * ldy, ldy); break;
-    case 2: tile<2>(x + m * K, K, w, bias, y + m * ldy, ldy); break;
-    case 1: tile<1>(x + m * K, K, w, bias, y + m * ldy, ldy); break;
-  }
+  by_passes(M, [&](auto mb, int64_t m) {
+    tile<decltype(mb)::value>(x + m * K, K, w, bias, y + m * ldy, ldy);
+  });
 }
 #endif
 
