@@ -80,9 +80,14 @@ def test_bench_kernels_on_a_tiny_model(capfd, caplog, tiny_dir, tmp_path):
         capfd,
         caplog,
         *("bench-kernels", "--target", str(tiny_dir), "--rows", "1,5", "--repeats", "2"),
-        *("--kernels", kinds, "--out", str(tmp_path)),
+        *("--kernels", kinds, "--steps", "fp32,int4", "--out", str(tmp_path)),
     )
     report = json.loads((tmp_path / "kernels.json").read_text())
+    steps = {(r["dtype"], r["rows"]): r for r in report["steps"]}
+    assert set(steps) == {(d, n) for d in ("fp32", "int4") for n in (1, 5)}
+    assert all(r["step_ms"] > 0 for r in steps.values())
+    assert steps["fp32", 1]["cost_vs_fewest_rows"] == 1.0
+    assert "| target weights | rows | step ms |" in out
     assert {(r["kernel"], r["rows"]) for r in report["results"]} == {
         (k, n) for k in kinds.split(",") for n in (1, 5)
     }

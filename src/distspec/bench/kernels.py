@@ -4,6 +4,9 @@ shapes, per kernel: GB/s of weights streamed, against the machine's read bandwid
 Every pass multiplies x by each weight matrix of the model once (per layer: fused QKV, output,
 fused gate/up, down; then the head), so the weights (538 MB for the demo model) come from
 memory, not cache, as in a decode step. Kernels alternate pass by pass; medians reported.
+
+Then the whole model as the engine serves it (`--steps fp32,int4`): one forward of `rows`
+tokens after a context, every row's logits, as a verify chunk of rows - 1 drafts costs.
 """
 
 from __future__ import annotations
@@ -21,10 +24,12 @@ from tqdm import tqdm
 from distspec.models.config import ModelConfig
 from distspec.models.cpu_kernels import kernels
 from distspec.models.linear import PackedLinear, QuantLinear, SkinnyLinear
-from distspec.models.loader import resolve_model_dir
+from distspec.models.loader import load_model, resolve_model_dir
 from distspec.models.quantized import quantize
+from distspec.spec_decode.draft_policy import dummy_context, target_forward, timed_together
 
 KERNELS = ("skinny", "onednn", "blas", "int8", "int4", "int4-x8")
+STEP_DTYPES = ("fp32", "int8", "int4")
 KERNEL_LABELS = {
     "skinny": "distspec skinny_linear (SkinnyLinear)",
     "onednn": "oneDNN pre-packed (PackedLinear)",
@@ -43,6 +48,8 @@ class KernelBenchConfig:
     repeats: int = 7
     threads: int | None = None
     out: str = "bench-results"
+    steps: list[str] = field(default_factory=lambda: ["fp32", "int4"])  # target weight dtypes
+    step_context: int = 200  # tokens in the KV cache before the timed forward
 
     def __post_init__(self) -> None:
         unknown = [k for k in self.kernels if k not in KERNELS]
@@ -52,6 +59,10 @@ class KernelBenchConfig:
             raise ValueError("rows must be between 1 and 16")
         if self.repeats < 1:
             raise ValueError("repeats must be at least 1")
+        unknown = [d for d in self.steps if d not in STEP_DTYPES]
+        if unknown:
+            known = ", ".join(STEP_DTYPES)
+            raise ValueError(f"unknown step dtype(s) {', '.join(unknown)}; known: {known}")
 
 
 def weight_shapes(config: ModelConfig) -> list[tuple[int, int]]:
@@ -151,7 +162,23 @@ def run_kernel_bench(config: KernelBenchConfig) -> dict:
         "weight_mb": weight_bytes / 1e6,
         "read_bandwidth_gbs": bandwidth,
         "results": results,
+        "steps": [r for dtype in config.steps for r in model_step_times(config, dtype)],
     }
+
+
+def model_step_times(config: KernelBenchConfig, weight_dtype: str) -> list[dict]:
+    """The served target's forward of each row count after step_context tokens, all logits;
+    row counts alternate round by round (3x the kernels' repeats: one step is short)."""
+    max_len = config.step_context + max(config.rows) + 1
+    model = load_model(config.target, weight_dtype=weight_dtype, max_len=max_len).model
+    context = dummy_context(model.config.vocab_size, config.step_context)
+    runs = [target_forward(model, context, n, prefill=i == 0) for i, n in enumerate(config.rows)]
+    seconds = timed_together(runs, 3 * config.repeats)
+    one = seconds[0]
+    return [
+        {"dtype": weight_dtype, "rows": n, "step_ms": s * 1e3, "cost_vs_fewest_rows": s / one}
+        for n, s in zip(config.rows, seconds, strict=True)
+    ]
 
 
 def format_kernel_table(report: dict) -> str:
@@ -170,6 +197,20 @@ def format_kernel_table(report: dict) -> str:
             f"{r['gb_per_s']:.1f} | "
             f"{r['of_bandwidth']:.0%} | {r['cost_vs_fewest_rows']:.2f} |"
         )
+    if report["steps"]:
+        context = report["config"]["step_context"]
+        lines += [
+            "",
+            f"The whole model, one forward after {context} tokens, every row's logits:",
+            "",
+            "| target weights | rows | step ms | cost vs 1 row |",
+            "|---|---|---|---|",
+        ]
+        for r in report["steps"]:
+            lines.append(
+                f"| {r['dtype']} | {r['rows']} | {r['step_ms']:.1f} | "
+                f"{r['cost_vs_fewest_rows']:.2f} |"
+            )
     return "\n".join(lines)
 
 
@@ -179,7 +220,7 @@ def plot_kernels(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4))
+    fig, (ax, cost) = plt.subplots(1, 2, figsize=(11, 4), width_ratios=(3, 2))
     for name in report["config"]["kernels"]:
         rows = [r for r in report["results"] if r["kernel"] == name]
         ax.plot(
@@ -188,6 +229,7 @@ def plot_kernels(report: dict, path: Path) -> None:
             "o-",
             label=KERNEL_LABELS[name],
         )
+        cost.plot([r["rows"] for r in rows], [r["cost_vs_fewest_rows"] for r in rows], "o-")
     bw = report["read_bandwidth_gbs"]
     ax.axhline(bw, color="#777777", ls="--", lw=1, label=f"read bandwidth {bw:.1f} GB/s")
     ax.axhline(0.75 * bw, color="#bbbbbb", ls=":", lw=1, label="75% of it")
@@ -201,6 +243,22 @@ def plot_kernels(report: dict, path: Path) -> None:
     ax.set_ylim(0, bw * 1.6)
     ax.set_xticks(report["config"]["rows"])
     ax.legend(fontsize=8, loc="upper right")
+    for dtype in report["config"]["steps"]:
+        rows = [r for r in report["steps"] if r["dtype"] == dtype]
+        cost.plot(
+            [r["rows"] for r in rows],
+            [r["cost_vs_fewest_rows"] for r in rows],
+            "s--",
+            color="black" if dtype == "fp32" else "#555555",
+            label=f"whole model, {dtype} target",
+        )
+    cost.axhline(1.3, color="#bbbbbb", ls=":", lw=1)
+    cost.set_xlabel("rows")
+    cost.set_ylabel("time vs 1 row (median)")
+    cost.set_title("cost of a row count (kernels' colours as left)", fontsize=9)
+    cost.set_xticks(report["config"]["rows"])
+    if report["steps"]:
+        cost.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -118,14 +118,35 @@ class LlamaCppRun:
 
 class LlamaCpp:
     """One llama.cpp configuration run per prompt as a subprocess, greedy, fixed threads:
-    plain decoding (llama-completion) or with a draft model (llama-speculative-simple)."""
+    plain decoding (llama-completion) or with a draft model (llama-speculative-simple).
+
+    llama.cpp repacks quantized weights for the CPU's best kernels (AMX where there is AMX).
+    Where a repacked run dies by a signal (this build's AMX batch path segfaults on some
+    VMs), it runs again with --no-repack, and so does every later prompt (`repack` says)."""
 
     def __init__(self, model: Path, threads: int, draft: Path | None = None, draft_max: int = 8):
         self.model, self.threads, self.draft, self.draft_max = model, threads, draft, draft_max
+        self.repack = True
 
     def run(self, prompt: str, max_new_tokens: int) -> LlamaCppRun:
+        r, cmd = self._call(prompt, max_new_tokens)
+        if r.returncode < 0 and self.repack:
+            log.warning(
+                "%s died by signal %d with repacked weights; running it with --no-repack",
+                Path(cmd[0]).name,
+                -r.returncode,
+            )
+            self.repack = False
+            r, cmd = self._call(prompt, max_new_tokens)
+        if r.returncode != 0:
+            raise RuntimeError(f"{Path(cmd[0]).name} failed: {r.stderr.strip()[-500:]}")
+        return self._parse(r.stdout, r.stderr, prompt)
+
+    def _call(self, prompt: str, max_new_tokens: int):
         common = ["-m", str(self.model), "-p", prompt, "-n", str(max_new_tokens), "--temp", "0"]
         common += ["-t", str(self.threads), "-c", "2048"]
+        if not self.repack:
+            common.append("--no-repack")
         if self.draft is None:
             cmd = [str(tool("llama-completion")), *common, "-no-cnv", "--simple-io"]
             cmd.append("--no-display-prompt")
@@ -133,10 +154,7 @@ class LlamaCpp:
             cmd = [str(tool("llama-speculative-simple")), *common, "-md", str(self.draft)]
             cmd += ["--spec-type", "draft-simple", "--spec-draft-n-max", str(self.draft_max)]
             cmd += ["-td", str(self.threads)]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        if r.returncode != 0:
-            raise RuntimeError(f"{Path(cmd[0]).name} failed: {r.stderr.strip()[-500:]}")
-        return self._parse(r.stdout, r.stderr, prompt)
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=600), cmd
 
     def _parse(self, stdout: str, stderr: str, prompt: str) -> LlamaCppRun:
         if self.draft is None:

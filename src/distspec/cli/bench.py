@@ -569,6 +569,12 @@ def add_bench_kernels(sub) -> None:
     p.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's own)"
     )
+    p.add_argument(
+        "--steps",
+        default="fp32,int4",
+        help="also time the whole model's forward per row count, with the target's weights in"
+        " each of these dtypes (fp32, int8, int4; empty: none)",
+    )
     p.add_argument("--out", default="bench-results", help="directory for JSON and PNG")
     p.set_defaults(func=_bench_kernels)
 
@@ -588,6 +594,7 @@ def _bench_kernels(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         threads=args.threads,
         out=args.out,
+        steps=[d.strip() for d in args.steps.split(",") if d.strip()],
     )
     report = run_kernel_bench(config)
     print(format_kernel_table(report))

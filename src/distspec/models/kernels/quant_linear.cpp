@@ -30,6 +30,7 @@ namespace {
 constexpr int64_t kGroup = 32;
 constexpr int64_t kChunkRows = 16;  // rows of x per pass over W
 constexpr int kPassRows = 4;        // rows of x per unpacking of a group
+constexpr int64_t kPrefetchRows = 4;  // rows of W ahead
 
 // The 32 weights of one group as 4 x 8 floats (before scale and min).
 struct Q4 {
@@ -96,11 +97,64 @@ inline float dot_half(const at::Half* a, const float* b, int64_t n) {
   return s;
 }
 
-// MB rows of x (x[m] at x + m * K) against output row n of W: y[m * ldy] for each m.
+#ifdef __AVX512F__
+// The 32 weights of a group as 2 x 16 floats: one widening per 16 weights, not per 8, as
+// widening is a shuffle and this CPU's shuffles have one port (the AVX2 unpack is bound by it).
+inline void unpack16(Q4, const uint8_t* q, __m512 w[2]) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  w[0] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(v, mask)));
+  w[1] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(v, 4), mask)));
+}
+inline void unpack16(Q8, const uint8_t* q, __m512 w[2]) {
+  for (int i = 0; i < 2; ++i)
+    w[i] = _mm512_cvtepi32_ps(
+        _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16 * i))));
+}
+#endif
+
+// MB rows of x (x[m] at x + m * K) against output row n of W: y[m * ldy] for each m. Row m's
+// sums are formed in the same order whatever MB is.
 template <class F, int MB>
 inline void row(const float* x, int64_t K, const uint8_t* q, const at::Half* scale,
                 const at::Half* min, const float* xsum, int64_t G, float bias, float* y,
                 int64_t ldy) {
+#ifdef __AVX512F__
+  __m512 acc[MB];
+  for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
+  alignas(64) float ds[16];  // 16 groups' scales in fp32: broadcasts then come from memory
+  // as in row_q4_pairs: the prefetcher alone leaves this much arithmetic per byte waiting
+  const int64_t ahead = kPrefetchRows * G * F::kBytes;
+  _mm_prefetch(reinterpret_cast<const char*>(scale + kPrefetchRows * G), _MM_HINT_T0);
+  if (min) _mm_prefetch(reinterpret_cast<const char*>(min + kPrefetchRows * G), _MM_HINT_T0);
+  for (int64_t g = 0; g < G; ++g) {
+    if ((g * F::kBytes) % 64 == 0)
+      _mm_prefetch(reinterpret_cast<const char*>(q + g * F::kBytes + ahead), _MM_HINT_T0);
+    if (g % 16 == 0) {
+      if (g + 16 <= G)
+        _mm512_store_ps(ds, _mm512_cvtph_ps(
+                                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(scale + g))));
+      else
+        for (int64_t i = g; i < G; ++i) ds[i - g] = half_to_float(scale, i);
+    }
+    __m512 w[2];
+    unpack16(F{}, q + g * F::kBytes, w);
+    const __m512 d = _mm512_set1_ps(ds[g % 16]);
+    for (int m = 0; m < MB; ++m) {
+      const float* xg = x + m * K + g * kGroup;
+      const __m512 a = _mm512_fmadd_ps(w[1], _mm512_loadu_ps(xg + 16),
+                                       _mm512_mul_ps(w[0], _mm512_loadu_ps(xg)));
+      acc[m] = _mm512_fmadd_ps(a, d, acc[m]);
+    }
+  }
+  for (int m = 0; m < MB; ++m) {
+    const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(acc[m]),
+                                   _mm512_extractf32x8_ps(acc[m], 1));
+    float s = hsum(h) + bias;
+    if (min) s += dot_half(min, xsum + m * G, G);
+    y[m * ldy] = s;
+  }
+#else
   __m256 tot[MB];
   for (int m = 0; m < MB; ++m) tot[m] = _mm256_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
@@ -121,6 +175,7 @@ inline void row(const float* x, int64_t K, const uint8_t* q, const at::Half* sca
     if (min) s += dot_half(min, xsum + m * G, G);
     y[m * ldy] = s;
   }
+#endif
 }
 
 // The same with x quantized to int8 per group (xq, scale xd): integer dot products, 4x the
@@ -157,8 +212,6 @@ inline void row_q8x(const int8_t* xq, const float* xd, int64_t K, const uint8_t*
 // xp: the row's K paired bytes; xdp: 4 copies of each group's x scale (G * 4 floats); an odd
 // last group is left in element order after the pairs. With AVX-512 VNNI four groups go
 // at a time (the x halves of two pairs swapped into quads) and the dot products are vpdpbusd.
-constexpr int64_t kPrefetchRows = 4;  // rows of W ahead
-
 template <int MB>
 inline void row_q4_pairs(const int8_t* xp, const float* xdp, int64_t K, const uint8_t* q,
                          const at::Half* scale, const at::Half* min, const float* xsum, int64_t G,
