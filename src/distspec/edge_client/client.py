@@ -30,6 +30,7 @@ from pathlib import Path
 import grpc
 
 from distspec.models.identity import ModelIdentity
+from distspec.models.openmp import call_then_release
 from distspec.spec_decode.decoding import GenerationStats
 from distspec.spec_decode.drafter import Draft, Drafter
 from distspec.spec_decode.sampling import SamplingParams
@@ -250,7 +251,9 @@ class EdgeClient:
             if self.overlap and k:
                 # draft on while the chunk travels, as if it were all verified
                 context = run.verified + chunk.tokens
-                future = self._drafting.submit(self.drafter.propose, context, self.gamma)
+                future = self._drafting.submit(
+                    call_then_release, self.drafter.propose, context, self.gamma
+                )
                 run.prepared = (list(run.verified), chunk, future)
 
     def _ready_chunk(self, run: _Run, k: int) -> Draft | None:

@@ -9,6 +9,7 @@ import torch
 
 from distspec.cluster.ray_cluster import ClusterConfig, RayCluster
 from distspec.models.loader import load_tokenizer
+from distspec.models.openmp import release_openmp_pool
 from distspec.models.tokenizer import Tokenizer
 from distspec.scheduler.scheduler import Scheduler, SchedulerConfig, calibrate
 from distspec.workers.remote import Remote
@@ -52,6 +53,7 @@ class Runtime:
                     Remote.local(DrafterWorker(drafter_spec)) for _ in range(c.num_drafters)
                 ]
             self._local = [target, *drafters]
+            release_openmp_pool()  # loaded here; they compute on their own threads
         self.target, self.drafters = target, drafters
         self.info = target("model_info")
         costs = None

@@ -32,6 +32,7 @@ from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+from distspec.models.openmp import release_openmp_pool
 from distspec.scheduler.metrics import SchedulerMetrics
 from distspec.scheduler.session import Session, SessionError
 from distspec.scheduler.switch import PLAIN, SpeculationSwitch
@@ -154,6 +155,7 @@ class Scheduler:
         self.metrics = SchedulerMetrics()
         self.metrics.watch(self.load, lambda: self.target_busy_s)
         self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
+        release_openmp_pool()  # the workers in this process compute on the scheduler's thread
         self._thread.start()
 
     # -- API (any thread) ------------------------------------------------------------------

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from distspec.models.llama import Transformer
+from distspec.models.openmp import call_then_release
 from distspec.spec_decode.draft_policy import dummy_context, target_forward, timed
 from distspec.spec_decode.drafter import Drafter
 from distspec.spec_decode.sampling import SamplingParams
@@ -69,7 +70,7 @@ def measure_overlap(
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="overlap-probe") as pool:
 
         def together() -> None:
-            drafting = pool.submit(draft)
+            drafting = pool.submit(call_then_release, draft)
             verify()
             drafting.result()
 

@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from distspec.models.llama import Transformer
+from distspec.models.openmp import call_then_release
 from distspec.spec_decode.decoding import SpeculativeDecoder, StepOutput
 from distspec.spec_decode.draft_policy import DraftCosts
 from distspec.spec_decode.drafter import EMPTY_DRAFT, Draft, Drafter
@@ -111,7 +112,11 @@ class PearlDecoder(SpeculativeDecoder):
             context = state.draft_context(tokens)
             remaining = params.max_new_tokens - stats.new_tokens - len(state.pending)
             k = min(self.gamma, remaining - 1, self.target.max_len - len(context))
-            drafting = self._drafting.submit(self._propose, context, k) if k > 0 else None
+            drafting = (
+                self._drafting.submit(call_then_release, self._propose, context, k)
+                if k > 0
+                else None
+            )
             logits = self._target_forward(chunk, start, stats)
             draft, draft_s = drafting.result() if drafting else (EMPTY_DRAFT, 0.0)
             stats.draft_s += draft_s

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from distspec.models.openmp import call_then_release
 from distspec.spec_decode.drafter import Draft, Drafter
 from distspec.spec_decode.sampling import SamplingParams
 
@@ -103,7 +104,7 @@ class PinnedDrafter(Drafter):
         self._thread.submit(self.inner.start, prompt_ids, params).result()
 
     def propose(self, context: list[int], k: int) -> Draft:
-        return self._thread.submit(self.inner.propose, context, k).result()
+        return self._thread.submit(call_then_release, self.inner.propose, context, k).result()
 
     def finish(self) -> None:
         self._thread.submit(self.inner.finish).result()

@@ -9,6 +9,8 @@ from __future__ import annotations
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from distspec.models.openmp import call_then_release
+
 
 class Remote:
     def __init__(self, worker: Any, actor: bool = False):
@@ -30,7 +32,7 @@ class Remote:
             # second with small models), which grows its memory for nothing
             call = getattr(self.worker, method).options(enable_task_events=False)
             return call.remote(*args).future()
-        return self._thread.submit(getattr(self.worker, method), *args)
+        return self._thread.submit(call_then_release, getattr(self.worker, method), *args)
 
     def __call__(self, method: str, *args: Any) -> Any:
         """Call and wait for the result."""
