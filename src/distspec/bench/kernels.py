@@ -24,12 +24,11 @@ from tqdm import tqdm
 from distspec.models.config import ModelConfig
 from distspec.models.cpu_kernels import kernels
 from distspec.models.linear import PackedLinear, QuantLinear, SkinnyLinear
-from distspec.models.loader import load_model, resolve_model_dir
+from distspec.models.loader import WEIGHT_DTYPES, load_model, resolve_model_dir
 from distspec.models.quantized import quantize
 from distspec.spec_decode.draft_policy import dummy_context, target_forward, timed_together
 
 KERNELS = ("skinny", "onednn", "blas", "int8", "int4", "int4-x8")
-STEP_DTYPES = ("fp32", "int8", "int4")
 KERNEL_LABELS = {
     "skinny": "distspec skinny_linear (SkinnyLinear)",
     "onednn": "oneDNN pre-packed (PackedLinear)",
@@ -59,9 +58,9 @@ class KernelBenchConfig:
             raise ValueError("rows must be between 1 and 16")
         if self.repeats < 1:
             raise ValueError("repeats must be at least 1")
-        unknown = [d for d in self.steps if d not in STEP_DTYPES]
+        unknown = [d for d in self.steps if d not in WEIGHT_DTYPES]
         if unknown:
-            known = ", ".join(STEP_DTYPES)
+            known = ", ".join(WEIGHT_DTYPES)
             raise ValueError(f"unknown step dtype(s) {', '.join(unknown)}; known: {known}")
 
 

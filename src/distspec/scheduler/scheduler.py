@@ -155,7 +155,7 @@ class Scheduler:
         self.metrics = SchedulerMetrics()
         self.metrics.watch(self.load, lambda: self.target_busy_s)
         self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
-        release_openmp_pool()  # the workers in this process compute on the scheduler's thread
+        release_openmp_pool()  # this thread hands the compute to the scheduler's and the workers'
         self._thread.start()
 
     # -- API (any thread) ------------------------------------------------------------------
