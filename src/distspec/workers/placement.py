@@ -100,14 +100,19 @@ class PinnedDrafter(Drafter):
             initargs=(cpus,),
         )
 
+    def _compute(self, fn, *args):
+        """fn(*args) on the drafter's thread, whose OpenMP pool is freed after it (see
+        models/openmp.py)."""
+        return self._thread.submit(call_then_release, fn, *args).result()
+
     def start(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        self._thread.submit(self.inner.start, prompt_ids, params).result()
+        self._compute(self.inner.start, prompt_ids, params)
 
     def propose(self, context: list[int], k: int) -> Draft:
-        return self._thread.submit(call_then_release, self.inner.propose, context, k).result()
+        return self._compute(self.inner.propose, context, k)
 
     def finish(self) -> None:
-        self._thread.submit(self.inner.finish).result()
+        self._compute(self.inner.finish)
 
     def stop_reading_target_kv(self) -> None:
         self.inner.stop_reading_target_kv()
