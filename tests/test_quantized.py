@@ -14,6 +14,7 @@ from distspec.models.quantized import (
     GGML_Q4_0,
     GGML_Q4_1,
     GGML_Q8_0,
+    Q4Tiles,
     Q4Weight,
     Q8Weight,
     cat_rows,
@@ -80,6 +81,33 @@ def test_quantization_error_is_within_half_a_step(fmt):
     step = q.scales.float().repeat_interleave(32, dim=1)
     # half a step of rounding, plus the fp16 rounding of scale (and min) times the code
     assert ((q.dequantize() - w).abs() <= 0.5 * step + 2e-3 * w.abs().amax(1, keepdim=True)).all()
+
+
+@pytest.mark.parametrize("n, k", [(1, 32), (16, 64), (33, 576)])
+def test_q4_tiles_move_the_bits_and_nothing_else(n, k):
+    """The kernels' tiles (Q4Tiles) hold each code, scale and min where the layout says, and
+    give the planar weight back bit for bit; rows past n are zero."""
+    q = Q4Weight.quantize(torch.randn(n, k, generator=torch.Generator().manual_seed(n)))
+    tiles = Q4Tiles.from_planar(q)
+    assert tiles.data.shape == (-(-n // 16), k // 32, 320)
+    assert all(torch.equal(a, b) for a, b in zip(tiles.planar().parts(), q.parts(), strict=True))
+    codes, d = q.codes(), tiles.data
+    for row, col in [(0, 0), (n - 1, k - 1), (n // 2, k // 3), (n - 1, 5)]:
+        t, r, g, j, b = row // 16, row % 16, col // 32, col % 32 // 8, col % 4
+        byte = d[t, g, 64 * j + 4 * r + b].item()
+        assert (byte >> 4 if col % 8 >= 4 else byte & 0x0F) == codes[row, col]
+        assert d[t, g, 256 + 2 * r : 258 + 2 * r].view(torch.float16) == q.scales[row, g]
+        assert d[t, g, 288 + 2 * r : 290 + 2 * r].view(torch.float16) == q.mins[row, g]
+    if n % 16:
+        assert not d[-1, :, :256].reshape(-1, 4, 16, 4)[:, :, n % 16 :].any()
+
+
+@needs_kernels
+def test_a_4_bit_layer_keeps_only_its_tiles():
+    q = Q4Weight.quantize(torch.randn(40, 64, generator=torch.Generator().manual_seed(6)))
+    layer = QuantLinear(q)
+    assert [b.shape for b in layer.buffers()] == [(3, 2, 320)]
+    assert all(torch.equal(a, b) for a, b in zip(layer.weight.parts(), q.parts(), strict=True))
 
 
 @needs_kernels

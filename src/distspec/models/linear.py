@@ -12,7 +12,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from distspec.models.cpu_kernels import kernels
-from distspec.models.quantized import Q4Weight, QuantWeight, round_activations
+from distspec.models.quantized import (
+    Q4Tiles,
+    Q4Weight,
+    Q8Weight,
+    QuantWeight,
+    round_activations,
+)
 
 
 class LayerEpoch:
@@ -67,24 +73,28 @@ class PackedLinear(nn.Module):
 
 class QuantLinear(nn.Module):
     """A linear layer with a weight-only quantized weight (models/quantized.py) and fp32
-    activations. On CPU, distspec's q4/q8 kernels read the weight in its blocks; elsewhere
-    (or without the kernels) the weight is dequantized for each call.
+    activations. On CPU, distspec's q4/q8 kernels read the weight in its blocks (a 4-bit one
+    in tiles, Q4Tiles, the only copy kept); elsewhere (or without the kernels) the weight is
+    dequantized for each call.
 
     int8_activations: x is first rounded to int8 per group of 32 (ggml's Q8_0) and the dot
-    products are integer ones, as llama.cpp computes: about twice the speed on AVX2, at the
-    cost of that rounding (fp32: the exact product with the dequantized weight)."""
+    products are integer ones, as llama.cpp computes: faster, at the cost of that rounding
+    (fp32: the exact product with the dequantized weight)."""
 
     def __init__(
         self, weight: QuantWeight, bias: torch.Tensor | None = None, int8_activations=False
     ):
         super().__init__()
         self._int8_activations = int8_activations
-        self.kind, self.format, self.n_parts = weight.kind, type(weight), len(weight.parts())
+        self.kind, self.format = weight.kind, type(weight)
         self.out_features, self.in_features = weight.shape
-        for i, part in enumerate(weight.parts()):  # buffers, so that .to() moves them
+        self.ops = kernels()
+        self.tiled = self.format is Q4Weight and self.ops is not None and weight.qs.is_cpu
+        parts = (Q4Tiles.from_planar(weight).data,) if self.tiled else weight.parts()
+        self.n_parts = len(parts)
+        for i, part in enumerate(parts):  # buffers, so that .to() moves them
             self.register_buffer(f"_w{i}", part.contiguous(), persistent=False)
         self.bias = None if bias is None else bias.detach().float().contiguous()
-        self.ops = kernels()
 
     @property
     def int8_activations(self) -> bool:
@@ -97,16 +107,19 @@ class QuantLinear(nn.Module):
 
     @property
     def weight(self) -> QuantWeight:
+        if self.tiled:
+            return Q4Tiles(self._w0, self.out_features).planar()
         return self.format(*(getattr(self, f"_w{i}") for i in range(self.n_parts)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the hot path reads the buffers directly: a decode step makes ~120 of these calls
         if self.ops is not None and x.dtype == torch.float32 and x.device.type == "cpu":
-            if self.format is Q4Weight:
+            if self.tiled:
                 return self.ops.q4_linear(
-                    x, self._w0, self._w1, self._w2, self.bias, self._int8_activations
+                    x, self._w0, self.out_features, self.bias, self._int8_activations
                 )
-            return self.ops.q8_linear(x, self._w0, self._w1, self.bias, self._int8_activations)
+            if self.format is Q8Weight:
+                return self.ops.q8_linear(x, self._w0, self._w1, self.bias, self._int8_activations)
         w = self.weight
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if self.int8_activations:
@@ -121,11 +134,11 @@ def kernel_op(linear: nn.Module, ops):
     """linear as one of the kernels' LinearOps (kernels/decoder_layer.h), sharing its weight;
     None for a layer they do not run (oneDNN-packed, not fp32, not on CPU)."""
     if isinstance(linear, QuantLinear):
-        if linear.ops is None:
+        if linear.ops is None or (linear.format is Q4Weight and not linear.tiled):
             return None
-        kind = "q4" if linear.format is Q4Weight else "q8"
+        kind = "q4" if linear.tiled else "q8"
         parts = [getattr(linear, f"_w{i}") for i in range(linear.n_parts)]
-        return ops.LinearOp(kind, parts, linear.bias, linear.int8_activations)
+        return ops.LinearOp(kind, parts, linear.bias, linear.int8_activations, linear.out_features)
     if not isinstance(linear, SkinnyLinear | nn.Linear):
         return None
     w, bias = linear.weight.detach(), linear.bias

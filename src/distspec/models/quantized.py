@@ -80,6 +80,66 @@ class Q4Weight:
         return cls(_bytes(qs.reshape(n, -1)), _halves(d), mins)
 
 
+TILE_ROWS = 16
+TILE_BYTES = 320  # 16 rows x 32 codes of 4 bits, then 16 fp16 scales and 16 fp16 mins
+
+
+@dataclass
+class Q4Tiles:
+    """A Q4Weight in the layout the CPU kernels read (kernels/quant_linear.cpp): 16 output
+    rows by one group of 32 inputs in one 320-byte tile, so that one 64-byte load feeds 16
+    rows at once and no sum crosses vector lanes (ggml's interleaved blocks for x86, in
+    spirit). In tile [t, g], for rows 16t + r:
+
+    - bytes 64j .. 64j + 63 (j = 0..3): 16 dwords, dword r for row r; its byte b holds the
+      code of input 32g + 8j + b in the low nibble and of input 32g + 8j + 4 + b in the high;
+    - bytes 256 .. 287: the 16 rows' fp16 scales, 288 .. 319: their fp16 mins.
+
+    The same bits as the Q4Weight, moved: `planar()` gives it back exactly. Rows past n (the
+    last tile of an n that is not a multiple of 16) are zero."""
+
+    data: torch.Tensor  # uint8 [ceil(n / 16), K / 32, 320]
+    n: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.n, self.data.shape[1] * GROUP
+
+    @classmethod
+    def from_planar(cls, w: Q4Weight) -> Q4Tiles:
+        n, k = w.shape
+        t, g = -(-n // TILE_ROWS), k // GROUP
+        pad = t * TILE_ROWS - n
+        codes = torch.nn.functional.pad(w.codes(), (0, 0, 0, pad))
+        # [t, r, g, j, h, b]: input 32g + 8j + 4h + b of row 16t + r
+        c = codes.view(t, TILE_ROWS, g, 4, 2, 4)
+        packed = (c[..., 0, :] | (c[..., 1, :] << 4)).permute(0, 2, 3, 1, 4)  # [t, g, j, r, b]
+
+        def per_tile(a: torch.Tensor) -> torch.Tensor:  # fp16 [n, g] -> bytes [t, g, 32]
+            a = torch.nn.functional.pad(a, (0, 0, 0, pad)).view(t, TILE_ROWS, g)
+            return a.permute(0, 2, 1).contiguous().view(torch.uint8).view(t, g, 2 * TILE_ROWS)
+
+        data = torch.cat(
+            [packed.reshape(t, g, 256), per_tile(w.scales), per_tile(w.mins)], dim=2
+        ).contiguous()
+        return cls(data, n)
+
+    def planar(self) -> Q4Weight:
+        t, g, _ = self.data.shape
+        packed = self.data[..., :256].reshape(t, g, 4, TILE_ROWS, 4)
+        c = torch.stack([packed & 0x0F, packed >> 4], dim=3)  # [t, g, j, h, r, b]
+        codes = c.permute(0, 4, 1, 2, 3, 5).reshape(t * TILE_ROWS, g * GROUP)[: self.n]
+
+        def per_row(a: torch.Tensor) -> torch.Tensor:  # bytes [t, g, 32] -> fp16 [n, g]
+            a = a.contiguous().view(torch.float16).view(t, g, TILE_ROWS)
+            return a.permute(0, 2, 1).reshape(t * TILE_ROWS, g)[: self.n].contiguous()
+
+        q = codes.view(self.n, g, GROUP)
+        return Q4Weight(
+            _pack_nibbles(q), per_row(self.data[..., 256:288]), per_row(self.data[..., 288:])
+        )
+
+
 @dataclass
 class Q8Weight:
     qs: torch.Tensor  # int8 [N, K]

@@ -13,9 +13,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("skinny_linear", &distspec::skinny_linear, nogil, "x @ W^T (+ b), fp32, up to 16 rows of x",
         arg("x"), arg("weight"), arg("bias") = pybind11::none());
   m.def("q4_linear", &distspec::q4_linear, nogil,
-        "x @ W^T (+ b) for a 4-bit W (groups of 32: q * scale + min), fp32 x (int8_x: x "
-        "quantized to int8 per group of 32 first), any rows",
-        arg("x"), arg("qs"), arg("scales"), arg("mins"), arg("bias") = pybind11::none(),
+        "x @ W^T (+ b) for a 4-bit W of n rows in tiles (models/quantized.py Q4Tiles), fp32 "
+        "x (int8_x: x quantized to int8 per group of 32 first), any rows",
+        arg("x"), arg("tiles"), arg("n"), arg("bias") = pybind11::none(),
         arg("int8_x") = false);
   m.def("q8_linear", &distspec::q8_linear, nogil,
         "x @ W^T (+ b) for an 8-bit W (groups of 32: q * scale), fp32 x (int8_x: as q4_linear)",
@@ -32,8 +32,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<distspec::LinearOp>(m, "LinearOp",
                                        "a linear layer's weight in one of the kernels' formats")
       .def(pybind11::init<const std::string&, std::vector<at::Tensor>, c10::optional<at::Tensor>,
-                          bool>(),
-           arg("kind"), arg("parts"), arg("bias") = pybind11::none(), arg("int8_x") = false)
+                          bool, int64_t>(),
+           arg("kind"), arg("parts"), arg("bias") = pybind11::none(), arg("int8_x") = false,
+           arg("out_features") = 0)
       .def("__call__", &distspec::LinearOp::operator(), nogil, arg("x"));
   pybind11::class_<distspec::DecoderLayer>(m, "DecoderLayer",
                                            "a decoder layer's cached forward in one call")

@@ -64,6 +64,14 @@ inline __m256 exp_nonpositive(__m256 x) {
   return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
+// 1 / (1 + e^-x) from e = e^-|x| (never overflows): 1 / (1 + e) for x >= 0, else e / (1 + e)
+inline __m256 sigmoid(__m256 x) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256 e = exp_nonpositive(_mm256_or_ps(x, sign));  // e^-|x|
+  const __m256 r = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+  return _mm256_blendv_ps(r, _mm256_mul_ps(e, r), x);  // x's sign bit picks e / (1 + e)
+}
+
 // w[u] = exp(w[u] - mx) for u < n (w has room for 8 more); returns their sum
 inline float exp_shifted(float* w, int64_t n, float mx) {
   const __m256 m = _mm256_set1_ps(mx);
@@ -180,11 +188,19 @@ at::Tensor silu_mul(const at::Tensor& gu) {
   at::Tensor y = at::empty(shape, g2.options());
   const float* gp = g2.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t i = 0; i < I; ++i) {
-      const float g = gp[m * 2 * I + i];
-      yp[m * I + i] = g / (1.0f + std::exp(-g)) * gp[m * 2 * I + I + i];
+  at::parallel_for(0, M, 4, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const float *g = gp + m * 2 * I, *u = g + I;
+      float* yr = yp + m * I;
+      int64_t i = 0;
+      for (; i + 8 <= I; i += 8) {
+        const __m256 gv = _mm256_loadu_ps(g + i);
+        _mm256_storeu_ps(yr + i, _mm256_mul_ps(_mm256_mul_ps(gv, sigmoid(gv)),
+                                               _mm256_loadu_ps(u + i)));
+      }
+      for (; i < I; ++i) yr[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
     }
+  });
   return y;
 }
 

@@ -13,9 +13,10 @@
 namespace distspec {
 
 LinearOp::LinearOp(const std::string& kind, std::vector<at::Tensor> parts,
-                   c10::optional<at::Tensor> bias, bool int8_x)
-    : parts_(std::move(parts)), bias_(std::move(bias)), int8_x_(int8_x) {
-  const size_t want = kind == "fp32" ? 1 : kind == "q4" ? 3 : kind == "q8" ? 2 : 0;
+                   c10::optional<at::Tensor> bias, bool int8_x, int64_t out_features)
+    : parts_(std::move(parts)), bias_(std::move(bias)), int8_x_(int8_x),
+      out_features_(out_features) {
+  const size_t want = kind == "fp32" ? 1 : kind == "q4" ? 1 : kind == "q8" ? 2 : 0;
   TORCH_CHECK(want > 0, "LinearOp: kind is fp32, q4 or q8, got ", kind);
   TORCH_CHECK(parts_.size() == want, "LinearOp: ", kind, " takes ", want, " tensors, got ",
               parts_.size());
@@ -30,7 +31,7 @@ at::Tensor LinearOp::operator()(const at::Tensor& x) const {
       return at::linear(x, w, bias_);  // prefill: BLAS
     }
     case Kind::kQ4:
-      return q4_linear(x, parts_[0], parts_[1], parts_[2], bias_, int8_x_);
+      return q4_linear(x, parts_[0], out_features_, bias_, int8_x_);
     case Kind::kQ8:
       return q8_linear(x, parts_[0], parts_[1], bias_, int8_x_);
   }

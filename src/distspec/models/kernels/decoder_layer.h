@@ -13,8 +13,9 @@ namespace distspec {
 // "q8" (qs, scales); int8_x: the quantized kernels' int8 activations.
 class LinearOp {
  public:
+  // q4: parts = {tiles} and out_features its rows; q8: {qs, scales}; fp32: {weight}
   LinearOp(const std::string& kind, std::vector<at::Tensor> parts, c10::optional<at::Tensor> bias,
-           bool int8_x);
+           bool int8_x, int64_t out_features = 0);
   at::Tensor operator()(const at::Tensor& x) const;
 
  private:
@@ -23,6 +24,7 @@ class LinearOp {
   std::vector<at::Tensor> parts_;
   c10::optional<at::Tensor> bias_;
   bool int8_x_;
+  int64_t out_features_;
 };
 
 // h = x + wo(attend(wqkv(norm(x)))); return h + down(silu_mul(gate_up(norm(h)))), with the KV

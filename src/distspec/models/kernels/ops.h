@@ -9,8 +9,8 @@ namespace distspec {
 extern const int64_t kMaxRows;  // skinny_linear's most rows of x
 at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& weight,
                          const c10::optional<at::Tensor>& bias);
-at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& scales,
-                     const at::Tensor& mins, const c10::optional<at::Tensor>& bias, bool int8_x);
+at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& tiles, int64_t n,
+                     const c10::optional<at::Tensor>& bias, bool int8_x);
 at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& scales,
                      const c10::optional<at::Tensor>& bias, bool int8_x);
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
