@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from distspec.cli import build_parser, main
-from distspec.models.loader import load_model
+from distspec.models.loader import load_for_inference, load_model
 from distspec.spec_decode.decoding import SpeculativeDecoder
 from distspec.spec_decode.sampling import SamplingParams
 from tiny import make_tiny_model_dir
@@ -215,6 +215,26 @@ def test_json_contract(capsys, tiny_dir, tiny_drafter_dir, mode_args):
     assert result["text"] == loaded.tokenizer.decode(expected)
 
 
+def test_an_int4_target_with_int8_activations_decodes_as_loaded(capsys, tiny_dir):
+    """--target-dtype int4 with either --target-activations: the tokens of that model
+    decoded directly."""
+    for acts in ("fp32", "int8"):
+        rc, out, err = run_cli(
+            capsys,
+            *("--target", str(tiny_dir), "--prompt", "abcabcabc", "--raw", "--json"),
+            *("--max-new-tokens", "24", "--mode", "ar", "--target-dtype", "int4"),
+            *("--target-activations", acts),
+        )
+        assert rc == 0, err
+        loaded = load_for_inference(
+            str(tiny_dir), max_len=256, weight_dtype="int4", quant_activations=acts
+        )
+        dec = SpeculativeDecoder(loaded.model, None, eos_token_ids=loaded.tokenizer.eos_token_ids)
+        ids = loaded.tokenizer.encode("abcabcabc")
+        want = dec.generate(ids, SamplingParams(max_new_tokens=24))[0]
+        assert json.loads(out)["token_ids"] == want
+
+
 def test_plain_output_streams_text(capsys, tiny_dir):
     rc, out, _ = run_cli(
         capsys,
@@ -303,7 +323,11 @@ def test_demo_greedy_matches_transformers(capsys, demo_hf, chat):
 
 @pytest.mark.parametrize(
     "yaml_text, fragment",
-    [("num_slotz: 3\n", "unknown setting(s) num_slotz"), ("- 1\n- 2\n", "expected a mapping")],
+    [
+        ("num_slotz: 3\n", "unknown setting(s) num_slotz"),
+        ("- 1\n- 2\n", "expected a mapping"),
+        ("target_activations: int4\n", "target activations must be one of fp32, int8"),
+    ],
 )
 def test_serve_config_errors_are_one_line(capsys, tmp_path, yaml_text, fragment):
     config = tmp_path / "serve.yaml"

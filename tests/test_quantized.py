@@ -199,11 +199,13 @@ def test_a_quantized_model_computes_its_dequantized_weights(tiny_dir, dtype):
     assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("activations", ["fp32", "int8"])
 def test_speculative_decoding_with_an_int4_target_equals_its_own_greedy_decoding(
-    tiny_dir, tiny_drafter_dir
+    tiny_dir, tiny_drafter_dir, activations
 ):
     """Lossless means lossless to the target as served: sd with an int4 target produces
-    exactly the tokens that plain decoding of that int4 target does."""
+    exactly the tokens that plain decoding of that int4 target does (with either
+    activations: a row's int8 rounding does not depend on its neighbours either)."""
     from distspec.engine import Engine, EngineConfig
 
     prompt = list(b"The quick brown fox jumps over")
@@ -217,9 +219,11 @@ def test_speculative_decoding_with_an_int4_target_equals_its_own_greedy_decoding
                 drafter=str(tiny_drafter_dir),
                 max_len=TINY_MAX_LEN,
                 target_dtype="int4",
+                target_activations=activations,
             )
         )
-        assert isinstance(engine.target.model.lm_head, QuantLinear)
+        head = engine.target.model.lm_head
+        assert isinstance(head, QuantLinear) and head.int8_activations == (activations == "int8")
         out[mode] = engine.decoder.generate(prompt, params)[0]
     assert len(out["ar"]) == 40 and out["sd"] == out["ar"]
 

@@ -10,7 +10,12 @@ from dataclasses import dataclass
 import torch
 
 from distspec.models.llama import check_easyspec
-from distspec.models.loader import WEIGHT_DTYPES, LoadedModel, load_for_inference
+from distspec.models.loader import (
+    WEIGHT_DTYPES,
+    LoadedModel,
+    check_activations,
+    load_for_inference,
+)
 from distspec.models.tokenizer import ChatMessage, StreamDecoder
 from distspec.spec_decode.decoding import SpeculativeDecoder, StepOutput
 from distspec.spec_decode.defaults import DEFAULT_DRAFTER, DEFAULT_GAMMA
@@ -40,6 +45,7 @@ class EngineConfig:
     device: str = "cpu"
     dtype: str = "float32"
     target_dtype: str = "fp32"  # the target's weights: fp32 (in dtype) | int8 | int4
+    target_activations: str = "fp32"  # what a quantized target multiplies: fp32 | int8
     threads: int | None = None
     easyspec_group: int = 0  # EasySpec: draft with fuzzy groups of this many layers (0: off)
     easyspec_exact: tuple[int, int] = (1, 1)  # EasySpec: first and last layers kept exact
@@ -58,6 +64,7 @@ class EngineConfig:
             raise ValueError(
                 f"target dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {self.target_dtype!r}"
             )
+        check_activations(self.target_activations)
         self.easyspec_exact = tuple(self.easyspec_exact)
         check_easyspec(self.easyspec_group, self.easyspec_exact)
         if self.drafter_ranks < 1:
@@ -79,7 +86,12 @@ class Engine:
             torch.set_num_threads(config.threads)
         dtype = getattr(torch, config.dtype)
         self.target = load_for_inference(
-            config.target, config.device, dtype, config.max_len, weight_dtype=config.target_dtype
+            config.target,
+            config.device,
+            dtype,
+            config.max_len,
+            weight_dtype=config.target_dtype,
+            quant_activations=config.target_activations,
         )
         self.tokenizer = self.target.tokenizer
         self._group: LocalGroup | None = None

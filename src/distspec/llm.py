@@ -46,6 +46,7 @@ class LLM:
         device: str = "cpu",
         dtype: str = "float32",
         target_dtype: str = "fp32",
+        target_activations: str = "fp32",
         threads: int | None = None,
     ):
         """target and drafter as in `distspec generate` (demo, ngram, a path; drafter None:
@@ -53,7 +54,9 @@ class LLM:
         num_slots: sessions decoded together; use_ray: workers as Ray actors (target_tp
         ranks; address: a running cluster), else in this process."""
         mode = mode or ("sd" if drafter else "ar")
-        target_spec = TargetSpec(target, num_slots, max_len, device, dtype, threads, target_dtype)
+        target_spec = TargetSpec(
+            target, num_slots, max_len, device, dtype, threads, target_dtype, target_activations
+        )
         drafter_spec = None
         if drafter:
             drafter_spec = DrafterSpec(

@@ -32,6 +32,7 @@ def add_prompt_and_sampling(p) -> None:
 
 
 TARGET_DTYPES = ("fp32", "int8", "int4")
+TARGET_ACTIVATIONS = ("fp32", "int8")
 
 
 def add_target_dtype(p, default: str | None = "fp32") -> None:
@@ -41,6 +42,14 @@ def add_target_dtype(p, default: str | None = "fp32") -> None:
         default=default,
         help="the target's linear weights: fp32, or weight-only int8/int4 in groups of 32 "
         "(a GGUF's own Q8_0/Q4_0/Q4_1 blocks where it has them; default fp32)",
+    )
+    p.add_argument(
+        "--target-activations",
+        choices=TARGET_ACTIVATIONS,
+        default=default and "fp32",
+        help="what an int8/int4 target's linears multiply: fp32 (the exact product with the "
+        "dequantized weights; default) or int8 (x rounded per group of 32 first, as llama.cpp "
+        "computes: faster, its own numerics)",
     )
 
 

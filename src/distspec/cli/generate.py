@@ -107,6 +107,7 @@ def _generate(args: argparse.Namespace) -> int:
         lookup=args.lookup,
         max_len=args.max_len,
         target_dtype=args.target_dtype,
+        target_activations=args.target_activations,
         threads=args.threads,
         easyspec_group=args.easyspec_group,
         easyspec_exact=args.easyspec_exact,

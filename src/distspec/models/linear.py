@@ -13,6 +13,7 @@ from torch import nn
 
 from distspec.models.cpu_kernels import kernels
 from distspec.models.quantized import (
+    QUANT_ACTIVATIONS,
     Q4Tiles,
     Q4Weight,
     Q8Weight,
@@ -150,7 +151,7 @@ def kernel_op(linear: nn.Module, ops):
 
 def set_activations(model: nn.Module, dtype: str) -> None:
     """Activations of every QuantLinear of model: "fp32" or "int8" (see QuantLinear)."""
-    if dtype not in ("fp32", "int8"):
+    if dtype not in QUANT_ACTIVATIONS:
         raise ValueError(f"quantized layers' activations are fp32 or int8, got {dtype!r}")
     for m in model.modules():
         if isinstance(m, QuantLinear):

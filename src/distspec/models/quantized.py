@@ -24,6 +24,8 @@ GROUP = 32
 # GGUF (GGML) tensor type ids of the block formats read here
 GGML_Q4_0, GGML_Q4_1, GGML_Q8_0 = 2, 3, 8
 QUANT_DTYPES = ("int8", "int4")
+# what quantized linears multiply: fp32 x, or x rounded to int8 per group (llama.cpp's way)
+QUANT_ACTIVATIONS = ("fp32", "int8")
 
 
 @dataclass

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from distspec.cluster.ray_cluster import ClusterConfig
-from distspec.models.loader import WEIGHT_DTYPES
+from distspec.models.loader import WEIGHT_DTYPES, check_activations
 from distspec.scheduler.runtime import Runtime, RuntimeConfig
 from distspec.scheduler.scheduler import SchedulerConfig
 from distspec.server.security import ClientLimits, TlsConfig, read_tokens
@@ -48,6 +48,7 @@ class ServeConfig:
     device: str = "cpu"
     dtype: str = "float32"
     target_dtype: str = "fp32"  # the target's weights: fp32 (in dtype) | int8 | int4
+    target_activations: str = "fp32"  # what a quantized target multiplies: fp32 | int8
     cpus_per_rank: float = 1.0
     target_cpus: float | None = None  # per target rank; default: see ClusterConfig
     drafter_cpus: float | None = None  # per drafter rank; default: cpus_per_rank
@@ -72,6 +73,7 @@ class ServeConfig:
             raise ValueError(
                 f"target_dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {self.target_dtype!r}"
             )
+        check_activations(self.target_activations)
         if self.tree_width < 1:
             raise ValueError(f"tree_width must be >= 1, got {self.tree_width}")
         if self.drafter == "recycle":
@@ -104,6 +106,7 @@ class ServeConfig:
             self.dtype,
             self.threads,
             self.target_dtype,
+            self.target_activations,
         )
         drafter_spec = None
         if drafter:

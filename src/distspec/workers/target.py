@@ -39,6 +39,7 @@ class TargetSpec:
     dtype: str = "float32"
     threads: int | None = None
     weight_dtype: str = "fp32"  # fp32 | int8 | int4 (weight-only quantized linears)
+    activations: str = "fp32"  # what quantized linears multiply: fp32 | int8
     cpus: tuple[int, ...] = ()  # the cores this rank is pinned to (empty: not pinned)
 
 
@@ -63,6 +64,7 @@ class TargetWorker(GroupMember):
             spec.num_slots,
             tp=self.tp,
             weight_dtype=spec.weight_dtype,
+            quant_activations=spec.activations,
         )
         self.model = loaded.model
         self.info = ModelInfo(
