@@ -116,27 +116,39 @@ class LlamaCppRun:
     accepted_tokens: int | None = None
 
 
+# What a run that dies by a signal is tried with next. llama.cpp repacks quantized weights for
+# the CPU's best kernels (AMX where there is AMX); this build's AMX path for batches of several
+# tokens segfaults on some VMs, while its one-token path (all of decoding) runs. Micro-batches
+# of one token keep the repacked weights (decode at full speed, prompts token by token); only
+# if that dies too are the weights left unpacked.
+FALLBACKS = ((), ("-ub", "1"), ("--no-repack",))
+
+
 class LlamaCpp:
     """One llama.cpp configuration run per prompt as a subprocess, greedy, fixed threads:
     plain decoding (llama-completion) or with a draft model (llama-speculative-simple).
 
-    llama.cpp repacks quantized weights for the CPU's best kernels (AMX where there is AMX).
-    Where a repacked run dies by a signal (this build's AMX batch path segfaults on some
-    VMs), it runs again with --no-repack, and so does every later prompt (`repack` says)."""
+    A run that dies by a signal runs again with the next of FALLBACKS, and so does every later
+    prompt (`options` says which)."""
 
     def __init__(self, model: Path, threads: int, draft: Path | None = None, draft_max: int = 8):
         self.model, self.threads, self.draft, self.draft_max = model, threads, draft, draft_max
-        self.repack = True
+        self.fallback = 0
+
+    @property
+    def options(self) -> tuple[str, ...]:
+        return FALLBACKS[self.fallback]
 
     def run(self, prompt: str, max_new_tokens: int) -> LlamaCppRun:
         r, cmd = self._call(prompt, max_new_tokens)
-        if r.returncode < 0 and self.repack:
+        while r.returncode < 0 and self.fallback + 1 < len(FALLBACKS):
+            self.fallback += 1
             log.warning(
-                "%s died by signal %d with repacked weights; running it with --no-repack",
+                "%s died by signal %d; running it with %s",
                 Path(cmd[0]).name,
                 -r.returncode,
+                " ".join(self.options),
             )
-            self.repack = False
             r, cmd = self._call(prompt, max_new_tokens)
         if r.returncode != 0:
             raise RuntimeError(f"{Path(cmd[0]).name} failed: {r.stderr.strip()[-500:]}")
@@ -145,8 +157,7 @@ class LlamaCpp:
     def _call(self, prompt: str, max_new_tokens: int):
         common = ["-m", str(self.model), "-p", prompt, "-n", str(max_new_tokens), "--temp", "0"]
         common += ["-t", str(self.threads), "-c", "2048"]
-        if not self.repack:
-            common.append("--no-repack")
+        common += self.options
         if self.draft is None:
             cmd = [str(tool("llama-completion")), *common, "-no-cnv", "--simple-io"]
             cmd.append("--no-display-prompt")
