@@ -16,6 +16,7 @@ from distspec.models.quantized import (
     GGML_Q8_0,
     Q4Tiles,
     Q4Weight,
+    Q8Tiles,
     Q8Weight,
     cat_rows,
     quantize,
@@ -102,11 +103,25 @@ def test_q4_tiles_move_the_bits_and_nothing_else(n, k):
         assert not d[-1, :, :256].reshape(-1, 4, 16, 4)[:, :, n % 16 :].any()
 
 
+@pytest.mark.parametrize("n, k", [(1, 32), (16, 64), (33, 576)])
+def test_q8_tiles_move_the_bits_and_nothing_else(n, k):
+    q = Q8Weight.quantize(torch.randn(n, k, generator=torch.Generator().manual_seed(n)))
+    tiles = Q8Tiles.from_planar(q)
+    assert tiles.data.shape == (-(-n // 16), k // 32, 544)
+    assert all(torch.equal(a, b) for a, b in zip(tiles.planar().parts(), q.parts(), strict=True))
+    d = tiles.data
+    for row, col in [(0, 0), (n - 1, k - 1), (n // 2, k // 3), (n - 1, 5)]:
+        t, r, g, j, b = row // 16, row % 16, col // 32, col % 32 // 4, col % 4
+        assert d[t, g, 64 * j + 4 * r + b].view(torch.int8) == q.qs[row, col]
+        assert d[t, g, 512 + 2 * r : 514 + 2 * r].view(torch.float16) == q.scales[row, g]
+
+
 @needs_kernels
-def test_a_4_bit_layer_keeps_only_its_tiles():
-    q = Q4Weight.quantize(torch.randn(40, 64, generator=torch.Generator().manual_seed(6)))
+@pytest.mark.parametrize("fmt, tile_bytes", [(Q4Weight, 320), (Q8Weight, 544)])
+def test_a_quantized_layer_keeps_only_its_tiles(fmt, tile_bytes):
+    q = fmt.quantize(torch.randn(40, 64, generator=torch.Generator().manual_seed(6)))
     layer = QuantLinear(q)
-    assert [b.shape for b in layer.buffers()] == [(3, 2, 320)]
+    assert [b.shape for b in layer.buffers()] == [(3, 2, tile_bytes)]
     assert all(torch.equal(a, b) for a, b in zip(layer.weight.parts(), q.parts(), strict=True))
 
 

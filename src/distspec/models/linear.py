@@ -14,9 +14,8 @@ from torch import nn
 from distspec.models.cpu_kernels import kernels
 from distspec.models.quantized import (
     QUANT_ACTIVATIONS,
-    Q4Tiles,
+    TILES,
     Q4Weight,
-    Q8Weight,
     QuantWeight,
     round_activations,
 )
@@ -74,8 +73,8 @@ class PackedLinear(nn.Module):
 
 class QuantLinear(nn.Module):
     """A linear layer with a weight-only quantized weight (models/quantized.py) and fp32
-    activations. On CPU, distspec's q4/q8 kernels read the weight in its blocks (a 4-bit one
-    in tiles, Q4Tiles, the only copy kept); elsewhere (or without the kernels) the weight is
+    activations. On CPU, distspec's q4/q8 kernels read the weight's blocks moved into tiles
+    (Q4Tiles, Q8Tiles: the only copy kept); elsewhere (or without the kernels) the weight is
     dequantized for each call.
 
     int8_activations: x is first rounded to int8 per group of 32 (ggml's Q8_0) and the dot
@@ -90,8 +89,8 @@ class QuantLinear(nn.Module):
         self.kind, self.format = weight.kind, type(weight)
         self.out_features, self.in_features = weight.shape
         self.ops = kernels()
-        self.tiled = self.format is Q4Weight and self.ops is not None and weight.qs.is_cpu
-        parts = (Q4Tiles.from_planar(weight).data,) if self.tiled else weight.parts()
+        self.tiled = self.ops is not None and weight.qs.is_cpu
+        parts = (TILES[self.format].from_planar(weight).data,) if self.tiled else weight.parts()
         self.n_parts = len(parts)
         for i, part in enumerate(parts):  # buffers, so that .to() moves them
             self.register_buffer(f"_w{i}", part.contiguous(), persistent=False)
@@ -109,18 +108,14 @@ class QuantLinear(nn.Module):
     @property
     def weight(self) -> QuantWeight:
         if self.tiled:
-            return Q4Tiles(self._w0, self.out_features).planar()
+            return TILES[self.format](self._w0, self.out_features).planar()
         return self.format(*(getattr(self, f"_w{i}") for i in range(self.n_parts)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the hot path reads the buffers directly: a decode step makes ~120 of these calls
-        if self.ops is not None and x.dtype == torch.float32 and x.device.type == "cpu":
-            if self.tiled:
-                return self.ops.q4_linear(
-                    x, self._w0, self.out_features, self.bias, self._int8_activations
-                )
-            if self.format is Q8Weight:
-                return self.ops.q8_linear(x, self._w0, self._w1, self.bias, self._int8_activations)
+        if self.tiled and self.ops is not None and x.dtype == torch.float32 and x.is_cpu:
+            kernel = self.ops.q4_linear if self.format is Q4Weight else self.ops.q8_linear
+            return kernel(x, self._w0, self.out_features, self.bias, self._int8_activations)
         w = self.weight
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if self.int8_activations:
@@ -135,9 +130,9 @@ def kernel_op(linear: nn.Module, ops):
     """linear as one of the kernels' LinearOps (kernels/decoder_layer.h), sharing its weight;
     None for a layer they do not run (oneDNN-packed, not fp32, not on CPU)."""
     if isinstance(linear, QuantLinear):
-        if linear.ops is None or (linear.format is Q4Weight and not linear.tiled):
+        if not linear.tiled or linear.ops is None:
             return None
-        kind = "q4" if linear.tiled else "q8"
+        kind = "q4" if linear.format is Q4Weight else "q8"
         parts = [getattr(linear, f"_w{i}") for i in range(linear.n_parts)]
         return ops.LinearOp(kind, parts, linear.bias, linear.int8_activations, linear.out_features)
     if not isinstance(linear, SkinnyLinear | nn.Linear):

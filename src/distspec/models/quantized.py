@@ -82,66 +82,6 @@ class Q4Weight:
         return cls(_bytes(qs.reshape(n, -1)), _halves(d), mins)
 
 
-TILE_ROWS = 16
-TILE_BYTES = 320  # 16 rows x 32 codes of 4 bits, then 16 fp16 scales and 16 fp16 mins
-
-
-@dataclass
-class Q4Tiles:
-    """A Q4Weight in the layout the CPU kernels read (kernels/quant_linear.cpp): 16 output
-    rows by one group of 32 inputs in one 320-byte tile, so that one 64-byte load feeds 16
-    rows at once and no sum crosses vector lanes (ggml's interleaved blocks for x86, in
-    spirit). In tile [t, g], for rows 16t + r:
-
-    - bytes 64j .. 64j + 63 (j = 0..3): 16 dwords, dword r for row r; its byte b holds the
-      code of input 32g + 8j + b in the low nibble and of input 32g + 8j + 4 + b in the high;
-    - bytes 256 .. 287: the 16 rows' fp16 scales, 288 .. 319: their fp16 mins.
-
-    The same bits as the Q4Weight, moved: `planar()` gives it back exactly. Rows past n (the
-    last tile of an n that is not a multiple of 16) are zero."""
-
-    data: torch.Tensor  # uint8 [ceil(n / 16), K / 32, 320]
-    n: int
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.n, self.data.shape[1] * GROUP
-
-    @classmethod
-    def from_planar(cls, w: Q4Weight) -> Q4Tiles:
-        n, k = w.shape
-        t, g = -(-n // TILE_ROWS), k // GROUP
-        pad = t * TILE_ROWS - n
-        codes = torch.nn.functional.pad(w.codes(), (0, 0, 0, pad))
-        # [t, r, g, j, h, b]: input 32g + 8j + 4h + b of row 16t + r
-        c = codes.view(t, TILE_ROWS, g, 4, 2, 4)
-        packed = (c[..., 0, :] | (c[..., 1, :] << 4)).permute(0, 2, 3, 1, 4)  # [t, g, j, r, b]
-
-        def per_tile(a: torch.Tensor) -> torch.Tensor:  # fp16 [n, g] -> bytes [t, g, 32]
-            a = torch.nn.functional.pad(a, (0, 0, 0, pad)).view(t, TILE_ROWS, g)
-            return a.permute(0, 2, 1).contiguous().view(torch.uint8).view(t, g, 2 * TILE_ROWS)
-
-        data = torch.cat(
-            [packed.reshape(t, g, 256), per_tile(w.scales), per_tile(w.mins)], dim=2
-        ).contiguous()
-        return cls(data, n)
-
-    def planar(self) -> Q4Weight:
-        t, g, _ = self.data.shape
-        packed = self.data[..., :256].reshape(t, g, 4, TILE_ROWS, 4)
-        c = torch.stack([packed & 0x0F, packed >> 4], dim=3)  # [t, g, j, h, r, b]
-        codes = c.permute(0, 4, 1, 2, 3, 5).reshape(t * TILE_ROWS, g * GROUP)[: self.n]
-
-        def per_row(a: torch.Tensor) -> torch.Tensor:  # bytes [t, g, 32] -> fp16 [n, g]
-            a = a.contiguous().view(torch.float16).view(t, g, TILE_ROWS)
-            return a.permute(0, 2, 1).reshape(t * TILE_ROWS, g)[: self.n].contiguous()
-
-        q = codes.view(self.n, g, GROUP)
-        return Q4Weight(
-            _pack_nibbles(q), per_row(self.data[..., 256:288]), per_row(self.data[..., 288:])
-        )
-
-
 @dataclass
 class Q8Weight:
     qs: torch.Tensor  # int8 [N, K]
@@ -178,6 +118,94 @@ class Q8Weight:
         n = raw.shape[0]
         b = raw.reshape(n, -1, 34)
         return cls(_bytes(b[..., 2:].reshape(n, -1)).view(torch.int8), _halves(b[..., 0:2]))
+
+
+# The layouts the CPU kernels read (kernels/quant_linear.cpp): 16 output rows by one group of
+# 32 inputs in one tile, so that one 64-byte load feeds 16 rows at once and no sum crosses
+# vector lanes (ggml's interleaved blocks for x86, in spirit). The same bits as the planar
+# weight, moved: `planar()` gives it back exactly. Rows past n (the last tile of an n that is
+# not a multiple of 16) are zero.
+TILE_ROWS = 16
+
+
+@dataclass
+class Q4Tiles:
+    """A Q4Weight in tiles of 320 bytes. In tile [t, g], for rows 16t + r:
+
+    - bytes 64j .. 64j + 63 (j = 0..3): 16 dwords, dword r for row r; its byte b holds the
+      code of input 32g + 8j + b in the low nibble and of input 32g + 8j + 4 + b in the high;
+    - bytes 256 .. 287: the 16 rows' fp16 scales, 288 .. 319: their fp16 mins."""
+
+    data: torch.Tensor  # uint8 [ceil(n / 16), K / 32, 320]
+    n: int
+
+    @classmethod
+    def from_planar(cls, w: Q4Weight) -> Q4Tiles:
+        t, g = _tile_counts(w.shape)
+        c = _pad_rows(w.codes(), t).view(t, TILE_ROWS, g, 4, 2, 4)  # [t, r, g, j, h, b]
+        packed = (c[..., 0, :] | (c[..., 1, :] << 4)).permute(0, 2, 3, 1, 4)  # [t, g, j, r, b]
+        parts = [packed.reshape(t, g, 256), _fp16_tiles(w.scales, t), _fp16_tiles(w.mins, t)]
+        return cls(torch.cat(parts, dim=2).contiguous(), w.shape[0])
+
+    def planar(self) -> Q4Weight:
+        t, g, _ = self.data.shape
+        packed = self.data[..., :256].reshape(t, g, 4, TILE_ROWS, 4)
+        c = torch.stack([packed & 0x0F, packed >> 4], dim=3)  # [t, g, j, h, r, b]
+        codes = c.permute(0, 4, 1, 2, 3, 5).reshape(t * TILE_ROWS, g, GROUP)[: self.n]
+        scales, mins = (_fp16_rows(self.data[..., i : i + 32], self.n) for i in (256, 288))
+        return Q4Weight(_pack_nibbles(codes), scales, mins)
+
+
+@dataclass
+class Q8Tiles:
+    """A Q8Weight in tiles of 544 bytes. In tile [t, g], for rows 16t + r:
+
+    - bytes 64j .. 64j + 63 (j = 0..7): 16 dwords, dword r for row r; its byte b holds the
+      (signed) code of input 32g + 4j + b;
+    - bytes 512 .. 543: the 16 rows' fp16 scales."""
+
+    data: torch.Tensor  # uint8 [ceil(n / 16), K / 32, 544]
+    n: int
+
+    @classmethod
+    def from_planar(cls, w: Q8Weight) -> Q8Tiles:
+        t, g = _tile_counts(w.shape)
+        c = _pad_rows(w.qs.view(torch.uint8), t).view(t, TILE_ROWS, g, 8, 4)  # [t, r, g, j, b]
+        codes = c.permute(0, 2, 3, 1, 4).reshape(t, g, 512)
+        data = torch.cat([codes, _fp16_tiles(w.scales, t)], dim=2).contiguous()
+        return cls(data, w.shape[0])
+
+    def planar(self) -> Q8Weight:
+        t, g, _ = self.data.shape
+        c = self.data[..., :512].reshape(t, g, 8, TILE_ROWS, 4).permute(0, 3, 1, 2, 4)
+        qs = c.reshape(t * TILE_ROWS, g * GROUP)[: self.n].contiguous().view(torch.int8)
+        return Q8Weight(qs, _fp16_rows(self.data[..., 512:], self.n))
+
+
+TILES = {Q4Weight: Q4Tiles, Q8Weight: Q8Tiles}
+
+
+def _tile_counts(shape: tuple[int, int]) -> tuple[int, int]:
+    n, k = shape
+    return -(-n // TILE_ROWS), k // GROUP
+
+
+def _pad_rows(a: torch.Tensor, tiles: int) -> torch.Tensor:
+    return torch.nn.functional.pad(a, (0, 0, 0, tiles * TILE_ROWS - a.shape[0]))
+
+
+def _fp16_tiles(a: torch.Tensor, tiles: int) -> torch.Tensor:
+    """fp16 [n, g] -> bytes [tiles, g, 32]: each tile's 16 rows side by side."""
+    g = a.shape[1]
+    a = _pad_rows(a, tiles).view(tiles, TILE_ROWS, g).permute(0, 2, 1).contiguous()
+    return a.view(torch.uint8).view(tiles, g, 2 * TILE_ROWS)
+
+
+def _fp16_rows(a: torch.Tensor, n: int) -> torch.Tensor:
+    """The inverse of _fp16_tiles, the first n rows."""
+    t, g, _ = a.shape
+    a = a.contiguous().view(torch.float16).view(t, g, TILE_ROWS)
+    return a.permute(0, 2, 1).reshape(t * TILE_ROWS, g)[:n].contiguous()
 
 
 QuantWeight = Q4Weight | Q8Weight

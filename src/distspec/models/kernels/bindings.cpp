@@ -18,8 +18,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         arg("x"), arg("tiles"), arg("n"), arg("bias") = pybind11::none(),
         arg("int8_x") = false);
   m.def("q8_linear", &distspec::q8_linear, nogil,
-        "x @ W^T (+ b) for an 8-bit W (groups of 32: q * scale), fp32 x (int8_x: as q4_linear)",
-        arg("x"), arg("qs"), arg("scales"), arg("bias") = pybind11::none(),
+        "x @ W^T (+ b) for an 8-bit W of n rows in tiles (models/quantized.py Q8Tiles), fp32 x "
+        "(int8_x: as q4_linear)",
+        arg("x"), arg("tiles"), arg("n"), arg("bias") = pybind11::none(),
         arg("int8_x") = false);
   m.def("rms_norm", &distspec::rms_norm, nogil, "x / sqrt(mean(x^2) + eps) * weight, fp32");
   m.def("silu_mul", &distspec::silu_mul, nogil, "silu(g) * u for gu = [g | u] on the last dim");

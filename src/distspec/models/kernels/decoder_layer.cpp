@@ -16,7 +16,7 @@ LinearOp::LinearOp(const std::string& kind, std::vector<at::Tensor> parts,
                    c10::optional<at::Tensor> bias, bool int8_x, int64_t out_features)
     : parts_(std::move(parts)), bias_(std::move(bias)), int8_x_(int8_x),
       out_features_(out_features) {
-  const size_t want = kind == "fp32" ? 1 : kind == "q4" ? 1 : kind == "q8" ? 2 : 0;
+  const size_t want = kind == "fp32" ? 1 : kind == "q4" ? 1 : kind == "q8" ? 1 : 0;
   TORCH_CHECK(want > 0, "LinearOp: kind is fp32, q4 or q8, got ", kind);
   TORCH_CHECK(parts_.size() == want, "LinearOp: ", kind, " takes ", want, " tensors, got ",
               parts_.size());
@@ -33,7 +33,7 @@ at::Tensor LinearOp::operator()(const at::Tensor& x) const {
     case Kind::kQ4:
       return q4_linear(x, parts_[0], out_features_, bias_, int8_x_);
     case Kind::kQ8:
-      return q8_linear(x, parts_[0], parts_[1], bias_, int8_x_);
+      return q8_linear(x, parts_[0], out_features_, bias_, int8_x_);
   }
   TORCH_CHECK(false, "LinearOp: unknown kind");
 }

@@ -13,7 +13,7 @@ namespace distspec {
 // "q8" (qs, scales); int8_x: the quantized kernels' int8 activations.
 class LinearOp {
  public:
-  // q4: parts = {tiles} and out_features its rows; q8: {qs, scales}; fp32: {weight}
+  // q4, q8: parts = {tiles} (models/quantized.py) and out_features their rows; fp32: {weight}
   LinearOp(const std::string& kind, std::vector<at::Tensor> parts, c10::optional<at::Tensor> bias,
            bool int8_x, int64_t out_features = 0);
   at::Tensor operator()(const at::Tensor& x) const;

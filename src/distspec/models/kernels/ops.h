@@ -11,7 +11,7 @@ at::Tensor skinny_linear(const at::Tensor& x, const at::Tensor& weight,
                          const c10::optional<at::Tensor>& bias);
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& tiles, int64_t n,
                      const c10::optional<at::Tensor>& bias, bool int8_x);
-at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& scales,
+at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& tiles, int64_t n,
                      const c10::optional<at::Tensor>& bias, bool int8_x);
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
 at::Tensor silu_mul(const at::Tensor& gu);
