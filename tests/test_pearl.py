@@ -6,7 +6,7 @@ import pytest
 
 from distspec.spec_decode.draft_policy import DraftCosts
 from distspec.spec_decode.drafter import EMPTY_DRAFT, Draft
-from distspec.spec_decode.pearl import PearlDecoder, PearlState, pearl_gamma
+from distspec.spec_decode.pearl import PearlDecoder, PearlPace, PearlState, pearl_gamma
 from distspec.spec_decode.sampling import SamplingParams
 from distspec.spec_decode.verify import Verdict
 from test_decoding import (
@@ -85,6 +85,22 @@ def test_pearl_gamma_balances_a_draft_burst_with_its_verify():
 
 # ---------------------------------------------------------------------------------------------
 # decoding
+
+
+def test_the_live_pace_drafts_one_token_past_the_balance():
+    """ceil(T / t) + 1 from the last rounds' target seconds T and seconds per drafted token
+    t, within 1..max_gamma; a faster drafter then drafts longer, a slower one shorter."""
+    pace = PearlPace(max_gamma=12, gamma=5, decay=0.0)  # decay 0: the last round alone
+    pace.observe(target_s=0.080, draft_s=0.050, drafted=5)  # T / t = 8
+    assert pace.gamma == 9
+    pace.observe(target_s=0.080, draft_s=0.150, drafted=5)  # T / t = 2.67
+    assert pace.gamma == 4
+    pace.observe(target_s=0.080, draft_s=0.004, drafted=4)  # T / t = 80
+    assert pace.gamma == 12
+    pace.observe(target_s=0.001, draft_s=0.500, drafted=5)
+    assert pace.gamma == 2  # at least one past a draft of 1
+    pace.observe(target_s=0.080, draft_s=0.0, drafted=0)  # nothing drafted: t stays 0.1 s
+    assert pace.gamma == 2
 
 
 @pytest.mark.parametrize("gamma", [1, 3, 6])
