@@ -42,6 +42,12 @@ def test_bench_serve_starting_with_ar(capfd, caplog, tiny_dir, tiny_drafter_dir,
     assert {r["mode"] for r in report["runs"]} == {"ar", "sd"}
     assert report["costs"] is not None  # calibrated against the drafter
     assert "sd@1" in out
+    # where a round's time goes: the parts fit in the whole, the forward in the target call
+    for level in report["summary"].values():
+        ms = level["round_ms"]
+        assert 0 < ms["forward"] <= ms["target_call"] <= ms["round"]
+        assert ms["scheduler"] >= 0 and ms["draft"] >= 0
+    assert report["summary"]["ar@1"]["round_ms"]["draft"] == 0
 
 
 def test_bench_edge_through_the_relay(capfd, caplog, tiny_dir, tiny_drafter_dir, tmp_path):

@@ -11,6 +11,7 @@ time / wall time), tau (tokens per target forward), median time to first token.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import queue
@@ -19,6 +20,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from tqdm import tqdm
@@ -27,6 +29,9 @@ from distspec.bench.grpc_client import chat_request, generate_stub
 from distspec.bench.streams import Streamed, add_chunk, percentile, scaled
 from distspec.datasets import load_prompts
 from distspec.spec_decode.defaults import BENCH_TREE_WIDTH
+
+if TYPE_CHECKING:
+    from distspec.scheduler.scheduler import RoundTimes
 
 TREE = "-tree"
 
@@ -150,6 +155,7 @@ def _load(channel, runtime, prompts: list[str], clients: int, config) -> dict:
                 errors.append(e.details())
 
     busy0 = runtime.scheduler.target_busy_s
+    times0 = dataclasses.replace(runtime.scheduler.times)
     t = time.perf_counter()
     threads = [threading.Thread(target=client) for _ in range(clients)]
     for th in threads:
@@ -161,6 +167,7 @@ def _load(channel, runtime, prompts: list[str], clients: int, config) -> dict:
         raise RuntimeError(f"{len(errors)} requests failed: {errors[0]}")
     tokens = sum(s.new_tokens for s in stats)
     forwards = sum(s.target_forwards for s in stats)
+    times = runtime.scheduler.times
     drafted = sum(s.draft_tokens for s in stats)
     return {
         "requests": len(stats),
@@ -174,7 +181,21 @@ def _load(channel, runtime, prompts: list[str], clients: int, config) -> dict:
         # inter-token latency as the clients saw it (a chunk of k tokens: k gaps of dt / k)
         "itl_p50_ms": scaled(percentile(itls, 50), 1e3),
         "itl_p99_ms": scaled(percentile(itls, 99), 1e3),
+        "round_ms": round_breakdown(times0, times),
     }
+
+
+def round_breakdown(before: RoundTimes, after: RoundTimes) -> dict[str, float] | None:
+    """Mean milliseconds per decoding round between two RoundTimes: the whole round, the
+    drafters' calls, the target call (transport, batching, verifying and the forward) and the
+    forward itself; the rest of a round is the scheduler's own work."""
+    rounds = after.rounds - before.rounds
+    if not rounds:
+        return None
+    parts = ("round_s", "draft_s", "target_call_s", "forward_s")
+    ms = {p[:-2]: (getattr(after, p) - getattr(before, p)) / rounds * 1e3 for p in parts}
+    ms["scheduler"] = ms["round"] - ms["draft"] - ms["target_call"]
+    return ms
 
 
 def _summarize(runs: list[dict], config: ServingBenchConfig) -> dict:
@@ -193,6 +214,12 @@ def _summarize(runs: list[dict], config: ServingBenchConfig) -> dict:
                     "itl_p99_ms",
                 )
             }
+            breakdowns = [r["round_ms"] for r in rs if r.get("round_ms")]
+            summary[f"{mode}@{n}"]["round_ms"] = (
+                {p: _median([b[p] for b in breakdowns]) for p in breakdowns[0]}
+                if breakdowns
+                else None
+            )
     return summary
 
 

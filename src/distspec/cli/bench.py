@@ -159,12 +159,14 @@ def _bench_serve(args: argparse.Namespace) -> int:
     )
     report = run_serving_bench(config)
     header = f"{'mode@clients':<14} {'tok/s':>8} {'busy':>6} {'tau':>6} {'ttft s':>7}"
-    print(f"{header} {'itl p50 ms':>10} {'itl p99 ms':>10}")
+    print(f"{header} {'itl p50 ms':>10} {'itl p99 ms':>10}  round ms: all / draft / call / fwd")
     for key, s in report["summary"].items():
+        r = s.get("round_ms") or {}
+        parts = " / ".join(_ms(r.get(p)) for p in ("round", "draft", "target_call", "forward"))
         print(
             f"{key:<14} {s['tokens_per_s']:>8.1f} {s['target_busy_fraction']:>6.2f} "
             f"{s['tau']:>6.2f} {s['ttft_median_s']:>7.2f} {_ms(s['itl_p50_ms']):>10} "
-            f"{_ms(s['itl_p99_ms']):>10}"
+            f"{_ms(s['itl_p99_ms']):>10}  {parts}"
         )
     print(f"wrote {config.out_dir}/serving.json and serving.png")
     return 0

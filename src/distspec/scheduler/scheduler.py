@@ -115,6 +115,22 @@ class _Timing:
             self.draft_token_s = ema(self.draft_token_s, draft_s / drafted)
 
 
+@dataclass
+class RoundTimes:
+    """Where the scheduler's rounds spend their time, summed (seconds): the whole round, the
+    drafters' calls before the target's (sd), the target's call as the scheduler waits on it
+    (the worker call: a Ray round trip, or a thread hand-off in one process; PEARL drafts
+    inside it) and, inside that, the target's forward. round - drafting - target call is the
+    scheduler's own bookkeeping; target call - forward is the call's transport plus the
+    target's batching and verifying."""
+
+    rounds: int = 0
+    round_s: float = 0.0
+    draft_s: float = 0.0
+    target_call_s: float = 0.0
+    forward_s: float = 0.0
+
+
 class Scheduler:
     def __init__(
         self,
@@ -151,6 +167,7 @@ class Scheduler:
             "repairs": 0,  # worker failures repaired
         }
         self.target_busy_s = 0.0  # the target's compute time, summed over steps
+        self.times = RoundTimes()
         self.switch = SpeculationSwitch()
         self.metrics = SchedulerMetrics()
         self.metrics.watch(self.load, lambda: self.target_busy_s)
@@ -381,7 +398,7 @@ class Scheduler:
             items = [
                 ForwardItem(s.id, s.slot, 0, s.tokens[:-1], draft=EMPTY_DRAFT) for s in resumed
             ]
-            self._step(items)
+            self._step(items, in_round=False)
         if unstarted:
             self._start(unstarted)
         self._release_done()
@@ -419,7 +436,7 @@ class Scheduler:
                 # load measured worse)
                 s.policy = DraftLengthPolicy(self.config.gamma, costs=self.costs)
         items = [ForwardItem(s.id, s.slot, 0, s.prompt_ids, draft=EMPTY_DRAFT) for s in sessions]
-        verdicts = self._step(items)
+        verdicts = self._step(items, in_round=False)
         for s, verdict in zip(sessions, verdicts, strict=True):
             s.stats.target_forwards += 1
             s.stats.time_to_first_token_s = time.perf_counter() - s.created
@@ -439,9 +456,12 @@ class Scheduler:
         before = sum(s.stats.new_tokens for s in internal)
         t = time.perf_counter()
         self._run_round(sessions, kind)
+        round_s = time.perf_counter() - t
+        self.times.rounds += 1
+        self.times.round_s += round_s
         if adaptive:
             tokens = sum(s.stats.new_tokens for s in internal) - before
-            self.switch.observe(len(internal), kind, tokens, time.perf_counter() - t)
+            self.switch.observe(len(internal), kind, tokens, round_s)
 
     def _run_round(self, sessions: list[Session], kind: str) -> None:
         self.counters["rounds"] += 1
@@ -474,6 +494,7 @@ class Scheduler:
             t = time.perf_counter()
             drafts.update(self._draft(sessions, requests))
             draft_s = time.perf_counter() - t
+            self.times.draft_s += draft_s
         # a tree may hold more nodes than the draft length: cut to what the context holds
         items = [
             _verify_item(s, drafts.get(s.id, EMPTY_DRAFT)[: self._room(s) - 1]) for s in sessions
@@ -515,6 +536,8 @@ class Scheduler:
         drafts = self._draft(sessions, requests)
         draft_s = time.perf_counter() - t
         result = stepping.result()
+        # drafting ran inside the target call's wait: the call's time holds both
+        self.times.target_call_s += time.perf_counter() - t
         external_verdicts = self._stepped(result)[: len(external)]
         for s, verdict in zip(external, external_verdicts, strict=True):
             draft = offered[s.id]
@@ -530,12 +553,19 @@ class Scheduler:
             new = s.pearl.apply(verdict, drafts.get(s.id, EMPTY_DRAFT))
             self._advance(s, new, verdict.num_accepted)
 
-    def _step(self, items: list[ForwardItem]) -> list:
-        return self._stepped(self.target("step", items))
+    def _step(self, items: list[ForwardItem], in_round: bool = True) -> list:
+        """in_round: a decoding round's step (RoundTimes), not a prefill or a resumption."""
+        t = time.perf_counter()
+        result = self.target("step", items)
+        if in_round:
+            self.times.target_call_s += time.perf_counter() - t
+        return self._stepped(result, in_round)
 
-    def _stepped(self, result: tuple[list, float]) -> list:
+    def _stepped(self, result: tuple[list, float], in_round: bool = True) -> list:
         verdicts, forward_s = result
         self.target_busy_s += forward_s
+        if in_round:
+            self.times.forward_s += forward_s
         return verdicts
 
     def _pearl_gamma(self, sessions: list[Session]) -> int:
