@@ -7,7 +7,7 @@ import pytest
 
 from distspec.models.loader import load_model
 from distspec.spec_decode.drafters import ModelDrafter, NgramDrafter
-from distspec.spec_decode.drafters.batched import propose_together
+from distspec.spec_decode.drafters.batched import propose_together, read_together
 from distspec.spec_decode.sampling import SamplingParams
 from tiny import TINY_MAX_LEN
 
@@ -58,3 +58,31 @@ def test_drafting_together_needs_one_model(tiny_drafter_dir):
     b = ModelDrafter(load_model(str(tiny_drafter_dir), max_len=32).model)
     with pytest.raises(ValueError, match="one model"):
         propose_together([a, b], [[1, 2], [3, 4]], [2, 2])
+
+
+def test_reading_ahead_leaves_the_drafts_as_they_were(tiny_drafter_dir):
+    """The server's plain rounds let drafters read what was verified (read_together): a
+    later draft equals the one made without reading ahead, and its first forward then holds
+    only the context's last token."""
+
+    def model():
+        return load_model(str(tiny_drafter_dir), max_len=TINY_MAX_LEN, num_slots=4).model
+
+    plain, read = _drafters(model(), False), _drafters(model(), False)
+    tok = load_model(str(tiny_drafter_dir), max_len=16).tokenizer
+    contexts = [tok.encode(p) for p in PROMPTS]
+    for i, ctx in enumerate(contexts):
+        plain[i].start(ctx, SamplingParams())
+        read[i].start(ctx, SamplingParams())
+    # plain rounds: 6 verified tokens each while nobody drafted
+    contexts = [c + [30 + i + j for j in range(6)] for i, c in enumerate(contexts)]
+    read_together(read, contexts)
+    assert all(d.cached == c[:-1] for d, c in zip(read, contexts, strict=True))
+    steps = [d.drafting(c, 3) for d, c in zip(read, contexts, strict=True)]
+    firsts = [next(s) for s in steps]
+    assert [f.tokens for f in firsts] == [c[-1:] for c in contexts]
+    for s in steps:
+        s.close()
+    want = propose_together(plain, contexts, [3] * 4)
+    got = propose_together(read, contexts, [3] * 4)
+    assert [d.tokens for d in got] == [d.tokens for d in want]

@@ -158,6 +158,7 @@ class Scheduler:
         self._closed = False
         self._admitting = True  # False while draining: sessions in flight go on
         self._timing = _Timing()
+        self._reading: list[Future] = []  # drafters' read calls in flight (plain rounds)
         self._session_s: float | None = None  # typical session duration, for retry hints
         self.counters = {
             "rounds": 0,
@@ -495,6 +496,11 @@ class Scheduler:
             drafts.update(self._draft(sessions, requests))
             draft_s = time.perf_counter() - t
             self.times.draft_s += draft_s
+        # plain rounds of a speculative mode: the drafters read what the last rounds verified
+        # while the target steps (on their own compute), so that the switch's next sd round
+        # drafts at once instead of first catching up on every session
+        if kind == PLAIN and self.config.mode != "ar":
+            self._read(sessions)
         # a tree may hold more nodes than the draft length: cut to what the context holds
         items = [
             _verify_item(s, drafts.get(s.id, EMPTY_DRAFT)[: self._room(s) - 1]) for s in sessions
@@ -584,6 +590,21 @@ class Scheduler:
         """Open s on its drafter (or on `drafter`, a replacement); the call's future."""
         drafter = drafter or self._drafter(s)
         return drafter.call("open_session", s.id, s.slot, s.prompt_ids, s.params, s.tenant)
+
+    def _read(self, sessions: list[Session]) -> None:
+        """Each drafter's read call (DrafterWorker.read) for its internal sessions, not
+        waited for: a drafter's calls run in order, so a later draft follows the read. While
+        the last reads run, none is sent (their drafters read more tokens at once later)."""
+        if any(not f.done() for f in self._reading):
+            return
+        for f in self._reading:
+            f.result()  # a drafter that failed reading fails here, as on a draft
+        by_drafter: dict[int, list[DraftRequest]] = {}
+        for s in sessions:
+            if not s.external:
+                request = DraftRequest(s.id, s.tokens, 0)
+                by_drafter.setdefault(self._drafter_index(s), []).append(request)
+        self._reading = [self.drafters[i].call("read", reqs) for i, reqs in by_drafter.items()]
 
     def _draft(
         self, sessions: list[Session], requests: dict[int, DraftRequest]

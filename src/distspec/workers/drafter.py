@@ -19,7 +19,11 @@ from distspec.models.tensor_parallel import TPContext
 from distspec.spec_decode.draft_policy import time_drafter
 from distspec.spec_decode.drafter import Draft, Drafter
 from distspec.spec_decode.drafters import ModelDrafter
-from distspec.spec_decode.drafters.batched import propose_together, time_drafting_together
+from distspec.spec_decode.drafters.batched import (
+    propose_together,
+    read_together,
+    time_drafting_together,
+)
 from distspec.spec_decode.drafters.factory import load_drafter, new_drafter
 from distspec.spec_decode.drafters.suffix import SuffixStore, TenantStores
 from distspec.spec_decode.sampling import SamplingParams
@@ -118,6 +122,13 @@ class DrafterWorker(GroupMember):
         self.busy_s += time.perf_counter() - t
         return drafts
 
+    def read(self, requests: list[DraftRequest]) -> None:
+        """Catch the sessions' model drafters up with their contexts, without drafting (the
+        scheduler's plain rounds; the other drafters read nothing ahead)."""
+        t = time.perf_counter()
+        self.collective("_read", requests)
+        self.busy_s += time.perf_counter() - t
+
     def stats(self) -> dict:
         return {"busy_s": self.busy_s}
 
@@ -178,6 +189,12 @@ class DrafterWorker(GroupMember):
                 drafters, [r.context for r in requests], [r.k for r in requests]
             )
         return [d.propose(r.context, r.k) for d, r in zip(drafters, requests, strict=True)]
+
+    def _read(self, requests: list[DraftRequest]) -> None:
+        pairs = [(self._drafters.get(r.session), r.context) for r in requests]
+        models = [(d, c) for d, c in pairs if isinstance(d, ModelDrafter)]
+        if models:
+            read_together([d for d, _ in models], [c for _, c in models])
 
     def _new_drafter(self, slot: int, store: SuffixStore | None = None) -> Drafter:
         spec = self.spec

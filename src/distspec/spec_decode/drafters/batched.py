@@ -25,10 +25,21 @@ def propose_together(
 ) -> list[Draft]:
     """drafters[i].propose(contexts[i], ks[i]) for every i; the drafters share one model
     (each in its own KV slot)."""
+    steps = [d.drafting(c, k) for d, c, k in zip(drafters, contexts, ks, strict=True)]
+    return run_together(drafters, steps)
+
+
+def read_together(drafters: Sequence[ModelDrafter], contexts: Sequence[list[int]]) -> None:
+    """drafters[i] reads contexts[i] (ModelDrafter.reading) for every i, in one forward."""
+    run_together(drafters, [d.reading(c) for d, c in zip(drafters, contexts, strict=True)])
+
+
+def run_together(drafters: Sequence[ModelDrafter], steps: list) -> list[Draft]:
+    """Run each drafter's step generator (drafting or reading), every round of forwards they
+    ask for batched into one forward of the shared model."""
     model = drafters[0].model
     if any(d.model is not model for d in drafters):
         raise ValueError("drafting together needs drafters of one model")
-    steps = [d.drafting(c, k) for d, c, k in zip(drafters, contexts, ks, strict=True)]
     drafts: list[Draft | None] = [None] * len(steps)
     asks: dict[int, DraftForward] = {}
 

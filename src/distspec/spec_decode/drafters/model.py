@@ -195,6 +195,19 @@ class ModelDrafter(Drafter):
             pending, looked_up = [tok], []
         return _with_leaves(tokens, leaves)
 
+    def reading(self, context: list[int]) -> Generator[DraftForward, torch.Tensor, Draft]:
+        """drafting's catch-up alone: context[:-1] into the drafter's cache, no draft, so that
+        a later draft after context starts from its last token (a server reads what its plain
+        rounds verified this way, on the drafter's own compute, while the target steps)."""
+        keep = _common_prefix(self.cached, context, limit=min(len(context) - 1, self.exact_upto))
+        self.cached = context[:keep]
+        head = context[keep:-1][: max(0, self.model.max_len - 1 - keep)]
+        if head and self.target_kv is None:
+            yield DraftForward(head, keep, (), 1)
+            self.cached = context[: keep + len(head)]
+            self.exact_upto = len(self.cached)
+        return Draft([])
+
     def _forward(self, step: DraftForward) -> torch.Tensor:
         return forward_together(self.model, [step], self.slot)[0]
 
