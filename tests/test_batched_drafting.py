@@ -27,21 +27,30 @@ def _drafters(model, check_lookup: bool) -> list[ModelDrafter]:
     ]
 
 
+def _two_started(model_dir, check_lookup: bool, params_of) -> tuple[list, list, list]:
+    """Two sets of drafters on two copies of the model, each drafter started on its prompt
+    with params_of(i); and the prompts' tokens."""
+
+    def model():
+        return load_model(str(model_dir), max_len=TINY_MAX_LEN, num_slots=4).model
+
+    a, b = _drafters(model(), check_lookup), _drafters(model(), check_lookup)
+    tok = load_model(str(model_dir), max_len=16).tokenizer
+    contexts = [tok.encode(p) for p in PROMPTS]
+    for i, ctx in enumerate(contexts):
+        a[i].start(ctx, params_of(i))
+        b[i].start(ctx, params_of(i))
+    return a, b, contexts
+
+
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 @pytest.mark.parametrize("check_lookup", [False, True])
 def test_drafting_together_gives_each_session_its_own_draft(
     tiny_drafter_dir, temperature, check_lookup
 ):
-    def model():
-        return load_model(str(tiny_drafter_dir), max_len=TINY_MAX_LEN, num_slots=4).model
-
-    alone, together = _drafters(model(), check_lookup), _drafters(model(), check_lookup)
-    tok = load_model(str(tiny_drafter_dir), max_len=16).tokenizer
-    contexts = [tok.encode(p) for p in PROMPTS]
-    for i, ctx in enumerate(contexts):
-        params = SamplingParams(temperature=temperature, seed=i)
-        alone[i].start(ctx, params)
-        together[i].start(ctx, params)
+    alone, together, contexts = _two_started(
+        tiny_drafter_dir, check_lookup, lambda i: SamplingParams(temperature=temperature, seed=i)
+    )
     for rnd in range(4):  # rounds of verdicts: some drafts kept, some cut, a correction each
         want = [d.propose(c, k) for d, c, k in zip(alone, contexts, KS, strict=True)]
         got = propose_together(together, contexts, KS)
@@ -65,15 +74,7 @@ def test_reading_ahead_leaves_the_drafts_as_they_were(tiny_drafter_dir):
     later draft equals the one made without reading ahead, and its first forward then holds
     only the context's last token."""
 
-    def model():
-        return load_model(str(tiny_drafter_dir), max_len=TINY_MAX_LEN, num_slots=4).model
-
-    plain, read = _drafters(model(), False), _drafters(model(), False)
-    tok = load_model(str(tiny_drafter_dir), max_len=16).tokenizer
-    contexts = [tok.encode(p) for p in PROMPTS]
-    for i, ctx in enumerate(contexts):
-        plain[i].start(ctx, SamplingParams())
-        read[i].start(ctx, SamplingParams())
+    plain, read, contexts = _two_started(tiny_drafter_dir, False, lambda i: SamplingParams())
     # plain rounds: 6 verified tokens each while nobody drafted
     contexts = [c + [30 + i + j for j in range(6)] for i, c in enumerate(contexts)]
     read_together(read, contexts)

@@ -597,22 +597,27 @@ class Scheduler:
         the last reads run, none is sent (their drafters read more tokens at once later)."""
         if any(not f.done() for f in self._reading):
             return
-        for f in self._reading:
+        reading, self._reading = self._reading, []
+        for f in reading:
             f.result()  # a drafter that failed reading fails here, as on a draft
-        by_drafter: dict[int, list[DraftRequest]] = {}
-        for s in sessions:
-            if not s.external:
-                request = DraftRequest(s.id, s.tokens, 0)
-                by_drafter.setdefault(self._drafter_index(s), []).append(request)
+        requests = {s.id: DraftRequest(s.id, s.tokens, 0) for s in sessions if not s.external}
+        by_drafter = self._by_drafter(sessions, requests)
         self._reading = [self.drafters[i].call("read", reqs) for i, reqs in by_drafter.items()]
 
-    def _draft(
+    def _by_drafter(
         self, sessions: list[Session], requests: dict[int, DraftRequest]
-    ) -> dict[int, Draft]:
+    ) -> dict[int, list[DraftRequest]]:
+        """The sessions' requests grouped by the drafter that serves them."""
         by_drafter: dict[int, list[DraftRequest]] = {}
         for s in sessions:
             if s.id in requests:
                 by_drafter.setdefault(self._drafter_index(s), []).append(requests[s.id])
+        return by_drafter
+
+    def _draft(
+        self, sessions: list[Session], requests: dict[int, DraftRequest]
+    ) -> dict[int, Draft]:
+        by_drafter = self._by_drafter(sessions, requests)
         futures: list[tuple[list[DraftRequest], Future]] = [
             (reqs, self.drafters[i].call("propose", reqs)) for i, reqs in by_drafter.items()
         ]
