@@ -48,6 +48,7 @@ def served(tmp_path_factory):
     log = open(tmp_path_factory.mktemp("serve") / "serve.log", "w+")  # noqa: SIM115
     args = [sys.executable, "-m", "distspec", "serve", "--port", "0", "--target-tp", "2"]
     args += ["--num-slots", "8", "--max-len", "1024", "--metrics-port", str(metrics_port)]
+    args += ["--decode-steps", "1"]  # plain rounds as short as sd ones: the tests see drafts
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
     line = _read_line(proc, START_TIMEOUT_S)
@@ -203,7 +204,7 @@ def test_layer_parallel_drafter_actors_are_lossless(tiny_dir, tmp_path):
     )  # fmt: skip
     target = load_model(str(tiny_dir), max_len=128)
     prompts = [target.tokenizer.encode(p) for p in ("Hello", "abcabcabc", "Once upon a")]
-    runtime = Runtime(RuntimeConfig(cluster, SchedulerConfig(mode="sd", gamma=4)))
+    runtime = Runtime(RuntimeConfig(cluster, SchedulerConfig(mode="sd", gamma=4, decode_steps=1)))
     try:
         for mode in ("sd", "pearl"):
             runtime.scheduler.set_mode(mode)

@@ -32,7 +32,12 @@ def workers(tiny_dir, tiny_drafter_dir):
 
 
 def make_scheduler(workers, mode="pearl", **config) -> Scheduler:
+    """Speculative modes take one step a plain round unless told: multi-step plain rounds of
+    the tiny model outrun speculative ones, and the switch would rarely draft (the tests
+    here are about drafting; tests/test_decode_steps.py runs the multi-step ones)."""
     target, drafter = workers
+    if mode != "ar":
+        config.setdefault("decode_steps", 1)
     drafters = [] if mode == "ar" else [Remote.local(drafter)]
     return Scheduler(
         Remote.local(target), drafters, target.info, SchedulerConfig(mode=mode, **config)
@@ -283,7 +288,7 @@ def test_batched_token_trees_equal_greedy_decoding(
     trees.propose = watched
     sched = Scheduler(
         Remote.local(workers[0]), [Remote.local(trees)], workers[0].info,
-        SchedulerConfig(mode="sd", trees=True),
+        SchedulerConfig(mode="sd", trees=True, decode_steps=1),  # as make_scheduler
     )  # fmt: skip
     try:
         prompts = [encode(target, p) for p in PROMPTS]

@@ -52,6 +52,7 @@ class ServingBenchConfig:
     temperature: float = 0.0
     gamma: int = 4
     num_slots: int = 16
+    decode_steps: int = 4  # plain rounds' tokens per target call (SchedulerConfig)
     use_ray: bool = True
     out_dir: str = "bench-results"
 
@@ -75,6 +76,7 @@ def run_serving_bench(config: ServingBenchConfig) -> dict:
         num_slots=config.num_slots,
         max_len=1024,
         max_waiting=max(config.clients),
+        decode_steps=config.decode_steps,
     )
     from distspec.scheduler.runtime import Runtime
 
@@ -182,6 +184,8 @@ def _load(channel, runtime, prompts: list[str], clients: int, config) -> dict:
         "itl_p50_ms": scaled(percentile(itls, 50), 1e3),
         "itl_p99_ms": scaled(percentile(itls, 99), 1e3),
         "round_ms": round_breakdown(times0, times),
+        # target forwards per round (several in a multi-step plain round)
+        "steps_per_round": (times.steps - times0.steps) / max(1, times.rounds - times0.rounds),
     }
 
 
@@ -212,6 +216,7 @@ def _summarize(runs: list[dict], config: ServingBenchConfig) -> dict:
                     "ttft_median_s",
                     "itl_p50_ms",
                     "itl_p99_ms",
+                    "steps_per_round",
                 )
             }
             breakdowns = [r["round_ms"] for r in rs if r.get("round_ms")]

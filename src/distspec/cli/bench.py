@@ -129,6 +129,12 @@ def add_bench_serve(sub) -> None:
         "--num-slots", type=int, default=16, help="concurrent sessions (KV slots; default 16)"
     )
     p.add_argument(
+        "--decode-steps",
+        type=int,
+        default=4,
+        help="plain rounds decode up to this many tokens a session per target call (default 4)",
+    )
+    p.add_argument(
         "--no-ray",
         dest="use_ray",
         action="store_false",
@@ -154,19 +160,23 @@ def _bench_serve(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         gamma=args.gamma,
         num_slots=args.num_slots,
+        decode_steps=args.decode_steps,
         use_ray=args.use_ray,
         out_dir=args.out,
     )
     report = run_serving_bench(config)
     header = f"{'mode@clients':<14} {'tok/s':>8} {'busy':>6} {'tau':>6} {'ttft s':>7}"
-    print(f"{header} {'itl p50 ms':>10} {'itl p99 ms':>10}  round ms: all / draft / call / fwd")
+    print(
+        f"{header} {'itl p50 ms':>10} {'itl p99 ms':>10} {'steps':>5}"
+        "  round ms: all / draft / call / fwd"
+    )
     for key, s in report["summary"].items():
         r = s.get("round_ms") or {}
         parts = " / ".join(_ms(r.get(p)) for p in ("round", "draft", "target_call", "forward"))
         print(
             f"{key:<14} {s['tokens_per_s']:>8.1f} {s['target_busy_fraction']:>6.2f} "
             f"{s['tau']:>6.2f} {s['ttft_median_s']:>7.2f} {_ms(s['itl_p50_ms']):>10} "
-            f"{_ms(s['itl_p99_ms']):>10}  {parts}"
+            f"{_ms(s['itl_p99_ms']):>10} {s.get('steps_per_round') or 0:>5.2f}  {parts}"
         )
     print(f"wrote {config.out_dir}/serving.json and serving.png")
     return 0

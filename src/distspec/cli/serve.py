@@ -74,6 +74,13 @@ def add_serve(sub) -> None:
     p.add_argument("--num-slots", type=int, help="concurrent sessions (KV slots; default 16)")
     p.add_argument("--max-len", type=int, help="context length per session (default 2048)")
     p.add_argument("--max-waiting", type=int, help="sessions queued beyond the slots")
+    p.add_argument(
+        "--decode-steps",
+        type=int,
+        metavar="N",
+        help="plain rounds decode up to N tokens a session per target call, as vLLM's "
+        "multi-step scheduling (default 4; 1 while requests wait for a slot)",
+    )
     p.add_argument("--device", help="cpu | cuda")
     p.add_argument("--threads", type=int, help="torch threads per worker")
     p.add_argument(

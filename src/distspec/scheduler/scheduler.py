@@ -42,7 +42,7 @@ from distspec.spec_decode.draft_policy import DraftCosts, DraftLengthPolicy, cos
 from distspec.spec_decode.drafter import EMPTY_DRAFT, Draft
 from distspec.spec_decode.pearl import PearlState
 from distspec.spec_decode.sampling import SamplingParams
-from distspec.workers.messages import DraftRequest, ForwardItem, ModelInfo
+from distspec.workers.messages import Decoded, DraftRequest, ForwardItem, ModelInfo
 from distspec.workers.remote import Remote
 from distspec.workers.repair import Repair, Repairer
 
@@ -79,6 +79,10 @@ class SchedulerConfig:
     max_draft: int = 16  # longest chunk an external drafter may offer
     idle_timeout_s: float = 60.0  # an external session without a chunk this long is ended
     trees: bool = False  # the drafters draft token trees (sd rounds only: PEARL splits chains)
+    # plain rounds decode up to this many tokens a session in one target call (vLLM's
+    # multi-step scheduling), so the call's round trip and the round's bookkeeping are paid
+    # once for them; 1 while sessions wait for a free slot or an external session decodes
+    decode_steps: int = 4
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -89,6 +93,8 @@ class SchedulerConfig:
             raise ValueError(f"gamma must be >= 1, got {self.gamma}")
         if self.max_waiting < 0:
             raise ValueError(f"max_waiting must be >= 0, got {self.max_waiting}")
+        if self.decode_steps < 1:
+            raise ValueError(f"decode_steps must be >= 1, got {self.decode_steps}")
 
 
 @dataclass
@@ -125,6 +131,7 @@ class RoundTimes:
     target's batching and verifying."""
 
     rounds: int = 0
+    steps: int = 0  # the target's forwards in them (a multi-step plain round has several)
     round_s: float = 0.0
     draft_s: float = 0.0
     target_call_s: float = 0.0
@@ -501,20 +508,32 @@ class Scheduler:
         # drafts at once instead of first catching up on every session
         if kind == PLAIN and self.config.mode != "ar":
             self._read(sessions)
+        steps = self._decode_steps(sessions) if kind == PLAIN else 1
         # a tree may hold more nodes than the draft length: cut to what the context holds
         items = [
-            _verify_item(s, drafts.get(s.id, EMPTY_DRAFT)[: self._room(s) - 1]) for s in sessions
+            _verify_item(
+                s, drafts.get(s.id, EMPTY_DRAFT)[: self._room(s) - 1], min(steps, self._room(s))
+            )
+            for s in sessions
         ]
         t = time.perf_counter()
         verdicts = self._step(items)
         verify_s = time.perf_counter() - t
         for s, item, verdict in zip(sessions, items, verdicts, strict=True):
             k = len(item.draft)
+            new = verdict.tokens(item.draft)
+            forwards = len(new) if item.steps > 1 else 1
             if s.policy is not None:
                 depth = tree.depth(item.draft)
-                s.policy.observe_round(depth, verdict.num_accepted, draft_s, verify_s)
-            self._count(s, k, verdict.num_accepted)
-            self._advance(s, verdict.tokens(item.draft), verdict.num_accepted)
+                s.policy.observe_round(depth, verdict.num_accepted, draft_s, verify_s / forwards)
+            self._count(s, k, verdict.num_accepted, forwards)
+            self._advance(s, new, verdict.num_accepted)
+
+    def _decode_steps(self, sessions: list[Session]) -> int:
+        """How many tokens a plain round decodes per session in its one target call."""
+        if any(s.external for s in sessions) or (self._waiting and self._free_slots):
+            return 1  # an edge client's chunk, or a new session, is not kept waiting
+        return self.config.decode_steps
 
     def _pearl_round(
         self,
@@ -572,6 +591,8 @@ class Scheduler:
         self.target_busy_s += forward_s
         if in_round:
             self.times.forward_s += forward_s
+            decoded = [len(v.new_tokens) for v in verdicts if isinstance(v, Decoded)]
+            self.times.steps += max(decoded, default=1)
         return verdicts
 
     def _pearl_gamma(self, sessions: list[Session]) -> int:
@@ -665,8 +686,8 @@ class Scheduler:
     def _room(self, s: Session) -> int:
         return min(s.params.max_new_tokens - s.produced, self.info.max_len - len(s.tokens))
 
-    def _count(self, s: Session, num_draft: int, accepted: int) -> None:
-        s.stats.target_forwards += 1
+    def _count(self, s: Session, num_draft: int, accepted: int, forwards: int = 1) -> None:
+        s.stats.target_forwards += forwards
         s.stats.count_verdict(num_draft, accepted)
         self.metrics.on_verdict(num_draft, accepted)
         if num_draft:
@@ -729,9 +750,13 @@ class Scheduler:
             )
 
 
-def _verify_item(s: Session, draft: Draft) -> ForwardItem:
-    """The chunk [newest verified token, *draft], to verify in the step itself."""
-    return ForwardItem(s.id, s.slot, len(s.tokens) - 1, [s.tokens[-1], *draft.tokens], draft=draft)
+def _verify_item(s: Session, draft: Draft, steps: int = 1) -> ForwardItem:
+    """The chunk [newest verified token, *draft], to verify in the step itself; steps: plain
+    decoding of up to that many tokens in the one call (none past the session's room)."""
+    steps = 1 if len(draft) else max(1, steps)
+    stops = frozenset(s.stops) if steps > 1 else frozenset()
+    tokens = [s.tokens[-1], *draft.tokens]
+    return ForwardItem(s.id, s.slot, len(s.tokens) - 1, tokens, draft, steps=steps, stops=stops)
 
 
 def calibrate(target: Remote, drafter: Remote, info: ModelInfo, k: int) -> DraftCosts | None:

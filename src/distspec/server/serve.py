@@ -45,6 +45,7 @@ class ServeConfig:
     num_slots: int = 16
     max_len: int = 2048
     max_waiting: int = 16
+    decode_steps: int = 4  # plain rounds: tokens a session decodes per target call
     device: str = "cpu"
     dtype: str = "float32"
     target_dtype: str = "fp32"  # the target's weights: fp32 (in dtype) | int8 | int4
@@ -76,6 +77,8 @@ class ServeConfig:
         check_activations(self.target_activations)
         if self.tree_width < 1:
             raise ValueError(f"tree_width must be >= 1, got {self.tree_width}")
+        if self.decode_steps < 1:
+            raise ValueError(f"decode_steps must be >= 1, got {self.decode_steps}")
         if self.drafter == "recycle":
             raise ValueError(
                 "drafter recycle learns from the target's logits beside a local target "
@@ -136,7 +139,11 @@ class ServeConfig:
             drafter_cpus=self.drafter_cpus,
         )
         scheduler = SchedulerConfig(
-            mode=mode, gamma=self.gamma, max_waiting=self.max_waiting, trees=self.tree_width > 1
+            mode=mode,
+            gamma=self.gamma,
+            max_waiting=self.max_waiting,
+            trees=self.tree_width > 1,
+            decode_steps=self.decode_steps,
         )
         return RuntimeConfig(cluster, scheduler, use_ray=self.use_ray)
 

@@ -83,6 +83,11 @@ class Drafter(ABC):
         need (Token Recycling); the rest ignore it."""
         return None
 
+    def read(self, context: list[int]) -> None:
+        """See the verified context without drafting (a server's plain rounds), so that a
+        later draft starts from it and what the request wrote is remembered (suffix)."""
+        return None
+
     def price_nodes(self, prices: tuple[float, ...]) -> None:
         """A drafter that judges its nodes' chances (trees; sizes_itself) adds a draft's
         (i+1)-th node only where that chance is at least prices[i] (the last price past the

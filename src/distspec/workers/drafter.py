@@ -123,8 +123,9 @@ class DrafterWorker(GroupMember):
         return drafts
 
     def read(self, requests: list[DraftRequest]) -> None:
-        """Catch the sessions' model drafters up with their contexts, without drafting (the
-        scheduler's plain rounds; the other drafters read nothing ahead)."""
+        """Catch the sessions' drafters up with their contexts, without drafting (the
+        scheduler's plain rounds): model drafters in one batched forward, the others
+        (Drafter.read) one by one."""
         t = time.perf_counter()
         self.collective("_read", requests)
         self.busy_s += time.perf_counter() - t
@@ -195,6 +196,9 @@ class DrafterWorker(GroupMember):
         models = [(d, c) for d, c in pairs if isinstance(d, ModelDrafter)]
         if models:
             read_together([d for d, _ in models], [c for _, c in models])
+        for drafter, context in pairs:
+            if drafter is not None and not isinstance(drafter, ModelDrafter):
+                drafter.read(context)
 
     def _new_drafter(self, slot: int, store: SuffixStore | None = None) -> Drafter:
         spec = self.spec

@@ -16,6 +16,8 @@ class ForwardItem:
         len(draft) tokens are the draft, and the verdict adds a correction or bonus token.
     defer: keep the rows for `decide` instead (PEARL: the drafter's first token is not known
         when the step starts).
+    steps: plain decoding (an empty draft) of up to this many tokens in the one call, a
+        forward each, ending after a token in `stops`; the call answers with a Decoded.
     """
 
     session: int
@@ -24,10 +26,31 @@ class ForwardItem:
     tokens: list[int]
     draft: Draft | None = None
     defer: bool = False
+    steps: int = 1
+    stops: frozenset[int] = frozenset()
 
     def __post_init__(self) -> None:
         if (self.draft is None) == (not self.defer):
             raise ValueError("a ForwardItem either carries a draft to verify or is deferred")
+        if self.steps < 1 or (self.steps > 1 and (self.draft is None or len(self.draft))):
+            raise ValueError("only plain decoding (an empty draft) runs more than one step")
+
+
+@dataclass
+class Decoded:
+    """A multi-step item's answer (ForwardItem.steps): the tokens its steps decoded, in order,
+    each the verifier's verdict on an empty draft. Read as a Verdict: nothing accepted."""
+
+    new_tokens: list[int]
+    num_accepted: int = 0
+    path: None = None
+
+    def tokens(self, draft: Draft) -> list[int]:
+        return list(self.new_tokens)
+
+    @property
+    def next_token(self) -> int:
+        return self.new_tokens[-1]
 
 
 @dataclass

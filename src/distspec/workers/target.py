@@ -18,11 +18,11 @@ from distspec.models.llama import pad_positions
 from distspec.models.loader import load_for_inference
 from distspec.spec_decode import tree
 from distspec.spec_decode.draft_policy import time_target
-from distspec.spec_decode.drafter import Draft
+from distspec.spec_decode.drafter import EMPTY_DRAFT, Draft
 from distspec.spec_decode.sampling import SamplingParams
 from distspec.spec_decode.verify import Verdict, verify
 from distspec.workers.group import GroupMember, GroupSpec, join_group
-from distspec.workers.messages import ForwardItem, ModelInfo
+from distspec.workers.messages import Decoded, ForwardItem, ModelInfo
 from distspec.workers.placement import apply_placement, current_placement
 
 # Chunks longer than this (prompts) get a forward of their own, so short chunks are not padded
@@ -102,9 +102,28 @@ class TargetWorker(GroupMember):
         self._sampling.pop(session, None)
         self._open_rows.pop(session, None)
 
-    def step(self, items: list[ForwardItem]) -> tuple[list[Verdict | None], float]:
+    def step(self, items: list[ForwardItem]) -> tuple[list[Verdict | Decoded | None], float]:
         """One batched forward over every item's chunk: a verdict per item (None if deferred)
-        and the seconds the forward took."""
+        and the seconds the forwards took. Multi-step items (ForwardItem.steps) go on
+        decoding in further batched forwards of one token each, within this call, and answer
+        with a Decoded: one call for several tokens, as vLLM's multi-step scheduling does."""
+        verdicts, forward_s = self._forward_verify(items)
+        decoding = {i: [verdicts[i].next_token] for i, item in enumerate(items) if item.steps > 1}
+        while going := [
+            i
+            for i, new in decoding.items()
+            if len(new) < items[i].steps and new[-1] not in items[i].stops
+        ]:
+            follow = [_next_step(items[i], decoding[i]) for i in going]
+            more, seconds = self._forward_verify(follow)
+            forward_s += seconds
+            for i, verdict in zip(going, more, strict=True):
+                decoding[i].append(verdict.next_token)
+        for i, new in decoding.items():
+            verdicts[i] = Decoded(new)
+        return verdicts, forward_s
+
+    def _forward_verify(self, items: list[ForwardItem]) -> tuple[list[Verdict | None], float]:
         plan = self._plan(items)
         t = time.perf_counter()
         moves, self._moves = self._moves, []
@@ -191,6 +210,13 @@ class TargetWorker(GroupMember):
             trees = _trees([items[i] for i in short], width)
             plan.append((short, _Forward(tokens, pos, slots, last_only=False, tree=trees)))
         return plan
+
+
+def _next_step(item: ForwardItem, decoded: list[int]) -> ForwardItem:
+    """The plain step after the tokens a multi-step item has decoded so far."""
+    return ForwardItem(
+        item.session, item.slot, item.start + len(decoded), decoded[-1:], draft=EMPTY_DRAFT
+    )
 
 
 def _trees(items: list[ForwardItem], width: int) -> torch.Tensor | None:

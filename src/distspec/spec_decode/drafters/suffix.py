@@ -184,6 +184,9 @@ class SuffixDrafter(Drafter):
             self.store = SuffixStore(self.store.max_tokens)
         self.calibration.forget()
 
+    def read(self, context: list[int]) -> None:
+        self._sync(context)
+
     def finish(self) -> None:
         seq = self._index.seqs.get(0, [])
         if self.store is not None and len(seq) > self._prompt_len:
