@@ -481,7 +481,10 @@ class Scheduler:
                 taken, s.chunk = s.chunk, None
             s.settling = taken is not None
             offered[s.id] = self._reconcile(s, taken)
-        pearl = kind == "pearl" or (kind == PLAIN and self.config.mode == "pearl")
+        # a plain round of mode pearl verifies what the last PEARL round left pending; with
+        # nothing pending it is any plain round (several steps, one call)
+        pending = any(s.pearl.pending.tokens for s in sessions)
+        pearl = kind == "pearl" or (kind == PLAIN and self.config.mode == "pearl" and pending)
         if pearl and sessions:
             self._pearl_round(sessions, external, offered, plain=kind == PLAIN)
             return
