@@ -103,14 +103,16 @@ def test_the_live_pace_drafts_one_token_past_the_balance():
     assert pace.gamma == 2
 
 
+@pytest.mark.parametrize("resume", ["pre", "post"])
 @pytest.mark.parametrize("gamma", [1, 3, 6])
 @pytest.mark.parametrize("kind", ["model", "ngram", "lookup"])
-def test_greedy_pearl_equals_greedy_ar(target, draft_model, kind, gamma):
+def test_greedy_pearl_equals_greedy_ar(target, draft_model, kind, gamma, resume):
     drafted = 0
     for text in PROMPTS:
         ids = encode(target, text)
         expected = greedy_ar(target, ids, 40)
-        dec = PearlDecoder(target.model, make_drafter(kind, draft_model), gamma, eos_token_ids=[])
+        drafter = make_drafter(kind, draft_model)
+        dec = PearlDecoder(target.model, drafter, gamma, eos_token_ids=[], resume=resume)
         out, last = dec.generate(ids, SamplingParams(max_new_tokens=40))
         assert out == expected, text
         assert last.finish_reason == "length"
@@ -131,6 +133,10 @@ def test_post_verify_keeps_a_right_drafter_running(target):
     # prefill: 1 token; round 1 (pre-verify): 1; then 4 per round: 39 tokens in 10 rounds
     assert stats.target_forwards == 1 + 1 + 10
     assert stats.accepted_tokens == stats.draft_tokens
+    # resumed post-verify, the first round verifies a whole draft: 40 tokens in 10 rounds
+    post = PearlDecoder(target.model, oracle, gamma=4, eos_token_ids=[], resume="post")
+    out, last = post.generate(ids, SamplingParams(max_new_tokens=41))
+    assert out == greedy and last.stats.target_forwards == 1 + 10
 
 
 def test_stop_token_inside_post_verified_chunk(target):

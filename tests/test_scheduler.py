@@ -251,7 +251,7 @@ def test_the_switch_picks_sd_or_pearl_or_plain_per_batch_size():
     turn."""
     from distspec.scheduler.switch import PLAIN, SpeculationSwitch
 
-    switch = SpeculationSwitch(probe_every=4)
+    switch = SpeculationSwitch(probe_every=4, pearl_rounds=1)
     kinds = ("sd", "pearl", PLAIN)
     rates = {1: {"sd": 40, "pearl": 30, PLAIN: 22}, 16: {"sd": 90, "pearl": 105, PLAIN: 110}}
     seen = {1: [], 16: []}
@@ -263,6 +263,30 @@ def test_the_switch_picks_sd_or_pearl_or_plain_per_batch_size():
     assert seen[1][:3] == ["sd", "pearl", PLAIN] and seen[16][:3] == ["sd", "pearl", PLAIN]
     assert seen[1][3:].count("sd") == 15 and {"pearl", PLAIN} <= set(seen[1][3:])
     assert seen[16][3:].count(PLAIN) == 15 and {"sd", "pearl"} <= set(seen[16][3:])
+
+
+def test_a_pearl_try_is_a_run_of_rounds_measured_as_one():
+    """PEARL's first round after others verifies one drafted token; the rest of its draft is
+    verified in the rounds after. Tried a round at a time it would always lose."""
+    from distspec.scheduler.switch import PLAIN, SpeculationSwitch
+
+    switch = SpeculationSwitch(probe_every=4, pearl_rounds=3)
+    kinds = ("pearl", PLAIN)
+    made = {PLAIN: [40]}
+    pearl = iter([10, 90, 90, 10, 90, 90, 10, 90, 90])  # tokens of its rounds, 1 s each
+    seen = []
+    for _ in range(12):
+        kind = switch.choose(1, kinds)
+        seen.append(kind)
+        tokens = next(pearl) if kind == "pearl" else made[PLAIN][0]
+        switch.observe(1, kind, tokens=tokens, seconds=1.0)
+    assert seen[:4] == ["pearl", "pearl", "pearl", PLAIN]  # a run of 3, then plain tried
+    assert seen[4:].count("pearl") >= 6  # 63 tokens/s a run beats plain's 40: kept
+    # one round at a time the same PEARL measures 10 tokens/s and loses
+    single = SpeculationSwitch(probe_every=4, pearl_rounds=1)
+    single.observe(1, "pearl", tokens=10, seconds=1.0)
+    single.observe(1, PLAIN, tokens=40, seconds=1.0)
+    assert single.choose(1, kinds) == PLAIN
 
 
 @pytest.mark.parametrize("drafter", ["model", "suffix"])

@@ -113,8 +113,15 @@ class PearlDecoder(SpeculativeDecoder):
         eos_token_ids: list[int] | None = None,
         slot: int = 0,
         costs: DraftCosts | None = None,
+        resume: str = "pre",
     ):
-        """gamma: the longest draft per round; with costs, PEARL's rule picks it (pearl_gamma)."""
+        """gamma: the longest draft per round; with costs, PEARL's rule picks it (pearl_gamma).
+        resume: with nothing pending (the start, after a rejection) run a pre-verify round
+        ("pre": the target checks the drafter's first token while the drafter drafts on) or
+        draft first, alone ("post")."""
+        if resume not in ("pre", "post"):
+            raise ValueError(f"resume must be pre or post, got {resume!r}")
+        self.resume = resume
         super().__init__(target, drafter, gamma, eos_token_ids, slot, costs=costs)
         self.max_gamma = gamma
         self.gamma = pearl_gamma(costs, gamma)  # the first rounds' draft length
@@ -136,6 +143,8 @@ class PearlDecoder(SpeculativeDecoder):
         pace = PearlPace(self.max_gamma, self.gamma)
 
         def next_round(tokens: list[int]) -> list[int]:
+            if self.resume == "post" and state.mode == "pre":
+                self._draft_first(state, tokens, params, stats, pace)
             start, chunk = state.target_chunk(tokens)
             context = state.draft_context(tokens)
             remaining = params.max_new_tokens - stats.new_tokens - len(state.pending)
@@ -158,6 +167,18 @@ class PearlDecoder(SpeculativeDecoder):
             return state.apply(verdict, draft)
 
         return next_round
+
+    def _draft_first(self, state: PearlState, tokens, params, stats, pace: PearlPace) -> None:
+        """Post-verify resumption: with nothing pending (the start, after a rejection), draft
+        alone first, as SD does, so that this round verifies a whole draft."""
+        remaining = params.max_new_tokens - stats.new_tokens
+        k = min(pace.gamma, remaining - 1, self.target.max_len - len(tokens))
+        if k > 0:
+            draft, draft_s = self._drafting.submit(
+                call_then_release, self._propose, tokens, k
+            ).result()
+            stats.draft_s += draft_s
+            state.pending = draft
 
     def _propose(self, context: list[int], k: int) -> tuple[Draft, float]:
         t = time.perf_counter()
