@@ -25,6 +25,7 @@ class RunResult:
     draft_s: float | None = None  # distspec: seconds drafting (in PEARL, alongside verifying)
     verify_s: float | None = None  # distspec: seconds in target forwards
     text: str | None = None  # the decoded output (what "same output" compares)
+    ttft_s: float | None = None  # to the first token (the prompt's prefill): decoding is after
 
     @property
     def tokens(self) -> int:
@@ -64,6 +65,7 @@ class DistspecContender(Contender):
             s.accepted_tokens,
             draft_s=s.draft_s,
             verify_s=s.verify_s,
+            ttft_s=s.time_to_first_token_s,
         )
 
 
@@ -115,7 +117,16 @@ class LlamaCppContender(Contender):
         # the speculative tool may overshoot -n by a draft: compare the first max_new_tokens
         ids = self.tokenizer.encode(r.text)[: params.max_new_tokens]
         text = self.tokenizer.decode(ids)
-        return RunResult([], r.wall_s, None, r.draft_tokens, r.accepted_tokens, r.num_tokens, text)
+        return RunResult(
+            [],
+            r.wall_s,
+            None,
+            r.draft_tokens,
+            r.accepted_tokens,
+            r.num_tokens,
+            text=text,
+            ttft_s=r.prompt_s,
+        )
 
 
 def load_hf_model(target: str):

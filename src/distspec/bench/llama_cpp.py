@@ -114,6 +114,7 @@ class LlamaCppRun:
     wall_s: float  # prompt processing + decoding, as llama.cpp times them (no model load)
     draft_tokens: int | None = None
     accepted_tokens: int | None = None
+    prompt_s: float | None = None  # the prompt's processing (its last logits: the first token)
 
 
 # What a run that dies by a signal is tried with next. llama.cpp repacks quantized weights for
@@ -174,7 +175,8 @@ class LlamaCpp:
                 raise RuntimeError(f"no timings in llama-completion's log: {stderr[-500:]}")
             text = stdout[:-2] if stdout.endswith("\n\n") else stdout
             wall = (times["prompt eval"][0] + times["eval"][0]) / 1e3
-            return LlamaCppRun(text, times["eval"][1] + 1, wall)
+            prompt_s = times["prompt eval"][0] / 1e3
+            return LlamaCppRun(text, times["eval"][1] + 1, wall, prompt_s=prompt_s)
         m = _SPEC.search(stderr)
         if m is None:
             raise RuntimeError(f"no timings in llama-speculative-simple's log: {stderr[-500:]}")
@@ -184,4 +186,5 @@ class LlamaCpp:
         acc = _SPEC_ACCEPT.search(stderr)
         drafted, accepted = (int(acc.group(1)), int(acc.group(2))) if acc else (None, None)
         wall = float(m.group(2)) + prompt_ms / 1e3
-        return LlamaCppRun(text.rstrip("\n"), int(m.group(1)), wall, drafted, accepted)
+        n = int(m.group(1))
+        return LlamaCppRun(text.rstrip("\n"), n, wall, drafted, accepted, prompt_ms / 1e3)

@@ -260,6 +260,13 @@ def summarize(records: list[dict], names: list[str], greedy: bool) -> dict[str, 
             "tokens_per_s_runs": tps,
             "new_tokens": sum(_tokens(r) for r in rows) / len(reps),
         }
+        if all(r.get("ttft_s") is not None for r in rows):
+            # decoding alone, after the first token: the prompt's prefill is the same work
+            # for every contender (llama.cpp reports its eval rate so too)
+            s["decode_tokens_per_s"] = statistics.median(
+                sum(_tokens(r) - 1 for r in rr) / sum(r["wall_s"] - r["ttft_s"] for r in rr)
+                for rr in ([r for r in rows if r["repeat"] == rep] for rep in reps)
+            )
         if rows[0]["target_forwards"] is not None:
             fwd = sum(r["target_forwards"] for r in rows)
             drafted = sum(r["draft_tokens"] for r in rows)
@@ -305,10 +312,11 @@ def _outputs(records: list[dict], name: str) -> dict:
 def format_table(summary: dict[str, dict]) -> str:
     base = next(iter(summary))
     lines = [
-        f"| contender | tokens/s (median) | speedup vs {base} | tau | acceptance | same output "
-        "| ms per round: draft / verify / wall | target busy |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| contender | tokens/s (median) | speedup vs {base} | decode tokens/s | tau "
+        "| acceptance | same output | ms per round: draft / verify / wall | target busy |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+    base_decode = summary[base].get("decode_tokens_per_s")
     for name, s in summary.items():
         tau = s.get("tokens_per_target_forward")
         acc = s.get("acceptance_rate")
@@ -319,8 +327,15 @@ def format_table(summary: dict[str, dict]) -> str:
                 f"{s[k + '_ms_per_round']:.1f}" for k in ("draft", "verify", "wall")
             )
             busy = f"{s['target_busy']:.2f}"
+        decode = s.get("decode_tokens_per_s")
+        if decode is None:
+            decoding = "-"
+        elif base_decode:
+            decoding = f"{decode:.1f} ({decode / base_decode:.2f}x)"
+        else:
+            decoding = f"{decode:.1f}"
         lines.append(
-            f"| {name} | {s['tokens_per_s']:.1f} | {s['speedup_vs_' + base]:.2f}x | "
+            f"| {name} | {s['tokens_per_s']:.1f} | {s['speedup_vs_' + base]:.2f}x | {decoding} | "
             f"{'-' if tau is None else f'{tau:.2f}'} | {'-' if acc is None else f'{acc:.2f}'} | "
             f"{'-' if same is None else ('yes' if same else 'NO')} | {rounds} | {busy} |"
         )
