@@ -348,3 +348,25 @@ def test_a_tensor_parallel_target_moves_accepted_paths_on_every_rank(tiny_dir, t
         assert out == expected[: len(out)] and len(out) == 10
     finally:
         group.close()
+
+
+def test_suffix_prefers_the_newest_version_of_an_edited_text():
+    """An edit's newest version is what gets copied: "1 2 3" went on with 7 twice, then with
+    5 most recently; the newest weighs more than the two older ones together."""
+    ctx = [1, 2, 3, 7, 0, 1, 2, 3, 7, 0, 1, 2, 3, 5, 0, 1, 2, 3]
+    drafter = SuffixDrafter(max_match=3)
+    drafter.start(ctx[:4], SamplingParams())
+    assert drafter.propose(ctx, 1).tokens == [5]
+
+
+def test_node_calibration_ages_its_verdicts():
+    from distspec.spec_decode.drafters.calibration import NodeCalibration
+
+    steady = NodeCalibration(1, prior=0.5, weight=0.0)
+    ageing = NodeCalibration(1, prior=0.5, weight=0.0, decay=0.5)
+    for cal in (steady, ageing):
+        for accepted in [False] * 6 + [True] * 2:  # a miss streak, then a copy streak
+            cal.drafted(0, Draft([9]), [0])
+            cal.verified([9] if accepted else [8])
+    assert steady.rate(0) == pytest.approx(2 / 8)
+    assert ageing.rate(0) > 0.7  # the last verdicts count most

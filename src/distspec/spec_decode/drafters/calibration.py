@@ -21,6 +21,7 @@ class NodeCalibration:
     buckets: int
     prior: float = 0.6  # the chance assumed before any verdict, weighing `weight` nodes
     weight: float = 2.0
+    decay: float = 1.0  # each scored draft scales the earlier counts by this (1: never age)
     hits: list[float] = field(default_factory=list)
     tries: list[float] = field(default_factory=list)
     _last: tuple[int, Draft, list[int]] | None = None  # (context length, draft, buckets)
@@ -45,6 +46,9 @@ class NodeCalibration:
         if len(context) <= start:
             return
         path = set(tree.accepted_path(draft, context[start:]))
+        if self.decay < 1:
+            self.hits = [h * self.decay for h in self.hits]
+            self.tries = [t * self.decay for t in self.tries]
         parents = draft.parents or list(range(-1, len(draft) - 1))
         for node, parent in enumerate(parents):
             if parent == -1 or parent in path:

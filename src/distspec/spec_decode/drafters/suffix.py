@@ -5,7 +5,8 @@ decoding).
 `SuffixIndex` maps every n-gram (n <= max_match) of the sequences it holds to where it ended,
 the newest occurrences kept. A draft starts from the longest n-gram ending the context that
 occurred before with something after it; the continuations after its occurrences (request
-and store alike) are counted into a trie and drafted best first by frequency: one chain, or
+and store alike) are counted into a trie, each weighted by its recency (RECENCY: the newest
+counts most), and drafted best first by that weight: one chain, or
 with tree_width > 1 a tree of the top continuations (each node's children cut to tree_width).
 A token's chance is the share of continuations behind it times how often this drafter's
 tokens from matches of that length were accepted so far (NodeCalibration: a share of 1
@@ -34,6 +35,12 @@ MAX_MATCH = 12  # longest n-gram indexed
 MAX_OCCURRENCES = 16  # newest occurrences kept per n-gram
 MATCH_FACTOR = 2  # draft at most this many tokens per matched token (then the drafter's k)
 MIN_SHARE = 0.1  # a continuation drafted only if this share of the occurrences go on with it
+# an occurrence weighs RECENCY times the next newer one: in edits and rewrites the newest
+# version of a text is the one copied (repetitive workload, docs/trees.md: tau 2.71 -> 2.89)
+RECENCY = 0.5
+# the calibration's verdicts age by this much a round: chances follow the stretch of text the
+# request is in (a run of copying) more than its average
+CALIBRATION_DECAY = 0.7
 
 
 class SuffixIndex:
@@ -170,7 +177,7 @@ class SuffixDrafter(Drafter):
         self._prompt_len = 0
         self.prices: tuple[float, ...] = ()
         # kept across requests, as the store is
-        self.calibration = NodeCalibration(len(MATCH_BUCKETS))
+        self.calibration = NodeCalibration(len(MATCH_BUCKETS), decay=CALIBRATION_DECAY)
 
     def price_nodes(self, prices: tuple[float, ...]) -> None:
         self.prices = tuple(prices)
@@ -203,8 +210,8 @@ class SuffixDrafter(Drafter):
             m, more = self.store.continuations(context, max(n, 1), k)
             if m > n:  # a longer match there: it decides
                 n, paths = m, more
-            elif m == n:
-                paths += more
+            elif m == n:  # earlier outputs first: the request's own text is the newest
+                paths = more + paths
         if not paths:
             return Draft([])
         depth = min(k, MATCH_FACTOR * n)
@@ -244,13 +251,15 @@ def _grow(paths, depth: int, budget: int, width: int, prices, rate: float = 1.0)
     """A draft from candidate continuations counted into a trie: each next token's chance is
     rate times the share of the continuations through its parent that go on with it; nodes
     best first (tree.best_first), none below MIN_SHARE or below the node price."""
-    count: dict[tuple[int, ...], int] = {}
-    for path in paths:
+    count: dict[tuple[int, ...], float] = {}
+    weights = [RECENCY ** (len(paths) - 1 - i) for i in range(len(paths))]  # newest: 1
+    for path, w in zip(paths, weights, strict=True):
         for d in range(1, min(depth, len(path)) + 1):
-            count[tuple(path[:d])] = count.get(tuple(path[:d]), 0) + 1
+            count[tuple(path[:d])] = count.get(tuple(path[:d]), 0.0) + w
     kids: dict[tuple[int, ...], list[tuple[int, float]]] = {}
+    total = sum(weights)
     for prefix, n in count.items():
-        parent = count.get(prefix[:-1], len(paths))
+        parent = count.get(prefix[:-1], total)
         kids.setdefault(prefix[:-1], []).append((prefix[-1], rate * n / parent))
     for options in kids.values():
         options.sort(key=lambda o: -o[1])
