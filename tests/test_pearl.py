@@ -183,3 +183,19 @@ def test_pearl_sampling_matches_exact_target_distribution(small, kind, params):
     pvalues += [gof_pvalue(marginal(counts, i), marginal(exact, i)) for i in range(3)]
     print(f"pearl {kind} {params}: p = {', '.join(f'{p:.3g}' for p in pvalues)}")
     assert min(pvalues) > ALPHA
+
+
+def test_the_batch_gamma_is_the_fastest_round_not_the_longest_that_fits():
+    from distspec.spec_decode.draft_policy import DraftCosts
+    from distspec.spec_decode.pearl import pearl_batch_gamma
+
+    # one core each, measured: the verify turns compute-bound past 5 rows; drafting 4
+    # sessions at once costs 7.4 ms a step
+    verify = ((1, 0.0254), (5, 0.0246), (9, 0.0363), (17, 0.0612), (33, 0.1116), (65, 0.2539))
+    costs = DraftCosts(0.0254, 0.0054, 0.1, verify, 0.9, ((1, 0.0054), (4, 0.0074), (16, 0.0256)))
+    assert pearl_gamma(costs, 8) == 4  # one session: 5 tokens (27 ms) outlast 5 rows (24.6)
+    fastest = pearl_batch_gamma(costs, 8, batch=4, per_drafter=4)
+    assert 2 <= fastest <= 5  # 8 fits too, but its 32-row verify makes fewer tokens a second
+    # rows nearly free (a GPU): the longest draft
+    flat = DraftCosts(0.01, 0.001, 0.0, ((1, 0.01), (64, 0.011)), 0.9, ((1, 0.001), (16, 0.0012)))
+    assert pearl_batch_gamma(flat, 8, batch=4, per_drafter=4) == 8

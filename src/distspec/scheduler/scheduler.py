@@ -40,7 +40,7 @@ from distspec.spec_decode import tree
 from distspec.spec_decode.decoding import StepOutput, clip_new_tokens
 from distspec.spec_decode.draft_policy import DraftCosts, DraftLengthPolicy, costs_from, ema
 from distspec.spec_decode.drafter import EMPTY_DRAFT, Draft
-from distspec.spec_decode.pearl import PearlState
+from distspec.spec_decode.pearl import PearlState, pearl_batch_gamma
 from distspec.spec_decode.sampling import SamplingParams
 from distspec.workers.messages import Decoded, DraftRequest, ForwardItem, ModelInfo
 from distspec.workers.remote import Remote
@@ -599,12 +599,17 @@ class Scheduler:
         return verdicts
 
     def _pearl_gamma(self, sessions: list[Session]) -> int:
-        """PEARL's rule at this batch: drafting a session's gamma tokens (each drafter serves
-        its sessions one after another) should take as long as the target's step."""
+        """PEARL's draft length at this batch. With the start-up costs, the fastest modelled
+        round (pearl_batch_gamma). Without: from live timings, drafting a session's gamma
+        tokens should take as long as the target's step (this rule counts the drafter call's
+        round trip into every token: it kept gamma at 1 for 4 sessions, pearl@4 tau 1.54)."""
+        per_drafter = max(1, -(-len(sessions) // len(self.drafters)))
+        c = self.costs
+        if c is not None and len(c.verify) >= 2 and len(c.draft_batch) >= 2:
+            return pearl_batch_gamma(c, self.config.gamma, len(sessions), per_drafter)
         t = self._timing
         if t.step_s is None or not t.draft_token_s:
             return self.config.gamma
-        per_drafter = max(1, -(-len(sessions) // len(self.drafters)))
         # 0 when drafting one token for each session outlasts the target's step: plain
         # decoding then (large batches on few drafters)
         gamma = int(t.step_s / (t.draft_token_s * per_drafter) + 0.5)

@@ -76,6 +76,24 @@ def pearl_gamma(costs: DraftCosts | None, max_gamma: int) -> int:
     return max(fits, default=1)
 
 
+def pearl_batch_gamma(costs: DraftCosts, max_gamma: int, batch: int, per_drafter: int) -> int:
+    """PEARL's draft length for `batch` sessions verified together, each drafter drafting its
+    `per_drafter` of them in one batched step a token (drafters/batched.py): the gamma whose
+    round makes the most tokens a second. A round verifies every session's gamma rows while
+    the drafters take gamma steps, so it lasts max(t_verify(batch * gamma), gamma *
+    t_draft_at(per_drafter)) and makes about (1 - a^gamma) / (1 - a) tokens a session (a:
+    the drafter's acceptance). Where the verify turns compute-bound (a few sessions on one
+    core) the longest draft that fits is not the fastest: 4 sessions, self drafter, one core
+    each: gamma 8 fits, gamma 4 makes 1.1x its tokens a second."""
+    a = min(costs.prior_alpha, 0.99)
+    t_draft = costs.t_draft_at(per_drafter)
+
+    def rate(g: int) -> float:
+        return (1 - a**g) / (1 - a) / max(costs.t_verify(batch * g), g * t_draft)
+
+    return max(range(1, max_gamma + 1), key=lambda g: (rate(g), -g))
+
+
 @dataclass
 class PearlPace:
     """PEARL's draft length live, from the target's part of a round (T) and the drafter's
