@@ -39,18 +39,14 @@ class ForwardItem:
 @dataclass
 class Decoded:
     """A multi-step item's answer (ForwardItem.steps): the tokens its steps decoded, in order,
-    each the verifier's verdict on an empty draft. Read as a Verdict: nothing accepted."""
+    each the verifier's verdict on an empty draft. Read as a Verdict (num_accepted,
+    tokens): nothing accepted."""
 
     new_tokens: list[int]
     num_accepted: int = 0
-    path: None = None
 
     def tokens(self, draft: Draft) -> list[int]:
         return list(self.new_tokens)
-
-    @property
-    def next_token(self) -> int:
-        return self.new_tokens[-1]
 
 
 @dataclass
