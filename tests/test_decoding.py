@@ -587,6 +587,7 @@ def test_model_drafter_keeps_looked_up_tokens_as_far_as_it_agrees(draft_model, t
     ]:
         drafter = ModelDrafter(draft_model.model, lookup=FixedLookup(looked_up), check_lookup=True)
         calls = record_forwards(drafter)
+        draft_model.model.prefixes.forget()  # its slot held ctx's start: prefilled again
         drafter.start(ctx, params)
         assert drafter.propose(ctx, 4).tokens == own
         assert calls == expected_calls, looked_up
@@ -598,6 +599,7 @@ def test_model_drafter_reuses_its_cache(draft_model):
     drafter = ModelDrafter(draft_model.model)
     calls = record_forwards(drafter)
     ctx = list(range(40, 60))
+    draft_model.model.prefixes.forget()
     drafter.start(ctx, params)
     first = drafter.propose(ctx, 4)
     assert calls == [(0, 19), (19, 1), (20, 1), (21, 1), (22, 1)]  # (0, 19): at start
@@ -618,7 +620,7 @@ def test_model_drafter_reuses_its_cache(draft_model):
 
 @pytest.mark.parametrize("seed", range(5))
 def test_common_prefix(seed):
-    from distspec.spec_decode.drafters.model import _common_prefix
+    from distspec.models.prefix_cache import common_prefix
 
     g = torch.Generator().manual_seed(seed)
     for _ in range(200):
@@ -635,7 +637,7 @@ def test_common_prefix(seed):
         expected = 0
         while expected < min(len(a), len(b), limit) and a[expected] == b[expected]:
             expected += 1
-        assert _common_prefix(a, b, limit) == expected, (a, b, limit)
+        assert common_prefix(a, b, limit) == expected, (a, b, limit)
 
 
 def test_model_drafter_respects_context(short):

@@ -131,6 +131,18 @@ def test_completion_equals_greedy_decoding(runtime, target, client):
     assert r.usage.total_tokens == len(prompt_ids) + len(ids)
 
 
+def test_usage_reports_the_prompt_tokens_the_slot_held(runtime, client):
+    """OpenAI's usage.prompt_tokens_details.cached_tokens: a prompt sent again runs only its
+    last token (the scheduler gives it the slot that holds it; models/prefix_cache.py)."""
+    prompt = PROMPT + " Once more."
+    n = len(runtime.tokenizer.encode(prompt))
+    first = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0)
+    again = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens < n - 1
+    assert again.usage.prompt_tokens_details.cached_tokens == n - 1
+    assert again.choices[0].text == first.choices[0].text
+
+
 def test_completion_stream(runtime, target, client):
     prompt_ids = runtime.tokenizer.encode(PROMPT)
     ids, finish = expected(target, prompt_ids, 30)

@@ -186,15 +186,17 @@ def make_decoder(
     adaptive: bool,
     mode: str = "sd",
     trees: bool = False,
+    slot: int = 0,
 ) -> SpeculativeDecoder:
     """A decoder for target in mode ar, sd, pearl (gamma is then the longest draft, see
     pearl_gamma) or auto (sd or pearl, whichever the overlap measured here favours; sd for a
-    drafter of token trees, which PEARL does not split); with adaptive drafting, the draft
-    costs are measured once here."""
+    drafter of token trees, which PEARL does not split), in the target's KV slot `slot`; with
+    adaptive drafting, the draft costs are measured once here."""
+    eos = target.tokenizer.eos_token_ids
     if drafter is None:
         if mode not in ("ar", "sd"):
             raise ValueError(f"mode {mode} needs a drafter")
-        return SpeculativeDecoder(target.model, None, gamma, target.tokenizer.eos_token_ids)
+        return SpeculativeDecoder(target.model, None, gamma, eos, slot=slot)
     costs = None
     if adaptive:
         costs = measure_costs(target.model, drafter, gamma)
@@ -207,13 +209,7 @@ def make_decoder(
         log.info("mode auto: %s (%s)", mode, overlap)
     if mode == "pearl":
         drafter.stop_reading_target_kv()
-        eos = target.tokenizer.eos_token_ids
-        return PearlDecoder(target.model, drafter, gamma, eos, costs=costs)
+        return PearlDecoder(target.model, drafter, gamma, eos, slot=slot, costs=costs)
     return SpeculativeDecoder(
-        target.model,
-        drafter,
-        gamma,
-        target.tokenizer.eos_token_ids,
-        adaptive=adaptive,
-        costs=costs,
+        target.model, drafter, gamma, eos, slot=slot, adaptive=adaptive, costs=costs
     )

@@ -11,6 +11,7 @@ import torch
 
 from distspec.models.loader import LoadedModel, demo_gguf_path, resolve_model_dir
 from distspec.spec_decode.decoding import SpeculativeDecoder
+from distspec.spec_decode.drafters.model import ModelDrafter
 from distspec.spec_decode.sampling import SamplingParams
 
 
@@ -26,6 +27,7 @@ class RunResult:
     verify_s: float | None = None  # distspec: seconds in target forwards
     text: str | None = None  # the decoded output (what "same output" compares)
     ttft_s: float | None = None  # to the first token (the prompt's prefill): decoding is after
+    cached_tokens: int | None = None  # distspec: prompt tokens its KV slot held (not prefilled)
 
     @property
     def tokens(self) -> int:
@@ -49,7 +51,16 @@ class DistspecContender(Contender):
         already)."""
         self.name, self.decoder, self.placement = name, decoder, placement
 
+    def use_prefix_cache(self, enabled: bool) -> None:
+        """Whether prompts reuse what the KV slots (target's and drafter's) hold of them."""
+        self.decoder.target.prefixes.enabled = enabled
+        drafter = getattr(self.decoder.drafter, "inner", self.decoder.drafter)  # PinnedDrafter
+        if isinstance(drafter, ModelDrafter):
+            drafter.model.prefixes.enabled = enabled
+
     def forget(self) -> None:
+        """Also what its KV slot holds: a repetition starts cold."""
+        self.decoder.target.prefixes.hold(int(self.decoder.slot[0]), [])
         if self.decoder.drafter is not None:
             self.decoder.drafter.forget()
 
@@ -66,6 +77,7 @@ class DistspecContender(Contender):
             draft_s=s.draft_s,
             verify_s=s.verify_s,
             ttft_s=s.time_to_first_token_s,
+            cached_tokens=s.cached_tokens,
         )
 
 
@@ -142,9 +154,15 @@ def load_hf_model(target: str):
 
 
 def distspec_decoder(
-    target: LoadedModel, drafter, gamma: int, adaptive: bool, mode: str = "sd", trees=False
+    target: LoadedModel,
+    drafter,
+    gamma: int,
+    adaptive: bool,
+    mode: str = "sd",
+    trees=False,
+    slot: int = 0,
 ):
     from distspec.engine import make_decoder
 
     mode = "ar" if drafter is None else mode
-    return make_decoder(target, drafter, gamma, adaptive, mode, trees=trees)
+    return make_decoder(target, drafter, gamma, adaptive, mode, trees=trees, slot=slot)

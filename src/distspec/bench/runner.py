@@ -98,6 +98,7 @@ class BenchConfig:
     # > 0: speculative contenders pin drafter and target apart (a contender named NAME+pin
     # does so on its own, on 1 core if this is 0)
     drafter_cpus: int = 0
+    prefix_cache: bool = True  # a prompt reuses what its contender's KV slot holds of it
     out_dir: str = "bench-results"
 
     def __post_init__(self) -> None:
@@ -128,17 +129,14 @@ def build_contenders(config: BenchConfig, target) -> list[Contender]:
     hf_model = None
     eos = target.tokenizer.eos_token_ids
     threads = config.threads or torch.get_num_threads()
-    for name in config.contenders:
+    for slot, name in enumerate(config.contenders):  # each its own KV slot of target's
         if name.startswith("hf-"):
             hf_model = hf_model or load_hf_model(config.target)
             lookup = config.lookup_tokens if name == "hf-lookup" else 0
             out.append(HFContender(name, hf_model, eos, lookup))
         elif name == "ar":
-            out.append(
-                DistspecContender(
-                    name, distspec_decoder(target, None, config.gamma, config.adaptive)
-                )
-            )
+            decoder = distspec_decoder(target, None, config.gamma, config.adaptive, slot=slot)
+            out.append(DistspecContender(name, decoder))
         elif name in QUANT_AR:
             weights, _, x8 = name[3:].partition("-")
             activations = "int8" if x8 else "fp32"
@@ -165,7 +163,7 @@ def build_contenders(config: BenchConfig, target) -> list[Contender]:
                 target,
                 target.model.max_len,
                 lookup,
-                target_kv_slot=0,
+                target_kv_slot=slot,
                 tree_width=width,
             )
             pinned = config.drafter_cpus or (1 if name.endswith(PINNED) else 0)
@@ -174,7 +172,7 @@ def build_contenders(config: BenchConfig, target) -> list[Contender]:
                 drafter = PinnedDrafter(drafter, placement.drafter)
             with nullcontext() if placement is None else placement.on_target():
                 decoder = distspec_decoder(
-                    target, drafter, config.gamma, config.adaptive, mode, trees=width > 1
+                    target, drafter, config.gamma, config.adaptive, mode, width > 1, slot
                 )
             out.append(DistspecContender(name, decoder, placement))
     return out
@@ -196,12 +194,17 @@ def run_bench(config: BenchConfig) -> dict:
     if config.threads:
         torch.set_num_threads(config.threads)
     prompts = load_conversations(config.prompts_file, config.num_prompts)
-    target = load_for_inference(config.target)
+    # a KV slot per contender: each reuses what its own last request left there, as a
+    # server of its own would (models/prefix_cache.py)
+    target = load_for_inference(config.target, num_slots=len(config.contenders))
     prompt_ids = [
         target.tokenizer.encode_chat([ChatMessage(m["role"], m["content"]) for m in chat])
         for chat in prompts
     ]
     contenders = build_contenders(config, target)
+    for c in contenders:
+        if isinstance(c, DistspecContender):
+            c.use_prefix_cache(config.prefix_cache)
 
     def params(i: int) -> SamplingParams:
         return SamplingParams(

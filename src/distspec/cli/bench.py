@@ -69,6 +69,13 @@ def add_bench(sub) -> None:
         help="speculative contenders pin their drafter to the last N cores and the target to "
         "the others (as generate --drafter-cpus; default 0: both use every core)",
     )
+    p.add_argument(
+        "--no-prefix-cache",
+        dest="prefix_cache",
+        action="store_false",
+        help="distspec contenders prefill every prompt whole (default: each reuses what its "
+        "KV slot holds of the prompt's start, its own last request's)",
+    )
     p.add_argument("--out", default="bench-results", help="directory for JSON and PNG")
     p.set_defaults(func=_bench)
 
@@ -89,6 +96,7 @@ def _bench(args: argparse.Namespace) -> int:
         seed=args.seed,
         threads=args.threads,
         drafter_cpus=args.drafter_cpus,
+        prefix_cache=args.prefix_cache,
         out_dir=args.out,
     )
     run_bench(config)

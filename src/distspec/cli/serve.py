@@ -81,6 +81,14 @@ def add_serve(sub) -> None:
         help="plain rounds decode up to N tokens a session per target call, as vLLM's "
         "multi-step scheduling (default 4; 1 while requests wait for a slot)",
     )
+    p.add_argument(
+        "--no-prefix-cache",
+        dest="prefix_cache",
+        action="store_const",
+        const=False,
+        help="prefill every prompt whole (default: a prompt reuses the K/V its slot holds of "
+        "its start, the last prompt there; the scheduler picks the slot that holds most)",
+    )
     p.add_argument("--device", help="cpu | cuda")
     p.add_argument("--threads", type=int, help="torch threads per worker")
     p.add_argument(

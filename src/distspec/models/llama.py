@@ -20,6 +20,7 @@ from torch import nn
 from distspec.models.config import ModelConfig
 from distspec.models.cpu_kernels import kernels
 from distspec.models.linear import LayerEpoch, QuantLinear, kernel_op
+from distspec.models.prefix_cache import SlotPrefixes
 from distspec.models.quantized import cat_rows, is_quantized, take_cols, take_rows
 from distspec.models.rope import apply_rope, rope_tables
 from distspec.models.tensor_parallel import TPContext, split_range
@@ -211,6 +212,7 @@ class Transformer(Watched):
             self.lm_head.weight = self.embed.weight
         self.max_len = 0
         self.num_slots = 0
+        self.prefixes = SlotPrefixes(0)  # what each KV slot holds, for prompts to reuse
         # EasySpec: the ranks that share a fuzzy group's attentions (each holds every layer)
         self.layer_parallel = TPContext()
         # _graphs: models/cuda_graphs.py's CapturedSteps once capture_steps() enables them
@@ -256,6 +258,7 @@ class Transformer(Watched):
         self.register_buffer("rope_cos", cos.to(self.device, self.dtype), persistent=False)
         self.register_buffer("rope_sin", sin.to(self.device, self.dtype), persistent=False)
         self.max_len, self.num_slots = max_len, num_slots
+        self.prefixes = SlotPrefixes(num_slots, self.prefixes.enabled)
 
     @torch.inference_mode()
     def forward(
@@ -292,6 +295,7 @@ class Transformer(Watched):
             slots = torch.arange(bsz, device=tokens.device)
         recordable = isinstance(slots, int)
         if recordable:
+            self.prefixes.written(slots, 0)  # no host reads here: the whole record goes
             if decode_ops(self.rope_cos) is not None:
                 raise ValueError("a slot number runs PyTorch's ops: a CUDA or non-fp32 model")
             kv_len = self.max_len
@@ -301,6 +305,8 @@ class Transformer(Watched):
                 raise ValueError(
                     f"position {kv_len - 1} is past the KV cache length {self.max_len}"
                 )
+            for slot, start in zip(slots.tolist(), pos[:, 0].tolist(), strict=True):
+                self.prefixes.written(slot, start)
             if self._graphs is not None and self._graphs.fits(tokens, fuzzy_groups, tree):
                 return self._graphs(tokens, pos, int(slots[0]), last)
         rope_pos = pos if tree is None else pos[:, :1] + tree.sum(-1) - 1
@@ -411,6 +417,7 @@ class Transformer(Watched):
         place: dst[i] <= src[i], increasing)."""
         if src == dst:
             return
+        self.prefixes.written(slot, min(dst))
         s, d = torch.tensor(src, device=self.device), torch.tensor(dst, device=self.device)
         for layer in self.layers:
             kc = layer.attn.kv_cache

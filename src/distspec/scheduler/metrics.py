@@ -48,6 +48,14 @@ class SchedulerMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.prefix_queries = Counter(
+            "vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache", registry=r
+        )
+        self.prefix_hits = Counter(
+            "vllm:prefix_cache_hits",
+            "Prompt tokens whose K/V their KV slot held already (not prefilled again)",
+            registry=r,
+        )
         self.busy = Gauge(
             "distspec:target_busy_fraction",
             "Fraction of wall time the target computed, since the previous scrape",
@@ -83,8 +91,10 @@ class SchedulerMetrics:
             for _ in range(n):
                 self.itl.observe(since_previous_s / n)
 
-    def on_first_token(self, ttft_s: float) -> None:
+    def on_first_token(self, ttft_s: float, prompt_tokens: int = 0, cached: int = 0) -> None:
         self.ttft.observe(ttft_s)
+        self.prefix_queries.inc(prompt_tokens)
+        self.prefix_hits.inc(cached)
 
     def watch(self, sessions, busy_s) -> None:
         """Gauges read at scrape time: sessions() gives (generating, waiting) in one reading,

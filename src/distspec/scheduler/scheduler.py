@@ -33,6 +33,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from distspec.models.openmp import release_openmp_pool
+from distspec.models.prefix_cache import common_prefix
 from distspec.scheduler.metrics import SchedulerMetrics
 from distspec.scheduler.session import Session, SessionError
 from distspec.scheduler.switch import PLAIN, SpeculationSwitch
@@ -159,6 +160,7 @@ class Scheduler:
         self._rebuilt: dict[int, Remote] = {}  # rebuilt drafters waiting to take over
         self._cv = threading.Condition()
         self._free_slots = list(range(info.num_slots - 1, -1, -1))
+        self._slot_prompts: dict[int, list[int]] = {}  # the last prompt each slot prefilled
         self._waiting: deque[Session] = deque()
         self._running: dict[int, Session] = {}  # owned by the loop thread
         self._next_id = 1
@@ -344,7 +346,7 @@ class Scheduler:
                 new = []
                 while self._waiting and self._free_slots:
                     session = self._waiting.popleft()
-                    session.slot = self._free_slots.pop()
+                    session.slot = self._take_slot(session.prompt_ids)
                     self._running[session.id] = session
                     new.append(session)
             try:
@@ -448,7 +450,10 @@ class Scheduler:
         for s, verdict in zip(sessions, verdicts, strict=True):
             s.stats.target_forwards += 1
             s.stats.time_to_first_token_s = time.perf_counter() - s.created
-            self.metrics.on_first_token(s.stats.time_to_first_token_s)
+            s.stats.cached_tokens = verdict.cached
+            self.metrics.on_first_token(
+                s.stats.time_to_first_token_s, len(s.prompt_ids), verdict.cached
+            )
             self._advance(s, [verdict.next_token])
 
     def _round(self, sessions: list[Session]) -> None:
@@ -683,6 +688,18 @@ class Scheduler:
         if draft.tokens[: len(seen)] != seen:
             return EMPTY_DRAFT  # it predicted a different continuation: dropped
         return draft[len(seen) :]
+
+    def _take_slot(self, prompt: list[int]) -> int:
+        """The free slot whose last prompt starts as this one does for longest (workers reuse
+        those K/V: models/prefix_cache.py); of equals, the one freed last."""
+        free = self._free_slots
+
+        def shared(i: int) -> tuple[int, int]:
+            return common_prefix(self._slot_prompts.get(free[i], []), prompt, len(prompt)), i
+
+        slot = free.pop(max(range(len(free)), key=shared))
+        self._slot_prompts[slot] = prompt
+        return slot
 
     def _drafter_index(self, s: Session) -> int:
         """Sessions are spread over the drafters by KV slot."""

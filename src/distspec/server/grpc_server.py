@@ -382,6 +382,7 @@ def stats_message(stats: GenerationStats) -> pb.GenerationStats:
         wall_s=stats.wall_s,
         tokens_per_s=stats.tokens_per_s,
         accepted_per_position=stats.accepted_per_position,
+        cached_tokens=stats.cached_tokens,
     )
 
 

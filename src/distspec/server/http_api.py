@@ -332,7 +332,7 @@ class _Answer:
                 return
 
     def _usage(self) -> dict:
-        return usage(self.prompt_tokens, self.completion_tokens)
+        return usage(self.prompt_tokens, self.completion_tokens, self.session.stats.cached_tokens)
 
     async def _whole(self, scope, send) -> None:
         texts, finish = [], ["stop"]

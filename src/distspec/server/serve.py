@@ -46,6 +46,7 @@ class ServeConfig:
     max_len: int = 2048
     max_waiting: int = 16
     decode_steps: int = 4  # plain rounds: tokens a session decodes per target call
+    prefix_cache: bool = True  # a prompt reuses what its KV slot holds of it
     device: str = "cpu"
     dtype: str = "float32"
     target_dtype: str = "fp32"  # the target's weights: fp32 (in dtype) | int8 | int4
@@ -110,6 +111,7 @@ class ServeConfig:
             self.threads,
             self.target_dtype,
             self.target_activations,
+            prefix_cache=self.prefix_cache,
         )
         drafter_spec = None
         if drafter:
@@ -126,6 +128,7 @@ class ServeConfig:
                 self.easyspec_group,
                 tuple(self.easyspec_exact),
                 tree_width=self.tree_width,
+                prefix_cache=self.prefix_cache,
             )
         cluster = ClusterConfig(
             target=target,

@@ -27,6 +27,7 @@ from distspec.spec_decode.verify import verify
 class GenerationStats:
     new_tokens: int = 0
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # of the prompt's, reused from the KV slot (models/prefix_cache.py)
     wall_s: float = 0.0
     time_to_first_token_s: float = 0.0
     target_forwards: int = 0
@@ -120,9 +121,15 @@ class SpeculativeDecoder:
         tokens = list(prompt_ids)
         if self.drafter is not None:
             self.drafter.start(tokens, params)
+        slot, prefixes = int(self.slot[0]), self.target.prefixes
         try:
-            # Prefill: the prompt's last logits give the first token.
-            logits = self._target_forward(tokens, 0, stats, last=1)
+            # Prefill: the prompt's last logits give the first token. What the slot holds of
+            # the prompt already (the last request's) is not run again.
+            stats.cached_tokens = prefixes.reusable(slot, tokens)
+            logits = self._target_forward(
+                tokens[stats.cached_tokens :], stats.cached_tokens, stats, last=1
+            )
+            prefixes.hold(slot, tokens)
             if self.drafter is not None:
                 self.drafter.observe(tokens, logits)
             verdict = verify(logits, EMPTY_DRAFT, params, len(tokens))
@@ -137,6 +144,7 @@ class SpeculativeDecoder:
                 stats.new_tokens += len(new)
                 if finish:
                     stats.wall_s = time.perf_counter() - t0
+                    prefixes.hold(slot, tokens[:-1])  # the invariant: all but the newest
                     yield StepOutput(new, finish, stats)
                     return
                 yield StepOutput(new)

@@ -47,6 +47,7 @@ class DrafterSpec:
     easyspec_exact: tuple[int, int] = (1, 1)  # EasySpec: first and last layers kept exact
     cpus: tuple[int, ...] = ()  # the cores this rank is pinned to (empty: not pinned)
     tree_width: int = 1  # > 1: token trees with up to this many children per node
+    prefix_cache: bool = True  # a prompt reuses what its KV slot holds of it
 
     def __post_init__(self) -> None:
         if self.parallel not in PARALLEL:
@@ -80,6 +81,8 @@ class DrafterWorker(GroupMember):
             dtype=getattr(torch, spec.dtype),
         )
         self.fuzzy_groups: tuple[tuple[int, int], ...] = ()
+        if self.model is not None:
+            self.model.model.prefixes.enabled = spec.prefix_cache
         if self.model is not None and spec.easyspec_group:
             num_layers = self.model.model.config.num_hidden_layers
             self.fuzzy_groups = easyspec_groups(

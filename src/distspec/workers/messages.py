@@ -50,6 +50,15 @@ class Decoded:
 
 
 @dataclass
+class Prefilled:
+    """A prompt's answer (a ForwardItem from position 0 with an empty draft): its first token,
+    and how many of its tokens the KV slot held already, not run (models/prefix_cache.py)."""
+
+    next_token: int
+    cached: int = 0
+
+
+@dataclass
 class DraftRequest:
     """Draft up to k tokens after context (prompt + output so far, maybe unverified tokens)."""
 

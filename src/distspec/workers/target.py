@@ -9,6 +9,7 @@ tree's accepted path is moved into place on every rank before the next forward r
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -22,7 +23,7 @@ from distspec.spec_decode.drafter import EMPTY_DRAFT, Draft
 from distspec.spec_decode.sampling import SamplingParams
 from distspec.spec_decode.verify import Verdict, verify
 from distspec.workers.group import GroupMember, GroupSpec, join_group
-from distspec.workers.messages import Decoded, ForwardItem, ModelInfo
+from distspec.workers.messages import Decoded, ForwardItem, ModelInfo, Prefilled
 from distspec.workers.placement import apply_placement, current_placement
 
 # Chunks longer than this (prompts) get a forward of their own, so short chunks are not padded
@@ -41,6 +42,7 @@ class TargetSpec:
     weight_dtype: str = "fp32"  # fp32 | int8 | int4 (weight-only quantized linears)
     activations: str = "fp32"  # what quantized linears multiply: fp32 | int8
     cpus: tuple[int, ...] = ()  # the cores this rank is pinned to (empty: not pinned)
+    prefix_cache: bool = True  # prompts reuse what their slot holds of them
 
 
 @dataclass
@@ -82,6 +84,8 @@ class TargetWorker(GroupMember):
         self._moves: list[tuple[int, list[int], list[int]]] = []
         self.busy_s = 0.0  # time spent in forwards (the leader's view)
         self.steps = 0
+        self.model.prefixes.enabled = spec.prefix_cache
+        self.reused_tokens = 0  # prompt tokens not run again (models/prefix_cache.py)
 
     def model_info(self) -> ModelInfo:
         return self.info
@@ -102,12 +106,21 @@ class TargetWorker(GroupMember):
         self._sampling.pop(session, None)
         self._open_rows.pop(session, None)
 
-    def step(self, items: list[ForwardItem]) -> tuple[list[Verdict | Decoded | None], float]:
+    def step(
+        self, items: list[ForwardItem]
+    ) -> tuple[list[Verdict | Decoded | Prefilled | None], float]:
         """One batched forward over every item's chunk: a verdict per item (None if deferred)
-        and the seconds the forwards took. Multi-step items (ForwardItem.steps) go on
+        and the seconds the forwards took. A prompt (an item from position 0 with an empty
+        draft) runs from where its slot's record stops matching it and answers with a
+        Prefilled. Multi-step items (ForwardItem.steps) go on
         decoding in further batched forwards of one token each, within this call, and answer
         with a Decoded: one call for several tokens, as vLLM's multi-step scheduling does."""
+        prompts = {i: item.tokens for i, item in enumerate(items) if _is_prefill(item)}
+        items = [self._skip_held(item) if i in prompts else item for i, item in enumerate(items)]
         verdicts, forward_s = self._forward_verify(items)
+        for i, prompt in prompts.items():
+            self.model.prefixes.hold(items[i].slot, prompt)
+            verdicts[i] = Prefilled(verdicts[i].next_token, cached=items[i].start)
         decoding = {i: [verdicts[i].next_token] for i, item in enumerate(items) if item.steps > 1}
         while going := [
             i
@@ -148,12 +161,18 @@ class TargetWorker(GroupMember):
                     verdicts[i] = verdict
         return verdicts, forward_s
 
+    def _skip_held(self, item: ForwardItem) -> ForwardItem:
+        """A prefill from where its slot's record (the last prompt there) stops matching."""
+        held = self.model.prefixes.reusable(item.slot, item.tokens)
+        self.reused_tokens += held
+        return dataclasses.replace(item, start=held, tokens=item.tokens[held:])
+
     def decide(self, decisions: list[tuple[int, Draft]]) -> list[Verdict]:
         """Verdicts on deferred rows: per session, the draft its rows decide on."""
         return [self._verify(s, *self._open_rows.pop(s), draft=d) for s, d in decisions]
 
     def stats(self) -> dict:
-        return {"busy_s": self.busy_s, "steps": self.steps}
+        return {"busy_s": self.busy_s, "steps": self.steps, "reused_tokens": self.reused_tokens}
 
     def calibrate(self, k: int, max_rows: int = 0) -> tuple[tuple[int, float], ...] | None:
         """This group's forwards of 1 to k + 1 rows (and up to max_rows: the chunks of a
@@ -210,6 +229,10 @@ class TargetWorker(GroupMember):
             trees = _trees([items[i] for i in short], width)
             plan.append((short, _Forward(tokens, pos, slots, last_only=False, tree=trees)))
         return plan
+
+
+def _is_prefill(item: ForwardItem) -> bool:
+    return item.start == 0 and not item.defer and not len(item.draft) and len(item.tokens) > 1
 
 
 def _next_step(item: ForwardItem, decoded: list[int]) -> ForwardItem:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from distspec.models.llama import Transformer, pad_positions
+from distspec.models.prefix_cache import common_prefix
 from distspec.spec_decode.drafter import Draft, Drafter
 from distspec.spec_decode.drafters.ngram import NgramDrafter
 from distspec.spec_decode.sampling import SamplingParams, draw, probs_from_logits, race_noise
@@ -140,13 +141,24 @@ class ModelDrafter(Drafter):
         self.exact_upto = 0
         head = prompt_ids[:-1][: self.model.max_len - 1]
         if head and self.target_kv is None:  # else the first draft copies the target's
-            self._forward(DraftForward(head, 0, (), 1))
+            slot, prefixes = int(self.slot[0]), self.model.prefixes
+            keep = prefixes.reusable(slot, head, limit=len(head))  # the slot's last prompt's
+            if keep < len(head):
+                self._forward(DraftForward(head[keep:], keep, (), 1))
+            prefixes.hold(slot, head)
             self.cached, self.exact_upto = list(head), len(head)
         if not params.greedy and params.seed is None:
             raise ValueError("a sampled draft needs the request's seed (SamplingParams.seeded)")
         self.params = params
         if self.lookup is not None:
             self.lookup.start(prompt_ids, params)
+
+    def finish(self) -> None:
+        """The slot keeps what its cache holds exactly, for the next prompt to reuse."""
+        self.model.prefixes.hold(int(self.slot[0]), self.cached[: self.exact_upto])
+
+    def forget(self) -> None:
+        self.model.prefixes.hold(int(self.slot[0]), [])
 
     def propose(self, context: list[int], k: int) -> Draft:
         return run_drafting(self.drafting(context, k), self._forward)
@@ -157,7 +169,7 @@ class ModelDrafter(Drafter):
         k = min(k, self.model.max_len - len(context))
         if k <= 0:
             return Draft([])
-        keep = _common_prefix(self.cached, context, limit=min(len(context) - 1, self.exact_upto))
+        keep = common_prefix(self.cached, context, limit=min(len(context) - 1, self.exact_upto))
         self.cached = context[:keep]
         if self.target_kv is not None and keep < len(context) - 1:
             self._copy_target_kv(keep, len(context) - 1)
@@ -199,7 +211,7 @@ class ModelDrafter(Drafter):
         """drafting's catch-up alone: context[:-1] into the drafter's cache, no draft, so that
         a later draft after context starts from its last token (a server reads what its plain
         rounds verified this way, on the drafter's own compute, while the target steps)."""
-        keep = _common_prefix(self.cached, context, limit=min(len(context) - 1, self.exact_upto))
+        keep = common_prefix(self.cached, context, limit=min(len(context) - 1, self.exact_upto))
         self.cached = context[:keep]
         head = context[keep:-1][: max(0, self.model.max_len - 1 - keep)]
         if head and self.target_kv is None:
@@ -214,6 +226,7 @@ class ModelDrafter(Drafter):
     def _copy_target_kv(self, start: int, end: int) -> None:
         target, slot = self.target_kv
         mine = int(self.slot[0])
+        self.model.prefixes.written(mine, start)
         for own, theirs in zip(self.model.layers, target.layers, strict=True):
             dst, src = own.attn.kv_cache, theirs.attn.kv_cache
             dst.k[mine, :, start:end] = src.k[slot, :, start:end]
@@ -293,17 +306,3 @@ def _check_same_cache(model: Transformer, target: Transformer) -> None:
             f"target_kv: the drafter's KV cache (layers, heads, head dim, device: "
             f"{layout(model)}) is not laid out as the target's ({layout(target)})"
         )
-
-
-def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
-    n = min(len(a), len(b), limit)
-    if a[:n] == b[:n]:
-        return n
-    lo, hi = 0, n  # a[:lo] == b[:lo] and a[:hi] != b[:hi]
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if a[:mid] == b[:mid]:
-            lo = mid
-        else:
-            hi = mid
-    return lo

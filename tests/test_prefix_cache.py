@@ -1,0 +1,174 @@
+"""Prompt prefix reuse (models/prefix_cache.py): a prompt runs only what its KV slot does not
+hold of it, every write cuts a slot's record, and outputs equal a fresh prefill's."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+from distspec.models.prefix_cache import SlotPrefixes
+from distspec.spec_decode.decoding import SpeculativeDecoder
+from distspec.spec_decode.drafter import EMPTY_DRAFT
+from distspec.spec_decode.drafters.model import ModelDrafter
+from distspec.spec_decode.pearl import PearlDecoder
+from distspec.spec_decode.sampling import SamplingParams
+from distspec.workers.messages import ForwardItem
+from distspec.workers.target import TargetSpec, TargetWorker
+from test_decoding import encode, record_forwards
+from test_scheduler import make_scheduler, run, workers  # noqa: F401 (a fixture)
+
+SYSTEM = "You are a helpful assistant. Answer briefly.\n"
+
+
+@contextmanager
+def no_reuse(*models):
+    for m in models:
+        m.prefixes.forget()
+        m.prefixes.enabled = False
+    try:
+        yield
+    finally:
+        for m in models:
+            m.prefixes.enabled = True
+
+
+def test_slot_record():
+    p = SlotPrefixes(2)
+    p.hold(0, [1, 2, 3, 4, 5])
+    assert p.reusable(0, [1, 2, 3, 9]) == 3
+    assert p.reusable(0, [1, 2, 3, 4, 5]) == 4  # the last token is run for its logits
+    assert p.reusable(0, [1, 2, 3, 4, 5], limit=5) == 5
+    assert p.reusable(1, [1, 2, 3]) == 0  # another slot's
+    p.written(0, 7)
+    assert p.held(0) == [1, 2, 3, 4, 5]  # past the record: nothing lost
+    p.written(0, 2)
+    assert p.held(0) == [1, 2]
+    off = SlotPrefixes(1, enabled=False)
+    off.hold(0, [1, 2, 3])
+    assert off.reusable(0, [1, 2, 3, 4]) == 0
+
+
+def test_every_write_cuts_the_record(target):
+    model = target.model
+    model.prefixes.hold(0, list(range(10, 30)))
+    model(torch.tensor([[5, 6]]), torch.tensor([[12, 13]]), torch.tensor([0]))
+    assert model.prefixes.held(0) == list(range(10, 22))
+    model.move_kv(0, [9, 10], [7, 8])
+    assert model.prefixes.held(0) == list(range(10, 17))
+
+
+def _decoder(kind, target, draft_model):
+    if kind == "ar":
+        return SpeculativeDecoder(target.model, None, eos_token_ids=[])
+    drafter = ModelDrafter(draft_model.model)
+    cls = PearlDecoder if kind == "pearl" else SpeculativeDecoder
+    return cls(target.model, drafter, gamma=3, eos_token_ids=[])
+
+
+@pytest.mark.parametrize("kind", ["ar", "sd", "pearl"])
+def test_decoder_reuses_the_last_sequence_and_equals_a_fresh_prefill(target, draft_model, kind):
+    first = encode(target, SYSTEM + "Tell me about cats.")
+    second = encode(target, SYSTEM + "Tell me about dogs and their owners.")
+    shared = next(i for i, (a, b) in enumerate(zip(first, second, strict=False)) if a != b)
+    params = SamplingParams(max_new_tokens=12)
+    dec = _decoder(kind, target, draft_model)
+    out1, last1 = dec.generate(first, params)
+    out2, last2 = dec.generate(second, params)
+    # a later turn of the same chat: the first prompt, its answer and a new message
+    third = first + out1 + encode(target, " And lions?")
+    out3, last3 = dec.generate(third, params)
+    assert last2.stats.cached_tokens == last3.stats.cached_tokens == shared
+    assert len(out1) == len(out2) == len(out3) == 12 and last1.stats.new_tokens == 12
+    with no_reuse(target.model, draft_model.model):
+        fresh = [
+            _decoder(kind, target, draft_model).generate(p, params)[0] for p in (second, third)
+        ]
+    assert [out2, out3] == fresh
+
+
+def test_a_later_turn_reuses_the_answer_too(target):
+    first = encode(target, SYSTEM + "Name a colour.")
+    params = SamplingParams(max_new_tokens=10)
+    dec = SpeculativeDecoder(target.model, None, eos_token_ids=[])
+    out1, _ = dec.generate(first, params)
+    follow = first + out1 + encode(target, " Another?")
+    out2, last = dec.generate(follow, params)
+    assert last.stats.cached_tokens == len(first) + len(out1) - 1  # all but the newest token
+    with no_reuse(target.model):
+        assert (
+            out2
+            == SpeculativeDecoder(target.model, None, eos_token_ids=[]).generate(follow, params)[0]
+        )
+
+
+def test_drafter_prefill_starts_after_what_its_slot_holds(draft_model):
+    model = draft_model.model
+    model.prefixes.forget()
+    params = SamplingParams()
+    a = list(range(40, 60))
+    b = list(range(40, 50)) + list(range(90, 100))
+    first = ModelDrafter(model)
+    calls = record_forwards(first)
+    first.start(a, params)
+    assert calls == [(0, 19)]
+    draft = first.propose(a, 3)
+    first.finish()
+    second = ModelDrafter(model)
+    calls = record_forwards(second)
+    second.start(b, params)
+    assert calls == [(10, 9)]  # b[:10] was held
+    with no_reuse(model):
+        fresh = ModelDrafter(model)
+        fresh.start(b, params)
+        expected = fresh.propose(b, 3)
+    assert second.propose(b, 3).tokens == expected.tokens
+    assert draft.tokens  # (the first drafted after its own prompt)
+
+
+def test_target_worker_skips_what_the_slot_holds(tiny_dir, target):
+    spec = TargetSpec(model=str(tiny_dir), num_slots=2, max_len=160)
+    worker = TargetWorker(spec)
+    fresh = TargetWorker(
+        TargetSpec(model=str(tiny_dir), num_slots=2, max_len=160, prefix_cache=False)
+    )
+    first = encode(target, SYSTEM + "one")
+    second = encode(target, SYSTEM + "two and three")
+    shared = next(i for i, (a, b) in enumerate(zip(first, second, strict=False)) if a != b)
+    for w in (worker, fresh):
+        w.open_session(1, SamplingParams())
+        w.open_session(2, SamplingParams())
+        w.step([ForwardItem(1, 0, 0, first, draft=EMPTY_DRAFT)])
+    assert worker.stats()["reused_tokens"] == 0
+    verdicts = [
+        w.step([ForwardItem(2, 0, 0, second, draft=EMPTY_DRAFT)])[0][0] for w in (worker, fresh)
+    ]
+    assert worker.stats()["reused_tokens"] == shared and fresh.stats()["reused_tokens"] == 0
+    assert verdicts[0].next_token == verdicts[1].next_token
+    # the next step decodes from the whole prompt's K/V
+    nxt = [ForwardItem(2, 0, len(second), [verdicts[0].next_token], draft=EMPTY_DRAFT)]
+    assert worker.step(nxt)[0][0].next_token == fresh.step(nxt)[0][0].next_token
+
+
+def test_scheduler_takes_the_slot_that_holds_the_longest_start(workers, target):  # noqa: F811
+    sched = make_scheduler(workers, "ar")
+    worker = workers[0]
+    try:
+        cats = encode(target, SYSTEM + "Tell me about cats.")
+        other = encode(target, "Something else entirely.")
+        params = SamplingParams(max_new_tokens=8)
+        a, b = sched.submit(cats, params), sched.submit(other, params)
+        run([a, b])
+        before = worker.stats()["reused_tokens"]
+        again = sched.submit(cats[:-2] + encode(target, " dogs."), params)
+        out = run([again])[0]
+        assert again.slot == a.slot != b.slot
+        assert worker.stats()["reused_tokens"] - before >= len(cats) - 3
+        with no_reuse(target.model):
+            dec = SpeculativeDecoder(
+                target.model, None, eos_token_ids=list(worker.info.eos_token_ids)
+            )
+            assert out == dec.generate(again.prompt_ids, params)[0]
+    finally:
+        sched.close()
