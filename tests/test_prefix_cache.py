@@ -146,6 +146,8 @@ def test_target_worker_skips_what_the_slot_holds(tiny_dir, target):
     ]
     assert worker.stats()["reused_tokens"] == shared and fresh.stats()["reused_tokens"] == 0
     assert verdicts[0].next_token == verdicts[1].next_token
+    one = worker.step([ForwardItem(1, 1, 0, first[:1], draft=EMPTY_DRAFT)])[0][0]
+    assert one.cached == 0 and one.next_token >= 0  # a one-token prompt is a prompt too
     # the next step decodes from the whole prompt's K/V
     nxt = [ForwardItem(2, 0, len(second), [verdicts[0].next_token], draft=EMPTY_DRAFT)]
     assert worker.step(nxt)[0][0].next_token == fresh.step(nxt)[0][0].next_token

@@ -53,6 +53,7 @@ class ServingBenchConfig:
     gamma: int = 4
     num_slots: int = 16
     decode_steps: int = 4  # plain rounds' tokens per target call (SchedulerConfig)
+    prefix_cache: bool = True  # prompts reuse what their KV slot holds of them
     use_ray: bool = True
     out_dir: str = "bench-results"
 
@@ -77,6 +78,7 @@ def run_serving_bench(config: ServingBenchConfig) -> dict:
         max_len=1024,
         max_waiting=max(config.clients),
         decode_steps=config.decode_steps,
+        prefix_cache=config.prefix_cache,
     )
     from distspec.scheduler.runtime import Runtime
 
@@ -180,6 +182,9 @@ def _load(channel, runtime, prompts: list[str], clients: int, config) -> dict:
         "tau": tokens / forwards if forwards else 0.0,
         "acceptance_rate": sum(s.accepted_tokens for s in stats) / drafted if drafted else 0.0,
         "ttft_median_s": statistics.median(s.time_to_first_token_s for s in stats),
+        # of the prompts' tokens, those their KV slot held (not prefilled again)
+        "cached_fraction": sum(s.cached_tokens for s in stats)
+        / max(1, sum(s.prompt_tokens for s in stats)),
         # inter-token latency as the clients saw it (a chunk of k tokens: k gaps of dt / k)
         "itl_p50_ms": scaled(percentile(itls, 50), 1e3),
         "itl_p99_ms": scaled(percentile(itls, 99), 1e3),
@@ -217,6 +222,7 @@ def _summarize(runs: list[dict], config: ServingBenchConfig) -> dict:
                     "itl_p50_ms",
                     "itl_p99_ms",
                     "steps_per_round",
+                    "cached_fraction",
                 )
             }
             breakdowns = [r["round_ms"] for r in rs if r.get("round_ms")]

@@ -148,6 +148,12 @@ def add_bench_serve(sub) -> None:
         action="store_false",
         help="run the workers in this process (tensor parallel size 1)",
     )
+    p.add_argument(
+        "--no-prefix-cache",
+        dest="prefix_cache",
+        action="store_false",
+        help="prefill every prompt whole (default: a prompt reuses what its KV slot holds)",
+    )
     p.add_argument("--out", default="bench-results", help="directory for JSON and PNG")
     p.set_defaults(func=_bench_serve)
 
@@ -169,13 +175,14 @@ def _bench_serve(args: argparse.Namespace) -> int:
         gamma=args.gamma,
         num_slots=args.num_slots,
         decode_steps=args.decode_steps,
+        prefix_cache=args.prefix_cache,
         use_ray=args.use_ray,
         out_dir=args.out,
     )
     report = run_serving_bench(config)
     header = f"{'mode@clients':<14} {'tok/s':>8} {'busy':>6} {'tau':>6} {'ttft s':>7}"
     print(
-        f"{header} {'itl p50 ms':>10} {'itl p99 ms':>10} {'steps':>5}"
+        f"{header} {'itl p50 ms':>10} {'itl p99 ms':>10} {'steps':>5} {'cached':>6}"
         "  round ms: all / draft / call / fwd"
     )
     for key, s in report["summary"].items():
@@ -184,7 +191,8 @@ def _bench_serve(args: argparse.Namespace) -> int:
         print(
             f"{key:<14} {s['tokens_per_s']:>8.1f} {s['target_busy_fraction']:>6.2f} "
             f"{s['tau']:>6.2f} {s['ttft_median_s']:>7.2f} {_ms(s['itl_p50_ms']):>10} "
-            f"{_ms(s['itl_p99_ms']):>10} {s.get('steps_per_round') or 0:>5.2f}  {parts}"
+            f"{_ms(s['itl_p99_ms']):>10} {s.get('steps_per_round') or 0:>5.2f} "
+            f"{s.get('cached_fraction') or 0:>6.2f}  {parts}"
         )
     print(f"wrote {config.out_dir}/serving.json and serving.png")
     return 0

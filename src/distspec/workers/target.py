@@ -232,7 +232,7 @@ class TargetWorker(GroupMember):
 
 
 def _is_prefill(item: ForwardItem) -> bool:
-    return item.start == 0 and not item.defer and not len(item.draft) and len(item.tokens) > 1
+    return item.start == 0 and not item.defer and not len(item.draft)
 
 
 def _next_step(item: ForwardItem, decoded: list[int]) -> ForwardItem:
