@@ -174,3 +174,28 @@ def test_scheduler_takes_the_slot_that_holds_the_longest_start(workers, target):
             assert out == dec.generate(again.prompt_ids, params)[0]
     finally:
         sched.close()
+
+
+def test_a_later_turn_through_the_scheduler_reuses_the_answer(workers, target):  # noqa: F811
+    """The slot keeps the finished session's verified tokens but the newest: the chat's next
+    turn (prompt, answer, a new message) goes to that slot and prefills only the new part."""
+    sched = make_scheduler(workers, "sd")
+    try:
+        first = encode(target, SYSTEM + "Name a colour.")
+        params = SamplingParams(max_new_tokens=10)
+        s1 = sched.submit(first, params)
+        out1 = run([s1])[0]
+        follow = first + out1 + encode(target, " Another?")
+        s2 = sched.submit(follow, params)
+        out2 = run([s2])[0]
+        assert s2.slot == s1.slot
+        assert s2.stats.cached_tokens == len(first) + len(out1) - 1
+        with no_reuse(target.model):
+            eos = list(workers[0].info.eos_token_ids)
+            dec = SpeculativeDecoder(target.model, None, eos_token_ids=eos)
+            assert out2 == dec.generate(follow, params)[0]
+        sched.forget_prefixes()  # cold slots: the same prompt is prefilled whole
+        s3 = sched.submit(follow, params)
+        assert run([s3])[0] == out2 and s3.stats.cached_tokens == 0
+    finally:
+        sched.close()

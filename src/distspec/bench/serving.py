@@ -104,6 +104,8 @@ def run_serving_bench(config: ServingBenchConfig) -> dict:
                 )
                 for mode in order:
                     runtime.scheduler.set_mode(*_mode(mode))
+                    # each run from cold KV slots: it reuses only its own prompts' K/V
+                    runtime.scheduler.forget_prefixes()
                     result = _load(channel, runtime, prompts, n, config)
                     runs.append({"mode": mode, "clients": n, "repeat": rep, **result})
                     bar.set_postfix(mode=mode, clients=n, tok_s=f"{result['tokens_per_s']:.1f}")

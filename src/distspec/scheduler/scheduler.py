@@ -160,7 +160,8 @@ class Scheduler:
         self._rebuilt: dict[int, Remote] = {}  # rebuilt drafters waiting to take over
         self._cv = threading.Condition()
         self._free_slots = list(range(info.num_slots - 1, -1, -1))
-        self._slot_prompts: dict[int, list[int]] = {}  # the last prompt each slot prefilled
+        # what each slot holds (its last prompt, or that and its answer): where prompts go
+        self._slot_prompts: dict[int, list[int]] = {}
         self._waiting: deque[Session] = deque()
         self._running: dict[int, Session] = {}  # owned by the loop thread
         self._next_id = 1
@@ -273,10 +274,7 @@ class Scheduler:
         """Switch ar / sd / pearl / auto (and, given, the drafters' tree width) while no
         session runs (benchmarks compare modes so)."""
         with self._cv:
-            # sessions leave the loop a moment after their last tokens went out
-            idle = self._cv.wait_for(lambda: not (self._running or self._waiting), timeout=30)
-            if not idle:
-                raise RuntimeError("the mode can change only while no session runs")
+            self._wait_idle("the mode can change")
             if mode != "ar" and not self.drafters:
                 raise ValueError(f"mode {mode!r} needs at least one drafter")
             trees = self.config.trees if tree_width is None else tree_width > 1
@@ -284,6 +282,21 @@ class Scheduler:
             if tree_width is not None:
                 for drafter in self.drafters:
                     drafter.call("set_tree_width", tree_width).result()
+
+    def forget_prefixes(self) -> None:
+        """Every KV slot's record goes (models/prefix_cache.py), while no session runs: the
+        next prompts start cold (benchmarks give every run the same start so)."""
+        with self._cv:
+            self._wait_idle("the prefix records can go")
+            self._slot_prompts.clear()
+            for worker in [self.target, *self.drafters]:
+                worker.call("forget_prefixes").result()
+
+    def _wait_idle(self, what: str) -> None:
+        """Under the lock: until no session runs (they leave the loop a moment after their
+        last tokens went out)."""
+        if not self._cv.wait_for(lambda: not (self._running or self._waiting), timeout=30):
+            raise RuntimeError(f"{what} only while no session runs")
 
     def state(self) -> SchedulerState:
         with self._cv:
@@ -740,7 +753,12 @@ class Scheduler:
         """Free the KV slots of finished and cancelled sessions (no step is in flight)."""
         done = [s for s in self._running.values() if s.finished or s.cancelled.is_set()]
         for s in done:
-            self.target.call("close_session", s.id)
+            # after a round the slot holds the K/V of every verified token but the newest: a
+            # later turn of the chat (this prompt, this answer, more) runs only what is new
+            held = s.tokens[:-1] if s.finish_reason in ("stop", "length") else []
+            self.target.call("close_session", s.id, s.slot, held)
+            if held:
+                self._slot_prompts[s.slot] = held
             if self.config.mode != "ar" and not s.external:
                 self._drafter(s).call("close_session", s.id)
             if not s.finished:

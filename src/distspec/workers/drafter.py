@@ -119,6 +119,9 @@ class DrafterWorker(GroupMember):
     def close_session(self, session: int) -> None:
         self.collective("_close", session)
 
+    def forget_prefixes(self) -> None:
+        self.collective("_forget_prefixes")  # every rank reuses by its own records
+
     def propose(self, requests: list[DraftRequest]) -> list[Draft]:
         t = time.perf_counter()
         drafts = self.collective("_propose", requests)
@@ -177,6 +180,10 @@ class DrafterWorker(GroupMember):
         drafter = self._new_drafter(slot, self._stores.get(tenant) if tenant else None)
         drafter.start(prompt_ids, params)
         self._drafters[session] = drafter
+
+    def _forget_prefixes(self) -> None:
+        if self.model is not None:
+            self.model.model.prefixes.forget()
 
     def _close(self, session: int) -> None:
         drafter = self._drafters.pop(session, None)

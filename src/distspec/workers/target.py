@@ -102,9 +102,17 @@ class TargetWorker(GroupMember):
     def open_session(self, session: int, params: SamplingParams) -> None:
         self._sampling[session] = params  # the scheduler gave it a seed
 
-    def close_session(self, session: int) -> None:
+    def close_session(self, session: int, slot: int | None = None, held: list[int] = ()) -> None:
+        """held: the session's verified tokens but the newest, whose K/V its slot now holds
+        (the scheduler's bookkeeping); kept for a later prompt that starts with them if the
+        slot's record still starts the same (its prompt: no write cut it since)."""
         self._sampling.pop(session, None)
         self._open_rows.pop(session, None)
+        prefixes = self.model.prefixes
+        if slot is not None and held:
+            record = prefixes.held(slot)
+            if record and list(held[: len(record)]) == record:
+                prefixes.hold(slot, held)
 
     def step(
         self, items: list[ForwardItem]
@@ -166,6 +174,9 @@ class TargetWorker(GroupMember):
         held = self.model.prefixes.reusable(item.slot, item.tokens)
         self.reused_tokens += held
         return dataclasses.replace(item, start=held, tokens=item.tokens[held:])
+
+    def forget_prefixes(self) -> None:
+        self.model.prefixes.forget()  # the leader's records decide (_skip_held)
 
     def decide(self, decisions: list[tuple[int, Draft]]) -> list[Verdict]:
         """Verdicts on deferred rows: per session, the draft its rows decide on."""
