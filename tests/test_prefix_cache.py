@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from distspec.models.prefix_cache import SlotPrefixes
-from distspec.spec_decode.decoding import SpeculativeDecoder
+from distspec.spec_decode.decoding import GenerationStats, SpeculativeDecoder
 from distspec.spec_decode.drafter import EMPTY_DRAFT
 from distspec.spec_decode.drafters.model import ModelDrafter
 from distspec.spec_decode.pearl import PearlDecoder
@@ -199,3 +199,27 @@ def test_a_later_turn_through_the_scheduler_reuses_the_answer(workers, target): 
         assert run([s3])[0] == out2 and s3.stats.cached_tokens == 0
     finally:
         sched.close()
+
+
+def test_a_reused_prefix_gives_the_bits_of_a_cold_prefill(target):
+    """Prompts run in forwards of at most prefill_rows tokens, within which a row's result
+    does not depend on the rows beside it: reused K/V, and so the logits after them, are
+    exactly a cold prefill's, however long the prompt."""
+    model = target.model
+    rows = model.prefill_rows()
+    assert rows is not None  # distspec's CPU kernels run the fp32 tiny model
+    dec = SpeculativeDecoder(model, None, eos_token_ids=[])
+    prompt = [(7 * i) % 200 + 40 for i in range(2 * rows + 9)]
+    other = prompt[: rows + 3] + [5, 6, 7]
+    with no_reuse(model):
+        stats = GenerationStats()
+        cold = dec._prefill(prompt, 0, stats)
+        assert stats.target_forwards == 1
+    dec._prefill(other, 0, GenerationStats())
+    warm = dec._prefill(prompt, rows + 3, GenerationStats())  # other's start is reused
+    assert torch.equal(cold, warm)
+    # one forward of the whole prompt (past the row limit: BLAS) comes close, not exact
+    whole = model(
+        torch.tensor([prompt]), torch.arange(len(prompt))[None], torch.tensor([0]), last=1
+    )
+    assert torch.allclose(whole[0], cold, atol=1e-3)

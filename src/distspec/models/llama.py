@@ -332,6 +332,14 @@ class Transformer(Watched):
         full = logits.new_full((*logits.shape[:-1], self.config.vocab_size), float("-inf"))
         return full.index_copy_(-1, self.head_token_ids, logits)
 
+    def prefill_rows(self) -> int | None:
+        """The most tokens one forward of a prompt takes (None: any). Where distspec's CPU
+        kernels run, their row limit (ops.MAX_ROWS; past it a linear goes to BLAS): within
+        it a row's result does not depend on the rows beside it, so a prompt's K/V come out
+        the same bits however the prompt is split (prefix reuse) or batched."""
+        ops = decode_ops(self.rope_cos)
+        return None if ops is None else int(ops.MAX_ROWS)
+
     def fused_stack(self):
         """The cached forward after the embedding as one kernel call (kernels/decoder_layer.h's
         DecoderStack: every layer, the final norm, the head), rebuilt after a LayerEpoch bump;

@@ -126,9 +126,7 @@ class SpeculativeDecoder:
             # Prefill: the prompt's last logits give the first token. What the slot holds of
             # the prompt already (the last request's) is not run again.
             stats.cached_tokens = prefixes.reusable(slot, tokens)
-            logits = self._target_forward(
-                tokens[stats.cached_tokens :], stats.cached_tokens, stats, last=1
-            )
+            logits = self._prefill(tokens, stats.cached_tokens, stats)
             prefixes.hold(slot, tokens)
             if self.drafter is not None:
                 self.drafter.observe(tokens, logits)
@@ -185,6 +183,15 @@ class SpeculativeDecoder:
         policy.observe_round(tree.depth(draft), verdict.num_accepted, draft_s, verify_s)
         stats.count_verdict(len(draft), verdict.num_accepted)
         return verdict.tokens(draft)
+
+    def _prefill(self, tokens: list[int], start: int, stats) -> torch.Tensor:
+        """tokens[start:] into the cache, in forwards of at most the target's prefill_rows;
+        the last one's logits. Counted as one target forward (tau is about decoding)."""
+        rows = self.target.prefill_rows() or len(tokens)
+        for at in range(start, len(tokens), rows):
+            logits = self._target_forward(tokens[at : at + rows], at, stats, last=1)
+        stats.target_forwards -= len(range(start, len(tokens), rows)) - 1
+        return logits
 
     def _target_forward(self, chunk, start, stats, last=0, tree_mask=None) -> torch.Tensor:
         t = time.perf_counter()

@@ -214,7 +214,12 @@ class TargetWorker(GroupMember):
     def _plan(self, items: list[ForwardItem]) -> list[tuple[list[int], _Forward]]:
         plan = []
         short = []
+        limit = self.model.prefill_rows()
         for i, item in enumerate(items):
+            prompt = item.draft is not None and not len(item.draft) and len(item.tokens) > 1
+            if prompt and limit:
+                plan.extend(_prompt_forwards(i, item, limit))
+                continue
             if len(item.tokens) <= ALONE_ABOVE:
                 short.append(i)
                 continue
@@ -240,6 +245,19 @@ class TargetWorker(GroupMember):
             trees = _trees([items[i] for i in short], width)
             plan.append((short, _Forward(tokens, pos, slots, last_only=False, tree=trees)))
         return plan
+
+
+def _prompt_forwards(i: int, item: ForwardItem, rows: int) -> list[tuple[list[int], _Forward]]:
+    """Item i, a prompt, alone in forwards of at most `rows` tokens (Transformer.prefill_rows:
+    its K/V then do not depend on how it is split or what else is prefilled); the last one's
+    row answers."""
+    n, out = len(item.tokens), []
+    for at in range(0, n, rows):
+        piece = item.tokens[at : at + rows]
+        pos = torch.arange(item.start + at, item.start + at + len(piece))[None]
+        fwd = _Forward(torch.tensor([piece]), pos, torch.tensor([item.slot]), last_only=True)
+        out.append(([i] if at + rows >= n else [], fwd))
+    return out
 
 
 def _is_prefill(item: ForwardItem) -> bool:
