@@ -223,3 +223,20 @@ def test_a_reused_prefix_gives_the_bits_of_a_cold_prefill(target):
         torch.tensor([prompt]), torch.arange(len(prompt))[None], torch.tensor([0]), last=1
     )
     assert torch.allclose(whole[0], cold, atol=1e-3)
+
+
+def test_no_reuse_across_tenants(workers, target):  # noqa: F811
+    """Another tenant's prompt is prefilled whole even where a slot holds it (its time to first
+    token would tell what the other sent); the same tenant's reuses it."""
+    sched = make_scheduler(workers, "sd")
+    try:
+        prompt = encode(target, SYSTEM + "A secret question?")
+        params = SamplingParams(max_new_tokens=4)
+        runs = []
+        for tenant in ("alice", "bob", "alice"):
+            s = sched.submit(prompt, params, tenant=tenant)
+            runs.append((run([s])[0], s.stats.cached_tokens))
+        assert runs[1][1] == 0 and runs[2][1] == len(prompt) - 1
+        assert runs[0][0] == runs[1][0] == runs[2][0]
+    finally:
+        sched.close()

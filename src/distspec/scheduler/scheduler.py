@@ -162,6 +162,7 @@ class Scheduler:
         self._free_slots = list(range(info.num_slots - 1, -1, -1))
         # what each slot holds (its last prompt, or that and its answer): where prompts go
         self._slot_prompts: dict[int, list[int]] = {}
+        self._slot_tenants: dict[int, str] = {}  # whose session each slot served last
         self._waiting: deque[Session] = deque()
         self._running: dict[int, Session] = {}  # owned by the loop thread
         self._next_id = 1
@@ -289,6 +290,7 @@ class Scheduler:
         with self._cv:
             self._wait_idle("the prefix records can go")
             self._slot_prompts.clear()
+            self._slot_tenants.clear()
             for worker in [self.target, *self.drafters]:
                 worker.call("forget_prefixes").result()
 
@@ -359,7 +361,7 @@ class Scheduler:
                 new = []
                 while self._waiting and self._free_slots:
                     session = self._waiting.popleft()
-                    session.slot = self._take_slot(session.prompt_ids)
+                    session.slot = self._take_slot(session)
                     self._running[session.id] = session
                     new.append(session)
             try:
@@ -458,7 +460,10 @@ class Scheduler:
                 # decisions from the costs measured at start-up (timing live rounds under
                 # load measured worse)
                 s.policy = DraftLengthPolicy(self.config.gamma, costs=self.costs)
-        items = [ForwardItem(s.id, s.slot, 0, s.prompt_ids, draft=EMPTY_DRAFT) for s in sessions]
+        items = [
+            ForwardItem(s.id, s.slot, 0, s.prompt_ids, draft=EMPTY_DRAFT, reuse=s.reuse)
+            for s in sessions
+        ]
         verdicts = self._step(items, in_round=False)
         for s, verdict in zip(sessions, verdicts, strict=True):
             s.stats.target_forwards += 1
@@ -702,16 +707,22 @@ class Scheduler:
             return EMPTY_DRAFT  # it predicted a different continuation: dropped
         return draft[len(seen) :]
 
-    def _take_slot(self, prompt: list[int]) -> int:
-        """The free slot whose last prompt starts as this one does for longest (workers reuse
-        those K/V: models/prefix_cache.py); of equals, the one freed last."""
-        free = self._free_slots
+    def _take_slot(self, s: Session) -> int:
+        """The free slot whose last prompt starts as s's does for longest (workers reuse those
+        K/V: models/prefix_cache.py), among those its tenant used last (never another
+        tenant's: a prompt's time to first token would tell what others sent); of equals, one
+        no other tenant served last, then the one freed last."""
+        free, prompt = self._free_slots, s.prompt_ids
 
-        def shared(i: int) -> tuple[int, int]:
-            return common_prefix(self._slot_prompts.get(free[i], []), prompt, len(prompt)), i
+        def shared(i: int) -> tuple[int, bool, int]:
+            owner = self._slot_tenants.get(free[i], s.tenant)  # unused: nobody's
+            held = self._slot_prompts.get(free[i], []) if owner == s.tenant else []
+            # then a slot no other tenant holds a prompt in (theirs may come back)
+            return common_prefix(held, prompt, len(prompt)), owner == s.tenant, i
 
         slot = free.pop(max(range(len(free)), key=shared))
-        self._slot_prompts[slot] = prompt
+        s.reuse = self._slot_tenants.get(slot) == s.tenant
+        self._slot_prompts[slot], self._slot_tenants[slot] = prompt, s.tenant
         return slot
 
     def _drafter_index(self, s: Session) -> int:

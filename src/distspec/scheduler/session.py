@@ -39,6 +39,7 @@ class Session:
     timed_out: bool = False  # cancelled for running past the server's request timeout
     epoch: int = 0  # streams attached so far (a resumed stream takes over)
     slot: int = -1  # KV slot in target and drafter; -1 while waiting for one
+    reuse: bool = False  # its slot's last session was its tenant's: the prompt may reuse K/V
     tokens: list[int] = field(default_factory=list)  # verified: prompt + output
     stats: GenerationStats = field(default_factory=GenerationStats)
     pearl: PearlState = field(default_factory=PearlState)

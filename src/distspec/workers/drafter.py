@@ -91,6 +91,7 @@ class DrafterWorker(GroupMember):
             if layer_parallel:
                 self.model.model.layer_parallel = self.tp
         self._drafters: dict[int, Drafter] = {}
+        self._slot_tenants: dict[int, str] = {}  # whose session each slot served last
         # suffix: each tenant's recent outputs, for its later sessions (TenantStores)
         self._stores = TenantStores() if spec.model == "suffix" else TenantStores(0)
         self.busy_s = 0.0
@@ -177,6 +178,9 @@ class DrafterWorker(GroupMember):
     def _open(
         self, session: int, slot: int, prompt_ids: list[int], params: SamplingParams, tenant=""
     ):
+        if self.model is not None and self._slot_tenants.get(slot, tenant) != tenant:
+            self.model.model.prefixes.hold(slot, [])  # no reuse of another tenant's prompt
+        self._slot_tenants[slot] = tenant
         drafter = self._new_drafter(slot, self._stores.get(tenant) if tenant else None)
         drafter.start(prompt_ids, params)
         self._drafters[session] = drafter

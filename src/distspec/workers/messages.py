@@ -18,6 +18,8 @@ class ForwardItem:
         when the step starts).
     steps: plain decoding (an empty draft) of up to this many tokens in the one call, a
         forward each, ending after a token in `stops`; the call answers with a Decoded.
+    reuse: a prompt (from position 0, an empty draft) may skip what its slot holds of it
+        (models/prefix_cache.py); False where the slot's last session was another tenant's.
     """
 
     session: int
@@ -28,6 +30,7 @@ class ForwardItem:
     defer: bool = False
     steps: int = 1
     stops: frozenset[int] = frozenset()
+    reuse: bool = True
 
     def __post_init__(self) -> None:
         if (self.draft is None) == (not self.defer):

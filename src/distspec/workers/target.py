@@ -171,7 +171,7 @@ class TargetWorker(GroupMember):
 
     def _skip_held(self, item: ForwardItem) -> ForwardItem:
         """A prefill from where its slot's record (the last prompt there) stops matching."""
-        held = self.model.prefixes.reusable(item.slot, item.tokens)
+        held = self.model.prefixes.reusable(item.slot, item.tokens) if item.reuse else 0
         self.reused_tokens += held
         return dataclasses.replace(item, start=held, tokens=item.tokens[held:])
 
